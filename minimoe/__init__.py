@@ -1,0 +1,14 @@
+"""minimoe: fine-tune Mixture-of-Experts LMs with adapters that change shape while they train."""
+
+from .config import PRESETS, ModelConfig, preset
+from .generate import KVCache, generate
+from .hf import CheckpointError, from_pretrained
+from .model import CausalLM, ModelOutput
+from .moe import RouterOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "RouterOutput",
+    "from_pretrained", "generate", "preset",
+]

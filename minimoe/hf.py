@@ -1,0 +1,205 @@
+"""Loading Hugging Face Hub checkpoints: resolve a directory or Hub id, map keys, stack experts.
+
+Key map (Hub → minimoe): drop the ``model.`` prefix; everything else keeps its name except experts,
+which are stacked along a new first dimension:
+
+    model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight  [out, in]   (Hub, transformers v4)
+    model.layers.{l}.mlp.experts.gate_up_proj                    [E, 2I, H]  (fused, transformers v5;
+    model.layers.{l}.mlp.experts.down_proj                       [E, H, I]    gate rows first)
+        → layers.{l}.mlp.experts.{gate,up,down}_proj.weight      [E, out, in]
+
+The model is built on the meta device and loaded tensors are assigned into it, so a checkpoint is
+never held twice: each expert's tensor is copied into its slot of the stacked tensor as it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .model import CausalLM
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+
+_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_GATE_UP = re.compile(r"^layers\.(\d+)\.mlp\.experts\.gate_up_proj$")
+_FUSED_DOWN = re.compile(r"^layers\.(\d+)\.mlp\.experts\.down_proj$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model its config describes."""
+
+
+def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory, or a Hub repo id fetched through ``huggingface_hub`` (its cache, its
+    ``HF_HUB_OFFLINE``). Only config, tokenizer and safetensors files are downloaded."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; pass the directory that holds config.json")
+    name = str(path_or_repo_id)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name!r} is not a local directory, nor a Hub id of the form 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # network, auth, offline cache miss: all end here with the reason
+        raise FileNotFoundError(
+            f"{name!r} is not a local directory and could not be fetched from the Hub "
+            f"({type(e).__name__}: {e}). With HF_HUB_OFFLINE=1 it must already be in the Hub cache."
+        ) from e
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: from the sharded index, or ``model.safetensors``."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index ({e})") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that do not exist: {', '.join(missing)}")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt"))
+    hint = f" (found {others[0].name}: only safetensors checkpoints are supported)" if others else ""
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}{hint}")
+
+
+def map_key(key: str) -> list[tuple[str, int | None, slice | None]]:
+    """Hub key → ``[(minimoe name, expert index or None, slice of dim 1 or None)]``."""
+    name = key[len("model."):] if key.startswith("model.") else key
+    if m := _EXPERT.match(name):
+        return [(f"layers.{m[1]}.mlp.experts.{m[3]}.weight", int(m[2]), None)]
+    if m := _FUSED_GATE_UP.match(name):  # [E, 2I, H]: gate rows, then up rows
+        return [(f"layers.{m[1]}.mlp.experts.gate_proj.weight", None, "first"),
+                (f"layers.{m[1]}.mlp.experts.up_proj.weight", None, "second")]
+    if m := _FUSED_DOWN.match(name):
+        return [(f"layers.{m[1]}.mlp.experts.down_proj.weight", None, None)]
+    return [(name, None, None)]
+
+
+def _hub_name(name: str, expert: int | None) -> str:
+    """minimoe name → the Hub key a user would look for in the checkpoint."""
+    if expert is not None:
+        name = name.replace(".mlp.experts.", f".mlp.experts.{expert}.")
+    return name if name.startswith("lm_head") else f"model.{name}"
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: torch.dtype,
+                    device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Read ``files`` into minimoe names, checking every key and shape against ``expected``."""
+    out: dict[str, torch.Tensor] = {}
+    filled: dict[str, set[int]] = {}
+    unexpected, wrong = [], []
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from None
+        with handle as f:
+            for key in f.keys():
+                for name, expert, part in map_key(key):
+                    if name not in expected:
+                        unexpected.append(key)
+                        continue
+                    shape = expected[name]
+                    try:
+                        t = f.get_tensor(key)
+                    except Exception as e:
+                        raise CheckpointError(f"cannot read tensor {key} from {file}: {e}") from None
+                    if part is not None:
+                        half = t.shape[1] // 2
+                        t = t[:, :half] if part == "first" else t[:, half:]
+                    want = shape[1:] if expert is not None else shape
+                    if tuple(t.shape) != tuple(want) or (expert is not None and expert >= shape[0]):
+                        got = f"{tuple(t.shape)}" + (f" for expert {expert}" if expert is not None else "")
+                        wrong.append(f"{key} in {file.name}: {got}, expected {tuple(want)}")
+                        continue
+                    t = t.to(dtype=dtype, device=device)
+                    if expert is None:
+                        out[name] = t
+                        continue
+                    if name not in out:
+                        out[name] = torch.empty(shape, dtype=dtype, device=device)
+                        filled[name] = set()
+                    out[name][expert].copy_(t)
+                    filled[name].add(expert)
+    missing = [_hub_name(n, None) for n in expected if n not in out]
+    for name, got in filled.items():
+        missing += [_hub_name(name, e) for e in range(expected[name][0]) if e not in got]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes ({len(wrong)}): {_listing(wrong)}")
+    if problems:
+        where = files[0].parent
+        raise CheckpointError(f"checkpoint {where} does not match its config.json:\n  " + "\n  ".join(problems))
+    return out
+
+
+def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None, revision: str | None = None) -> CausalLM:
+    """Load a checkpoint of a supported family from a local directory or the Hub.
+
+    Args:
+        path_or_repo_id: directory with ``config.json`` and safetensors, or a Hub id.
+        dtype: parameter dtype; default: the dtype recorded in config.json (``dtype``/``torch_dtype``),
+            float32 if none.
+        device: where the parameters live (default CPU).
+        revision: Hub branch, tag or commit.
+    """
+    directory = resolve(path_or_repo_id, revision)
+    config = ModelConfig.from_json(directory / "config.json").replace(name_or_path=str(path_or_repo_id))
+    if isinstance(dtype, str):
+        dtype = _DTYPES[dtype.replace("torch.", "")]
+    dtype = dtype or _DTYPES[config.dtype]
+    device = torch.device(device or "cpu")
+    files = checkpoint_files(directory)
+
+    with torch.device("meta"):
+        model = CausalLM(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings and not _has_key(files, "lm_head.weight"):
+        expected.pop("lm_head.weight")  # tied: the head is the embedding
+    state = load_state_dict(files, expected, dtype, device)
+    if "lm_head.weight" not in expected:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if "lm_head.weight" not in expected or (
+            config.tie_word_embeddings and torch.equal(model.lm_head.weight, model.embed_tokens.weight)):
+        model.tie_weights()  # else: a separate lm_head.weight in a tied config wins (as in transformers v5)
+    return model.eval()
+
+
+def _has_key(files: list[Path], key: str) -> bool:
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if key in f.keys():
+                    return True
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from None
+    return False

@@ -1,0 +1,286 @@
+"""Decoder-only causal LM for OLMoE, Qwen1.5-MoE, Qwen3 and Qwen3-MoE.
+
+Module names follow the Hub checkpoints without the ``model.`` prefix (``layers.3.self_attn.q_proj``,
+``layers.3.mlp.experts.gate_proj``), so the key map reduces to stacking experts (see ``hf.py``).
+
+Shape legend: B batch, T new tokens, S keys (past + T), H hidden, nh/nkv query/key-value heads,
+d head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .moe import (IMPLEMENTATIONS, MLP, Experts, LoadBalancingLoss, RouterOutput, SparseMoeBlock, StackedLinear,
+                  TopKRouter)
+
+
+class RMSNorm(nn.Module):
+    """``weight * (x / rms(x))`` with the statistics in fp32, cast back before the weight (as HF)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """Default RoPE tables for ``position_ids (B, T)``: cos, sin ``(B, 1, T, d)`` in ``dtype``."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, d/2), fp32
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class AttentionMask:
+    """What SDPA gets: an explicit boolean ``mask (B, 1, T, S)`` or ``is_causal`` (or neither)."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
+
+    @classmethod
+    def build(cls, attention_mask: torch.Tensor | None, T: int, past: int, device) -> "AttentionMask":
+        """Causal attention over real tokens. ``attention_mask (B, past + T)``: 1 = real, 0 = padding.
+
+        A padding query may attend to itself, so no row is fully masked (SDPA would return NaN there,
+        and NaN in a cached padding key would poison later queries through ``0 · NaN``).
+        """
+        if attention_mask is None or bool(attention_mask.all()):
+            if past == 0:
+                return cls(None, T > 1)
+            if T == 1:
+                return cls(None, False)
+            attention_mask = torch.ones(1, past + T, dtype=torch.bool, device=device)
+        S = attention_mask.shape[-1]
+        q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        causal = k_pos <= q_pos  # (T, S)
+        real = attention_mask.bool()[:, None, :] | (k_pos == q_pos)[None]  # (B, T, S)
+        return cls((causal[None] & real)[:, None], False)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, RoPE and the family's q/k norm, through SDPA."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.nh, self.nkv, self.d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, self.nh * self.d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(H, self.nkv * self.d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(H, self.nkv * self.d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.d, H, bias=config.o_bias)
+        self.qk_norm, self.clip_qkv = config.qk_norm, config.clip_qkv
+        if config.qk_norm == "full":  # OLMoE: over the whole projection, before the head split
+            self.q_norm = RMSNorm(self.nh * self.d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.nkv * self.d, config.rms_norm_eps)
+        elif config.qk_norm == "head":  # Qwen3: per head over d, shared by all heads
+            self.q_norm = RMSNorm(self.d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.d, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask: AttentionMask, kv_cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, self.nh, self.d)
+        k = k.view(B, T, self.nkv, self.d)
+        v = v.view(B, T, self.nkv, self.d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nkv, S, d)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
+                                           scale=self.d**-0.5, enable_gqa=self.nh != self.nkv)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.d))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x += attn(norm(x)); x += mlp(norm(x))`` with a dense MLP or a sparse MoE."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        if config.is_moe_layer(layer):
+            self.mlp = SparseMoeBlock(config, layer)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None) -> tuple[torch.Tensor, RouterOutput | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SparseMoeBlock):
+            h, route = self.mlp(h)
+            return x + h, route
+        return x + self.mlp(h), None
+
+
+@dataclass
+class ModelOutput:
+    """What ``CausalLM.forward`` returns.
+
+    Attributes:
+        logits: ``(B, T, V)`` in the model dtype.
+        loss: shifted causal-LM cross-entropy (fp32) when labels were given; never includes aux_loss.
+        aux_loss: router load-balancing loss (transformers' formula) for MoE models, else None.
+            Add ``config.router_aux_loss_coef * aux_loss`` yourself if you train with it.
+        router: per MoE layer routing (``RouterOutput``) when ``output_router=True``.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router: list[RouterOutput] | None = None
+
+
+class CausalLM(nn.Module):
+    """The model: ``embed_tokens → layers → norm → lm_head``. Build with ``CausalLM(config)``
+    (random init) or load with ``minimoe.from_pretrained``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        if config.tie_word_embeddings:
+            self.tie_weights()
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
+
+    # --- construction helpers ----------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output head (tied checkpoints without ``lm_head``)."""
+        self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def tied(self) -> bool:
+        return self.lm_head.weight is self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init like transformers (normal(0, std) matrices, unit norms, zero biases)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, StackedLinear, TopKRouter)):
+                m.weight.normal_(0.0, std, generator=generator)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def set_experts_implementation(self, implementation: str) -> None:
+        """``"auto"`` (grouped_mm where supported), ``"grouped_mm"`` or ``"loop"`` (the reference)."""
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"experts implementation {implementation!r} not in {IMPLEMENTATIONS}")
+        for m in self.modules():
+            if isinstance(m, Experts):
+                m.implementation = implementation
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        seen = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in seen.values())
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache=None,
+        output_router: bool = False,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """Args:
+            input_ids: ``(B, T)``.
+            attention_mask: ``(B, past + T)``, 1 for real tokens and 0 for padding (left or right).
+            labels: ``(B, T)``; position t is scored against label t+1; -100 is ignored.
+            position_ids: ``(B, T)``; default from the attention mask (cumsum - 1), else
+                ``past + arange(T)``.
+            kv_cache: a ``generate.KVCache`` to read and extend.
+            output_router: return per-MoE-layer routing in ``out.router``.
+            logits_to_keep: if > 0, compute logits for the last n positions only.
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        mask = AttentionMask.build(attention_mask, T, past, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+
+        lb, routes = None, []
+        if self.config.num_experts and kv_cache is None:
+            token_mask = None if attention_mask is None else attention_mask[:, -T:]
+            lb = LoadBalancingLoss(self.config.num_experts, self.config.num_experts_per_tok, token_mask)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, route = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x, route = layer(x, cos, sin, mask, kv_cache)
+            if route is not None:
+                if lb is not None:
+                    lb.add(route.logits)
+                if output_router:
+                    routes.append(route)
+        if kv_cache is not None:
+            kv_cache.length += T
+
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return ModelOutput(logits, loss, lb.value() if lb is not None else None,
+                           routes if output_router else None)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """KV-cache generation; see ``minimoe.generate.generate`` for the arguments."""
+        from .generate import generate
+
+        return generate(self, input_ids, **kwargs)

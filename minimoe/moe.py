@@ -1,0 +1,234 @@
+"""Sparse MoE block: top-k router, stacked experts, sort-based token dispatch, load-balancing loss.
+
+Shape legend:
+    N  tokens in the batch (B·T flattened)        H  hidden size
+    E  experts in the layer                        I  expert width (moe_intermediate_size)
+    K  experts chosen per token (top-k)            R  routed rows = N·K, sorted by expert id
+
+Experts of a layer are stacked ``[E, out, in]`` so one grouped matmul serves all of them. Tokens
+are dispatched by a stable sort on expert id: rows of one expert are contiguous, and ``offsets``
+(cumulative row counts, int32) delimit the groups. ``torch.nn.functional.grouped_mm`` runs the
+groups in one kernel where device, dtype and alignment allow; a plain per-expert loop is kept as the
+reference path (it needs the row counts on the host, the grouped path does not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
+
+
+@dataclass
+class Groups:
+    """Rows of a sorted ``[R, ·]`` activation grouped by expert: ``counts`` (E,) and ``offsets`` (E,)."""
+
+    counts: torch.Tensor  # (E,) int32, rows per expert
+    offsets: torch.Tensor  # (E,) int32, cumulative counts (end of each group), as grouped_mm wants
+    implementation: str = "auto"
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, implementation: str = "auto") -> "Groups":
+        counts = counts.to(torch.int32)
+        return cls(counts, torch.cumsum(counts, 0, dtype=torch.int32), implementation)
+
+    def sizes(self) -> list[int]:
+        """Rows per expert on the host (a device sync: loop path only)."""
+        return self.counts.tolist()
+
+
+def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``grouped_mm`` can run ``x (R, in) @ w (E, out, in)ᵀ`` on this device and dtype."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    dtype = _compute_dtype(x, w)
+    if x.device.type == "cuda":
+        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    # rows must be 16-byte aligned: inner dims a multiple of 16 bytes
+    size = torch.empty((), dtype=dtype).element_size()
+    return (w.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """``y[rows of e] = x[rows of e] @ weight[e]ᵀ`` for every expert e.
+
+    Args:
+        x: ``(R, in)`` rows sorted by expert.
+        weight: ``(E, out, in)`` stacked expert weights.
+        groups: row counts/offsets per expert.
+    Returns:
+        ``(R, out)``.
+    """
+    impl = groups.implementation
+    use_grouped = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, weight))
+    if use_grouped:
+        dtype = _compute_dtype(x, weight)
+        return F.grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=groups.offsets)
+    # Reference path: one matmul per expert (host sync for the sizes).
+    chunks = x.split(groups.sizes())
+    return torch.cat([F.linear(xe, we) for xe, we in zip(chunks, weight)], dim=0)
+
+
+class StackedLinear(nn.Module):
+    """Bias-free linear maps of E experts stacked as one ``weight [E, out, in]``.
+
+    Keeping each projection a module (``experts.gate_proj.weight``) mirrors the Hub key
+    ``experts.{e}.gate_proj.weight`` minus the expert index, so adapters can wrap a projection the
+    way ``LoRALinear`` wraps an ``nn.Linear``.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+    def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        return grouped_linear(x, self.weight, groups)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}"
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts: ``y = down_e(silu(gate_e x) * up_e x)`` on expert-sorted rows."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
+        self.up_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
+        self.down_proj = StackedLinear(num_experts, intermediate_size, hidden_size)
+        self.implementation = "auto"
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Args: x ``(N, H)``, experts ``(N, K)`` chosen ids, weights ``(N, K)``. Returns ``(N, H)``."""
+        N, K = experts.shape
+        flat = experts.reshape(-1)  # (R,)
+        order = torch.argsort(flat, stable=True)  # slot ids sorted by expert
+        # counts without a host sync (bincount's output size would need one on CUDA)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        groups = Groups.from_counts(counts, self.implementation)
+
+        xs = x[order // K]  # (R, H) rows in expert order
+        h = F.silu(self.gate_proj(xs, groups)) * self.up_proj(xs, groups)  # (R, I)
+        ys = self.down_proj(h, groups)  # (R, H)
+        # back to token order, weight and sum over the K choices (deterministic, no atomics)
+        out = torch.empty_like(ys)
+        out[order] = ys
+        return (out.view(N, K, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+
+
+@dataclass
+class RouterOutput:
+    """Routing of one MoE layer for the batch (tokens flattened, ``N = B·T``).
+
+    Attributes:
+        layer: decoder layer index.
+        logits: ``(N, E)`` raw router logits (model dtype, in the graph).
+        probs: ``(N, E)`` fp32 softmax over all experts.
+        experts: ``(N, K)`` chosen expert ids.
+        weights: ``(N, K)`` routing weights applied to the chosen experts (model dtype).
+    """
+
+    layer: int
+    logits: torch.Tensor
+    probs: torch.Tensor
+    experts: torch.Tensor
+    weights: torch.Tensor
+
+
+class TopKRouter(nn.Module):
+    """Softmax over all experts in fp32, top-k, optional renormalisation over the chosen k."""
+
+    def __init__(self, num_experts: int, hidden_size: int, top_k: int, norm_topk_prob: bool):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, x: torch.Tensor, layer: int = -1) -> RouterOutput:
+        logits = F.linear(x, self.weight)  # (N, E)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)  # (N, K)
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return RouterOutput(layer, logits, probs, idx, w.to(logits.dtype))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU MLP (Qwen3, ``mlp_only_layers``, the Qwen1.5-MoE shared expert)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + routed experts (+ Qwen1.5-MoE's gated shared expert). Returns output and routing."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        H = config.hidden_size
+        self.gate = TopKRouter(config.num_experts, H, config.num_experts_per_tok, config.norm_topk_prob)
+        self.experts = Experts(config.num_experts, H, config.moe_intermediate_size)
+        self.shared_expert = self.shared_expert_gate = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP(H, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, H)
+        route = self.gate(x, self.layer)
+        y = self.experts(x, route.experts, route.weights)
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.view(shape), route
+
+
+class LoadBalancingLoss:
+    """Streaming form of transformers' ``load_balancing_loss_func`` over the MoE layers.
+
+    ``aux = E · Σ_e f_e · P̄_e`` with ``f_e`` the fraction of (real) token-slots routed to e
+    (Σ_e f_e = K) and ``P̄_e`` its mean router probability, both pooled over all MoE layers. As in
+    transformers, the softmax here runs in the logits' dtype and ignores ``norm_topk_prob``.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, mask: torch.Tensor | None):
+        self.E, self.K = num_experts, top_k
+        self.mask = None if mask is None else mask.reshape(-1, 1).float()  # (N, 1)
+        self.slots = self.probs = self.tokens = 0
+
+    def add(self, logits: torch.Tensor) -> None:
+        probs = torch.softmax(logits, dim=-1)  # (N, E), in the logits' dtype as transformers does
+        chosen = torch.topk(probs, self.K, dim=-1).indices  # (N, K)
+        m = torch.ones(probs.shape[0], 1, device=probs.device) if self.mask is None else self.mask
+        slots = torch.zeros(self.E, device=probs.device).scatter_add_(
+            0, chosen.reshape(-1), m.expand(-1, self.K).reshape(-1))
+        self.slots = self.slots + slots
+        self.probs = self.probs + (probs.float() * m).sum(0)
+        self.tokens = self.tokens + m.sum()
+
+    def value(self) -> torch.Tensor:
+        return self.E * torch.sum((self.slots / self.tokens) * (self.probs / self.tokens))
