@@ -5,10 +5,11 @@ from .generate import KVCache, generate
 from .hf import CheckpointError, from_pretrained
 from .model import CausalLM, ModelOutput
 from .moe import RouterOutput
+from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "RouterOutput",
-    "from_pretrained", "generate", "preset",
+    "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "preset",
 ]

@@ -123,6 +123,9 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
                         unexpected.append(key)
                         continue
                     shape = expected[name]
+                    if expert is not None and expert >= shape[0]:
+                        unexpected.append(f"{key} (config.json has {shape[0]} experts)")
+                        continue
                     try:
                         t = f.get_tensor(key)
                     except Exception as e:
@@ -131,7 +134,7 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
                         half = t.shape[1] // 2
                         t = t[:, :half] if part == "first" else t[:, half:]
                     want = shape[1:] if expert is not None else shape
-                    if tuple(t.shape) != tuple(want) or (expert is not None and expert >= shape[0]):
+                    if tuple(t.shape) != tuple(want):
                         got = f"{tuple(t.shape)}" + (f" for expert {expert}" if expert is not None else "")
                         wrong.append(f"{key} in {file.name}: {got}, expected {tuple(want)}")
                         continue

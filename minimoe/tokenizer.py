@@ -1,0 +1,182 @@
+"""Tokenizer over ``tokenizers`` (``tokenizer.json``) with the checkpoint's special tokens and prompt format.
+
+Special tokens come from ``tokenizer_config.json``; stop ids from ``generation_config.json`` (what
+transformers' ``generate`` uses), then ``config.json``, then the tokenizer's eos token. Prompts are plain
+text, or ChatML (Qwen chat: ``<|im_start|>role\\ncontent<|im_end|>\\n``) when the chat template uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as _Tokenizer
+
+from .hf import resolve
+
+CHAT_FORMATS = ("plain", "chatml")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json stores special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+class Tokenizer:
+    """Encode/decode text, pad batches, and format prompts the way the checkpoint expects."""
+
+    def __init__(self, tokenizer: _Tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, eos_token_ids: list[int] | None = None,
+                 chat_format: str = "plain", default_system: str | None = None, name: str = ""):
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format {chat_format!r} not in {CHAT_FORMATS}")
+        self.backend = tokenizer
+        self.name = name
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.bos_token_id = self.token_to_id(bos_token)
+        self.pad_token_id = self.token_to_id(pad_token)
+        ids = list(eos_token_ids or [])
+        eos_id = self.token_to_id(eos_token)
+        if eos_id is not None and eos_id not in ids:
+            ids.append(eos_id)
+        self.eos_token_ids = ids
+        self.chat_format = chat_format
+        self.default_system = default_system
+
+    # --- vocabulary ------------------------------------------------------------------------
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # --- encode / decode ---------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch(self, texts: list[str], padding_side: str = "left", max_length: int | None = None,
+              add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+        """Pad a list of texts into ``input_ids`` and ``attention_mask`` tensors ``(B, T)``.
+
+        Left padding (the default) is what batched generation wants; truncation keeps the end of
+        each text when padding left and the start when padding right.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        rows = [self.encode(t, add_special_tokens) for t in texts]
+        if max_length is not None:
+            rows = [r[-max_length:] if padding_side == "left" else r[:max_length] for r in rows]
+        width = max((len(r) for r in rows), default=0)
+        pad = self.pad_token_id if self.pad_token_id is not None else (self.eos_token_id or 0)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+            ids[i, span] = torch.tensor(r, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # --- prompt formats ----------------------------------------------------------------------
+    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render ``[{"role": ..., "content": ...}]`` in the tokenizer's chat format.
+
+        ChatML as in Qwen's template (a default system message is added when the template has one);
+        plain: contents joined by blank lines, the way a base model sees a prompt.
+        """
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        if self.chat_format == "plain":
+            text = "\n\n".join(m["content"] for m in messages)
+            return text + ("\n\n" if add_generation_prompt and messages else "")
+        parts = []
+        if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
+            parts.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
+        parts += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+        if add_generation_prompt:
+            parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+
+    def format_prompt(self, prompt: str, system: str | None = None) -> str:
+        """A single-turn prompt: the text itself (plain) or a ChatML user turn with its reply header."""
+        if self.chat_format == "plain":
+            return prompt if system is None else f"{system}\n\n{prompt}"
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.format_chat(messages)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.name!r}, vocab={self.vocab_size}, eos={self.eos_token_ids}, "
+                f"pad={self.pad_token_id}, format={self.chat_format})")
+
+
+def load_tokenizer(path_or_repo_id: str | os.PathLike, revision: str | None = None,
+                   chat_format: str | None = None) -> Tokenizer:
+    """Load ``tokenizer.json`` and the special tokens of a checkpoint directory or Hub id.
+
+    Args:
+        chat_format: ``"plain"`` or ``"chatml"``; default: ChatML if the checkpoint's chat template
+            uses ``<|im_start|>``, else plain.
+    """
+    directory = resolve(path_or_repo_id, revision)
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {directory} (minimoe reads the fast-tokenizer file only)")
+    try:
+        backend = _Tokenizer.from_file(str(file))
+    except Exception as e:
+        raise ValueError(f"cannot read {file}: {e}") from None
+    tok_cfg = _read_json(directory / "tokenizer_config.json")
+    gen_cfg = _read_json(directory / "generation_config.json")
+    model_cfg = _read_json(directory / "config.json")
+    template = tok_cfg.get("chat_template") or ""
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = " ".join(t.get("template", "") for t in template)
+    if chat_format is None:
+        chat_format = "chatml" if "<|im_start|>" in template else "plain"
+    default_system = "You are a helpful assistant." if "You are a helpful assistant." in template else None
+    eos_ids = _ids(gen_cfg.get("eos_token_id"))
+    for extra in _ids(model_cfg.get("eos_token_id")):
+        if extra not in eos_ids:
+            eos_ids.append(extra)
+    return Tokenizer(
+        backend,
+        bos_token=_token_text(tok_cfg.get("bos_token")),
+        eos_token=_token_text(tok_cfg.get("eos_token")),
+        pad_token=_token_text(tok_cfg.get("pad_token")),
+        eos_token_ids=eos_ids,
+        chat_format=chat_format,
+        default_system=default_system,
+        name=str(path_or_repo_id),
+    )
