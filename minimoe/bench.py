@@ -48,20 +48,13 @@ def _save_checkpoint(shape: dict, directory: Path, seed: int) -> None:
     from safetensors.torch import save_file
 
     from .config import ModelConfig
+    from .hf import to_hub_state_dict
     from .model import CausalLM
 
     config = ModelConfig.from_hf_config(shape)
     torch.manual_seed(seed)
-    model = CausalLM(config)
-    state = {}
-    for name, t in model.state_dict().items():
-        if ".mlp.experts." in name:  # layers.L.mlp.experts.P.weight [E, out, in] -> per-expert Hub keys
-            prefix, proj = name.split(".mlp.experts.")
-            for e in range(t.shape[0]):
-                state[f"model.{prefix}.mlp.experts.{e}.{proj}"] = t[e].clone()
-        else:
-            state[name if name.startswith("lm_head") else f"model.{name}"] = t.clone()
-    save_file(state, str(directory / "model.safetensors"))
+    state = to_hub_state_dict(CausalLM(config).state_dict())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(config.to_hf_config()))
 
 

@@ -114,7 +114,9 @@ class ModelConfig:
         if model_type not in FAMILIES:
             where = f" in {name_or_path}" if name_or_path else ""
             raise ValueError(f"unknown model_type {model_type!r}{where}; supported: {', '.join(FAMILIES)}")
-        g = {**_HF_DEFAULTS[model_type], **{k: v for k, v in d.items() if v is not None or k == "clip_qkv"}}
+        # a key set to null keeps the class default, except ids and clip_qkv where null is meaningful
+        nullable = ("clip_qkv", "pad_token_id", "bos_token_id", "eos_token_id")
+        g = {**_HF_DEFAULTS[model_type], **{k: v for k, v in d.items() if v is not None or k in nullable}}
 
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))

@@ -105,9 +105,22 @@ def _listing(names: list[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def to_hub_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """minimoe names → Hub keys (the inverse of ``map_key``): experts unstacked, ``model.`` prefix."""
+    out = {}
+    for name, t in state.items():
+        if ".mlp.experts." in name:  # layers.L.mlp.experts.P.weight [E, out, in]
+            for e in range(t.shape[0]):
+                out[_hub_name(name, e)] = t[e]
+        else:
+            out[_hub_name(name, None)] = t
+    return out
+
+
 def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: torch.dtype,
-                    device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Read ``files`` into minimoe names, checking every key and shape against ``expected``."""
+                    device: torch.device | str, optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Read ``files`` into minimoe names, checking every key and shape against ``expected``
+    (names in ``optional`` may be absent)."""
     out: dict[str, torch.Tensor] = {}
     filled: dict[str, set[int]] = {}
     unexpected, wrong = [], []
@@ -127,12 +140,14 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
                         unexpected.append(f"{key} (config.json has {shape[0]} experts)")
                         continue
                     try:
-                        t = f.get_tensor(key)
+                        if part is None:
+                            t = f.get_tensor(key)
+                        else:  # read only this half of the fused [E, 2I, H] tensor
+                            sl = f.get_slice(key)
+                            half = sl.get_shape()[1] // 2
+                            t = sl[:, :half] if part == "first" else sl[:, half:]
                     except Exception as e:
                         raise CheckpointError(f"cannot read tensor {key} from {file}: {e}") from None
-                    if part is not None:
-                        half = t.shape[1] // 2
-                        t = t[:, :half] if part == "first" else t[:, half:]
                     want = shape[1:] if expert is not None else shape
                     if tuple(t.shape) != tuple(want):
                         got = f"{tuple(t.shape)}" + (f" for expert {expert}" if expert is not None else "")
@@ -147,7 +162,7 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
                         filled[name] = set()
                     out[name][expert].copy_(t)
                     filled[name].add(expert)
-    missing = [_hub_name(n, None) for n in expected if n not in out]
+    missing = [_hub_name(n, None) for n in expected if n not in out and n not in optional]
     for name, got in filled.items():
         missing += [_hub_name(name, e) for e in range(expected[name][0]) if e not in got]
     problems = []
@@ -185,24 +200,13 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str
     with torch.device("meta"):
         model = CausalLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings and not _has_key(files, "lm_head.weight"):
-        expected.pop("lm_head.weight")  # tied: the head is the embedding
-    state = load_state_dict(files, expected, dtype, device)
-    if "lm_head.weight" not in expected:
+    # tied configs may still ship their own lm_head.weight (Qwen3-0.6B does); transformers v5 then uses it
+    optional = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
+    state = load_state_dict(files, expected, dtype, device, optional)
+    own_head = "lm_head.weight" in state
+    if not own_head:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if "lm_head.weight" not in expected or (
-            config.tie_word_embeddings and torch.equal(model.lm_head.weight, model.embed_tokens.weight)):
-        model.tie_weights()  # else: a separate lm_head.weight in a tied config wins (as in transformers v5)
+    if not own_head or (config.tie_word_embeddings and torch.equal(model.lm_head.weight, model.embed_tokens.weight)):
+        model.tie_weights()
     return model.eval()
-
-
-def _has_key(files: list[Path], key: str) -> bool:
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                if key in f.keys():
-                    return True
-        except Exception as e:
-            raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from None
-    return False

@@ -27,7 +27,7 @@ _COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attentio
 
 # name -> (model_type, config overrides): every variant the parity tests cover
 VARIANTS = {
-    "olmoe": ("olmoe", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
+    "olmoe": ("olmoe", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, pad_token_id=1)),
     "olmoe-clip": ("olmoe", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=3, clip_qkv=0.6,
                                  num_key_value_heads=4)),
     "qwen2_moe": ("qwen2_moe", dict(intermediate_size=96, moe_intermediate_size=32,

@@ -40,6 +40,15 @@ def test_config_reads_each_family(hf_checkpoint):
     assert qwen3.qk_norm == "head" and qwen3.num_experts == 0 and qwen3.tie_word_embeddings
 
 
+def test_null_ids_stay_null_and_absent_keys_take_class_defaults():
+    base = {"model_type": "olmoe", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4}
+    assert ModelConfig.from_hf_config(base).pad_token_id == 1  # OlmoeConfig's default
+    explicit = ModelConfig.from_hf_config({**base, "pad_token_id": None, "eos_token_id": [5, 6]})
+    assert explicit.pad_token_id is None and explicit.eos_token_id == (5, 6)
+    assert explicit.num_experts == 64 and explicit.num_experts_per_tok == 8 and explicit.rms_norm_eps == 1e-5
+
+
 def test_presets_build_and_run():
     for name in minimoe.PRESETS:
         model = minimoe.CausalLM(minimoe.preset(name))
@@ -156,3 +165,28 @@ def test_hub_id_resolves_from_offline_cache(hf_checkpoint, tmp_path):
     missing = subprocess.run([sys.executable, "-c", "import minimoe; minimoe.from_pretrained('tiny-org/absent')"],
                              env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "'tiny-org/absent' is not a local directory" in missing.stderr
+
+
+@pytest.mark.parametrize("name", list(minimoe.PRESETS))
+def test_hub_key_writer_round_trips_and_transformers_reads_it(name, tmp_path):
+    """to_hub_state_dict is the exact inverse of the loader's key map, and transformers agrees."""
+    from transformers import AutoModelForCausalLM
+
+    from minimoe.hf import to_hub_state_dict
+
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset(name)).eval()
+    state = model.state_dict()
+    if model.tied:
+        state.pop("lm_head.weight")
+    save_file({k: v.contiguous() for k, v in to_hub_state_dict(state).items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_hf_config()))
+
+    back = minimoe.from_pretrained(tmp_path)
+    assert back.tied == model.tied
+    for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    ids = torch.randint(0, 256, (2, 9))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (ref(ids).logits - model(ids).logits).abs().max() < 1e-4
