@@ -3,6 +3,8 @@
 from .config import PRESETS, ModelConfig, preset
 from .generate import KVCache, generate
 from .hf import CheckpointError, from_pretrained
+from .lora import LoRALinear, ResizableLoRAExpert
+from .lora_moe import PrunableLoRAMoE
 from .model import CausalLM, ModelOutput
 from .moe import RouterOutput
 from .tokenizer import Tokenizer, load_tokenizer
@@ -10,6 +12,7 @@ from .tokenizer import Tokenizer, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "RouterOutput",
+    "CausalLM", "CheckpointError", "KVCache", "LoRALinear", "ModelConfig", "ModelOutput", "PRESETS",
+    "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput",
     "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "preset",
 ]

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .adapters import AdapterMixin
 from .config import ModelConfig
-from .moe import (IMPLEMENTATIONS, MLP, Experts, LoadBalancingLoss, RouterOutput, SparseMoeBlock, StackedLinear,
-                  TopKRouter)
+from .moe import (IMPLEMENTATIONS, MLP, LoadBalancingLoss, RouterOutput, SparseMoeBlock, StackedLinear, TopKRouter,
+                  routing_token_mask)
 
 
 class RMSNorm(nn.Module):
@@ -154,15 +155,18 @@ class ModelOutput:
         aux_loss: router load-balancing loss (transformers' formula) for MoE models, else None.
             Add ``config.router_aux_loss_coef * aux_loss`` yourself if you train with it.
         router: per MoE layer routing (``RouterOutput``) when ``output_router=True``.
+        adapter_aux_loss: sum of the LoRA-MoE load-balancing losses (training forwards with LoRA-MoE
+            whose loss is on), else None. Also never added to ``loss``.
     """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     router: list[RouterOutput] | None = None
+    adapter_aux_loss: torch.Tensor | None = None
 
 
-class CausalLM(nn.Module):
+class CausalLM(AdapterMixin, nn.Module):
     """The model: ``embed_tokens → layers → norm → lm_head``. Build with ``CausalLM(config)``
     (random init) or load with ``minimoe.from_pretrained``."""
 
@@ -212,7 +216,7 @@ class CausalLM(nn.Module):
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"experts implementation {implementation!r} not in {IMPLEMENTATIONS}")
         for m in self.modules():
-            if isinstance(m, Experts):
+            if hasattr(m, "implementation"):  # Experts, PrunableLoRAMoE
                 m.implementation = implementation
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -229,6 +233,7 @@ class CausalLM(nn.Module):
         kv_cache=None,
         output_router: bool = False,
         logits_to_keep: int = 0,
+        token_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Args:
             input_ids: ``(B, T)``.
@@ -239,6 +244,8 @@ class CausalLM(nn.Module):
             kv_cache: a ``generate.KVCache`` to read and extend.
             output_router: return per-MoE-layer routing in ``out.router``.
             logits_to_keep: if > 0, compute logits for the last n positions only.
+            token_mask: ``(B, T)``, which tokens count for adapter routing statistics (LoRA-MoE counts
+                and load-balancing loss); default: the real tokens of ``attention_mask``.
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -255,16 +262,19 @@ class CausalLM(nn.Module):
         if self.config.num_experts and kv_cache is None:
             token_mask = None if attention_mask is None else attention_mask[:, -T:]
             lb = LoadBalancingLoss(self.config.num_experts, self.config.num_experts_per_tok, token_mask)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, route = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
-            else:
-                x, route = layer(x, cos, sin, mask, kv_cache)
-            if route is not None:
-                if lb is not None:
-                    lb.add(route.logits)
-                if output_router:
-                    routes.append(route)
+        if token_mask is None and attention_mask is not None:
+            token_mask = attention_mask[:, -T:]
+        with routing_token_mask(token_mask):
+            for layer in self.layers:
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    x, route = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+                else:
+                    x, route = layer(x, cos, sin, mask, kv_cache)
+                if route is not None:
+                    if lb is not None:
+                        lb.add(route.logits)
+                    if output_router:
+                        routes.append(route)
         if kv_cache is not None:
             kv_cache.length += T
 
@@ -277,7 +287,7 @@ class CausalLM(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return ModelOutput(logits, loss, lb.value() if lb is not None else None,
-                           routes if output_router else None)
+                           routes if output_router else None, self.adapter_aux_loss() if self.training else None)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """KV-cache generation; see ``minimoe.generate.generate`` for the arguments."""

@@ -14,6 +14,8 @@ reference path (it needs the row counts on the host, the grouped path does not).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,10 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (w.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0
 
 
+def use_grouped_mm(x: torch.Tensor, weight: torch.Tensor, implementation: str) -> bool:
+    return implementation == "grouped_mm" or (implementation == "auto" and grouped_mm_supported(x, weight))
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
     """``y[rows of e] = x[rows of e] @ weight[e]ᵀ`` for every expert e.
 
@@ -74,14 +80,70 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> tor
     Returns:
         ``(R, out)``.
     """
-    impl = groups.implementation
-    use_grouped = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, weight))
-    if use_grouped:
-        dtype = _compute_dtype(x, weight)
+    dtype = _compute_dtype(x, weight)
+    if use_grouped_mm(x, weight, groups.implementation):
         return F.grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=groups.offsets)
     # Reference path: one matmul per expert (host sync for the sizes).
     chunks = x.split(groups.sizes())
-    return torch.cat([F.linear(xe, we) for xe, we in zip(chunks, weight)], dim=0)
+    return torch.cat([F.linear(xe.to(dtype), we.to(dtype)) for xe, we in zip(chunks, weight)], dim=0)
+
+
+@dataclass
+class Dispatch:
+    """Token-slots ``(token, k)`` sorted by expert, so each expert's rows are contiguous.
+
+    ``gather`` lays tokens out in expert order ``(N, D) → (R, D)``; ``combine`` brings expert outputs
+    back to token order and sums the K choices weighted by the router ``(R, D) → (N, D)``
+    (deterministic: no atomics). No host sync on the way.
+    """
+
+    order: torch.Tensor  # (R,) slot ids sorted by expert
+    groups: Groups
+    top_k: int
+
+    @classmethod
+    def build(cls, experts: torch.Tensor, num_experts: int, implementation: str = "auto") -> "Dispatch":
+        flat = experts.reshape(-1)  # (R,)
+        order = torch.argsort(flat, stable=True)
+        # counts without a host sync (bincount's output size would need one on CUDA)
+        counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        return cls(order, Groups.from_counts(counts, implementation), experts.shape[-1])
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.order // self.top_k]
+
+    def combine(self, ys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(ys)
+        out[self.order] = ys
+        N = weights.shape[0]
+        return (out.view(N, self.top_k, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+
+
+# Which tokens count for routing statistics in the current forward (flattened (B·T,) 0/1 mask, or
+# None = all). Set by CausalLM.forward; read by modules that keep statistics (LoRA-MoE counts).
+_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("minimoe_token_mask", default=None)
+
+
+@contextlib.contextmanager
+def routing_token_mask(mask: torch.Tensor | None):
+    token = _TOKEN_MASK.set(None if mask is None else mask.reshape(-1))
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(token)
+
+
+def current_token_mask() -> torch.Tensor | None:
+    return _TOKEN_MASK.get()
+
+
+def collecting_statistics(module: nn.Module) -> bool:
+    """Statistics are updated in training forwards only: not in eval, not under no_grad, and not when
+    activation checkpointing recomputes a forward inside backward."""
+    if not (module.training and torch.is_grad_enabled()):
+        return False
+    return torch._C._current_graph_task_id() == -1
 
 
 class StackedLinear(nn.Module):
@@ -117,21 +179,11 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Args: x ``(N, H)``, experts ``(N, K)`` chosen ids, weights ``(N, K)``. Returns ``(N, H)``."""
-        N, K = experts.shape
-        flat = experts.reshape(-1)  # (R,)
-        order = torch.argsort(flat, stable=True)  # slot ids sorted by expert
-        # counts without a host sync (bincount's output size would need one on CUDA)
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
-        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        groups = Groups.from_counts(counts, self.implementation)
-
-        xs = x[order // K]  # (R, H) rows in expert order
+        dispatch = Dispatch.build(experts, self.num_experts, self.implementation)
+        groups = dispatch.groups
+        xs = dispatch.gather(x)  # (R, H) rows in expert order
         h = F.silu(self.gate_proj(xs, groups)) * self.up_proj(xs, groups)  # (R, I)
-        ys = self.down_proj(h, groups)  # (R, H)
-        # back to token order, weight and sum over the K choices (deterministic, no atomics)
-        out = torch.empty_like(ys)
-        out[order] = ys
-        return (out.view(N, K, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+        return dispatch.combine(self.down_proj(h, groups), weights)  # (N, H)
 
 
 @dataclass

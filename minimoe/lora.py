@@ -1,0 +1,249 @@
+"""LoRA on a dense linear (``LoRALinear``) and per-expert, resizable LoRA on stacked experts
+(``ResizableLoRAExpert``).
+
+Both own the frozen base weight under the key the plain layer uses (``q_proj.weight``,
+``experts.gate_proj.weight``), so base checkpoints load without remapping. Adapter weights are fp32
+(master weights); compute runs in the activations' dtype. Scaling ``alpha / r`` is fixed when the
+adapter is created and never changes with rank, so growing never rescales what was learned.
+
+ResizableLoRAExpert storage: expert e owns a list of *chunks* ``A_c [r_c, in]``, ``B_c [out, r_c]``
+(one per growth event), so ``r_e = Σ_c r_c`` and the trainable count is exactly
+``Σ_e r_e · (in + out)``. A pruned expert owns nothing. Growth appends a chunk — a new tensor, which a
+stock torch optimizer treats as freshly created (see ``optim.py``) — and pruning deletes chunks.
+
+Compute (shape legend: R routed rows sorted by expert, E experts, r_pad = max rank rounded up to 8):
+chunks are packed each step into ``A_pad [E, r_pad, in]`` / ``Bᵀ_pad [E, r_pad, out]`` (zero rows
+where an expert has fewer ranks; a few MB) by one ``index_copy``, then two grouped matmuls give the
+delta ``(R, out)``; gradients flow back through the packing. The loop path skips experts of rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import optim
+from .moe import Groups, StackedLinear, _compute_dtype, grouped_linear, use_grouped_mm
+
+
+def kaiming_rows(rows: int, in_features: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(rows, in)`` fp32 rows drawn like ``nn.Linear``'s / PEFT's ``lora_A`` init:
+    Kaiming-uniform with a=√5, i.e. U(-1/√in, 1/√in)."""
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(rows, in_features, generator=generator) * 2 - 1) * bound
+
+
+def orthogonal_rows(new: torch.Tensor, existing: torch.Tensor) -> torch.Tensor:
+    """Project ``new (n, in)`` onto the orthogonal complement of the row space of ``existing (r, in)``
+    (fp32 QR), keeping each new row's norm (its Kaiming scale)."""
+    if existing.shape[0] == 0:
+        return new
+    q, _ = torch.linalg.qr(existing.double().T)  # (in, r) orthonormal basis of the existing rows
+    projected = new.double() - (new.double() @ q) @ q.T
+    scale = new.double().norm(dim=1, keepdim=True) / projected.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return (projected * scale).float()
+
+
+class LoRALinear(nn.Linear):
+    """``y = W x + b + s · B A x`` with W, b frozen; A ``(r, in)`` Kaiming, B ``(out, r)`` zero, s = α/r."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
+        nn.Module.__init__(self)
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(kaiming_rows(rank, self.in_features, generator).to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        dtype = _compute_dtype(x, self.lora_A)
+        delta = F.linear(F.linear(x.to(dtype), self.lora_A.to(dtype)), self.lora_B.to(dtype))
+        return y + self.scaling * delta.to(y.dtype)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+    def num_adapter_parameters(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+class _ExpertChunks(nn.Module):
+    """The LoRA chunks of one expert: ``A[c] (r_c, in)``, ``B[c] (out, r_c)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+
+    @property
+    def rank(self) -> int:
+        return sum(a.shape[0] for a in self.A)
+
+
+class ResizableLoRAExpert(StackedLinear):
+    """Per-expert LoRA on one projection of a layer's stacked experts; every expert has its own rank."""
+
+    def __init__(self, base: StackedLinear, rank: int, alpha: float, ranks: list[int] | None = None,
+                 generator: torch.Generator | None = None):
+        nn.Module.__init__(self)
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.num_experts, self.in_features, self.out_features = base.num_experts, base.in_features, base.out_features
+        self.weight = base.weight
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.lora = nn.ModuleList(_ExpertChunks() for _ in range(self.num_experts))
+        self._packing = None  # (device, slots, r_pad) cache, rebuilt after every resize
+        for e, r in enumerate(ranks if ranks is not None else [rank] * self.num_experts):
+            if r:
+                self._append(e, kaiming_rows(r, self.in_features, generator))
+
+    # --- layout ------------------------------------------------------------------------------
+    @property
+    def ranks(self) -> torch.Tensor:
+        """``LongTensor [E]``: the rank of every expert (0 = no adapter)."""
+        return torch.tensor([chunks.rank for chunks in self.lora], dtype=torch.long)
+
+    def rank_of(self, expert: int) -> int:
+        return self.lora[expert].rank
+
+    def lora_A_of(self, expert: int) -> torch.Tensor:
+        """Expert e's A ``(r_e, in)`` (its chunks concatenated)."""
+        chunks = self.lora[expert]
+        return torch.cat(list(chunks.A), 0) if len(chunks.A) else self.weight.new_zeros(0, self.in_features).float()
+
+    def lora_B_of(self, expert: int) -> torch.Tensor:
+        chunks = self.lora[expert]
+        return torch.cat(list(chunks.B), 1) if len(chunks.B) else self.weight.new_zeros(self.out_features, 0).float()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for chunks in self.lora for p in (*chunks.A, *chunks.B)]
+
+    def num_adapter_parameters(self) -> int:
+        return int(self.ranks.sum()) * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        r = self.ranks
+        return (f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, "
+                f"ranks={r.tolist()}, scaling={self.scaling:g}")
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        y = grouped_linear(x, self.weight, groups)
+        if not any(len(chunks.A) for chunks in self.lora):
+            return y
+        return y + self.lora_delta(x, groups).to(y.dtype)
+
+    def lora_delta(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """``s · B_e A_e x`` for each row's expert e: ``(R, in) → (R, out)``."""
+        dtype = _compute_dtype(x, self.weight)
+        if not use_grouped_mm(x, self.weight, groups.implementation):
+            return self._delta_loop(x.to(dtype), groups, dtype)
+        a_pad, bt_pad = self._packed(dtype)
+        h = grouped_linear(x.to(dtype), a_pad, groups)  # (R, r_pad)
+        return self.scaling * grouped_linear(h, bt_pad.transpose(1, 2), groups)  # (R, out)
+
+    def _delta_loop(self, x: torch.Tensor, groups: Groups, dtype: torch.dtype) -> torch.Tensor:
+        """Reference path: experts of rank 0 (and with no rows) are skipped."""
+        out = []
+        for e, xe in enumerate(x.split(groups.sizes())):
+            if self.lora[e].rank == 0 or xe.shape[0] == 0:
+                out.append(xe.new_zeros(xe.shape[0], self.out_features))
+                continue
+            h = F.linear(xe, self.lora_A_of(e).to(dtype))
+            out.append(F.linear(h, self.lora_B_of(e).to(dtype)))
+        return self.scaling * torch.cat(out, 0)
+
+    def _packed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A_pad [E, r_pad, in]`` and ``Bᵀ_pad [E, r_pad, out]`` from the chunks (differentiable)."""
+        device = self.weight.device
+        if self._packing is None or self._packing[0] != device:
+            ranks = self.ranks.tolist()
+            r_pad = max(8, -(-max(ranks) // 8) * 8)  # multiple of 8: 16-byte rows for grouped_mm
+            slots = torch.cat([torch.arange(r, dtype=torch.long) + e * r_pad for e, r in enumerate(ranks)])
+            self._packing = (device, slots.to(device), r_pad)
+        _, slots, r_pad = self._packing
+        a_flat = torch.cat([a for chunks in self.lora for a in chunks.A], 0)  # (Σr, in)
+        bt_flat = torch.cat([b.t() for chunks in self.lora for b in chunks.B], 0)  # (Σr, out)
+        E = self.num_experts
+        a_pad = a_flat.new_zeros(E * r_pad, self.in_features).index_copy(0, slots, a_flat)
+        bt_pad = bt_flat.new_zeros(E * r_pad, self.out_features).index_copy(0, slots, bt_flat)
+        return (a_pad.view(E, r_pad, self.in_features).to(dtype),
+                bt_pad.view(E, r_pad, self.out_features).to(dtype))
+
+    # --- resizing ----------------------------------------------------------------------------
+    def _append(self, expert: int, a: torch.Tensor) -> list[nn.Parameter]:
+        device = self.weight.device
+        pa = nn.Parameter(a.to(device=device, dtype=torch.float32))
+        pb = nn.Parameter(torch.zeros(self.out_features, a.shape[0], device=device))
+        self.lora[expert].A.append(pa)
+        self.lora[expert].B.append(pb)
+        self._packing = None
+        return [pa, pb]
+
+    def prune(self, experts, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Remove the whole LoRA of ``experts`` (their parameters leave the module and the optimizer)."""
+        for e in self._check_experts(experts):
+            chunks = self.lora[e]
+            if optimizer is not None:
+                optim.remove_params(optimizer, [*chunks.A, *chunks.B])
+            self.lora[e] = _ExpertChunks()
+        self._packing = None
+
+    def grow(self, deltas: dict[int, int], optimizer: torch.optim.Optimizer | None = None,
+             generator: torch.Generator | None = None) -> None:
+        """Give expert e ``deltas[e]`` more ranks: new A rows Kaiming-uniform, projected onto the
+        orthogonal complement of e's existing A rows; new B rows zero (the output is unchanged)."""
+        group = optim.find_group(optimizer, self.adapter_parameters()) if optimizer is not None else None
+        new = []
+        for e, dr in deltas.items():
+            self._check_experts([e])
+            if dr <= 0:
+                raise ValueError(f"grow: expert {e} needs a positive rank increase, got {dr}")
+            existing = self.lora_A_of(e).detach().float().cpu()
+            if existing.shape[0] + dr > min(self.in_features, self.out_features):
+                raise ValueError(f"grow: expert {e} would reach rank {existing.shape[0] + dr} > "
+                                 f"min(in, out) = {min(self.in_features, self.out_features)}")
+            new += self._append(e, orthogonal_rows(kaiming_rows(dr, self.in_features, generator), existing))
+        if optimizer is not None and new:
+            optim.add_params(optimizer, new, group)
+
+    def shrink(self, deltas: dict[int, int], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Remove the newest ``deltas[e]`` ranks of expert e (whole chunks, or a slice of the last one).
+        ``grow`` then ``shrink`` by the same amounts restores parameters and optimizer state exactly."""
+        for e, dr in deltas.items():
+            self._check_experts([e])
+            chunks = self.lora[e]
+            if not 0 < dr <= chunks.rank:
+                raise ValueError(f"shrink: expert {e} has rank {chunks.rank}, cannot remove {dr}")
+            A, B = list(chunks.A), list(chunks.B)
+            while dr:
+                a, b = A[-1], B[-1]
+                if a.shape[0] <= dr:
+                    if optimizer is not None:
+                        optim.remove_params(optimizer, [a, b])
+                    A.pop(), B.pop()
+                    dr -= a.shape[0]
+                else:
+                    keep = torch.arange(a.shape[0] - dr)
+                    A[-1] = optim.slice_param(optimizer, a, keep, dim=0)
+                    B[-1] = optim.slice_param(optimizer, b, keep, dim=1)
+                    dr = 0
+            chunks.A, chunks.B = nn.ParameterList(A), nn.ParameterList(B)
+        self._packing = None
+
+    def _check_experts(self, experts) -> list[int]:
+        experts = [int(e) for e in experts]
+        bad = [e for e in experts if not 0 <= e < self.num_experts]
+        if bad:
+            raise ValueError(f"expert indices {bad} out of range 0..{self.num_experts - 1}")
+        return experts

@@ -1,0 +1,114 @@
+"""``PrunableLoRAMoE``: a mixture of LoRA experts behind a trainable top-k router on a frozen linear
+(DMEP's module, paper §III).
+
+    y = W0 x + b + s · Σ_{i ∈ topk(x)} g_i(x) · B_i A_i x,    g = softmax(W_g x) over the module's experts
+
+renormalised over the chosen k (a switch, ``renormalize``). Shape legend: N tokens, E experts of this
+module, K top-k, r rank; ``lora_A [E, r, in]``, ``lora_B [E, out, r]``, ``router.weight [E, in]``.
+
+The module keeps hard top-k counts (fp32, real tokens only, training forwards only — see
+``moe.collecting_statistics``) and, while ``lb_enabled``, its load-balancing loss
+``E · Σ_i f_i · P_i`` (f_i: fraction of tokens whose top-k includes i; P_i: mean router probability).
+``prune_experts(keep)`` slices A, B, the router rows and the counts physically, with their optimizer
+state; ``expert_ids`` remembers the original index of each survivor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import optim
+from .lora import kaiming_rows
+from .moe import Dispatch, _compute_dtype, collecting_statistics, current_token_mask, grouped_linear
+
+
+class PrunableLoRAMoE(nn.Linear):
+    def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int, alpha: float,
+                 renormalize: bool = True, generator: torch.Generator | None = None):
+        nn.Module.__init__(self)
+        if num_experts <= 0 or rank <= 0 or top_k <= 0:
+            raise ValueError(f"LoRA-MoE needs positive num_experts, top_k and rank; got {num_experts}, {top_k}, {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.top_k = min(top_k, num_experts)
+        self.renormalize = renormalize
+        device = base.weight.device
+        self.router = nn.Linear(self.in_features, num_experts, bias=False, device=device)
+        self.router.weight.data = kaiming_rows(num_experts, self.in_features, generator).to(device)
+        self.lora_A = nn.Parameter(
+            torch.stack([kaiming_rows(rank, self.in_features, generator) for _ in range(num_experts)]).to(device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, device=device))
+        self.register_buffer("expert_ids", torch.arange(num_experts, device=device))
+        self.register_buffer("counts", torch.zeros(num_experts, device=device))
+        self.lb_enabled = True
+        self.track_counts = True
+        self.implementation = "auto"
+        self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last training forward
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_A.shape[0]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.router.weight, self.lora_A, self.lora_B]
+
+    def num_adapter_parameters(self) -> int:
+        return self.num_experts * (self.rank * (self.in_features + self.out_features) + self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, experts={self.expert_ids.tolist()}, "
+                f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}, renormalize={self.renormalize}")
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (N, in)`` → fp32 probs ``(N, E)``, chosen weights ``(N, K)``, chosen experts ``(N, K)``."""
+        logits = F.linear(x.to(_compute_dtype(x, self.router.weight)), self.router.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return probs, weights, experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        xf = x.reshape(-1, self.in_features)  # (N, in)
+        probs, weights, experts = self.route(xf)
+        dispatch = Dispatch.build(experts, self.num_experts, self.implementation)
+        dtype = _compute_dtype(x, self.lora_A)
+        h = grouped_linear(dispatch.gather(xf).to(dtype), self.lora_A.to(dtype), dispatch.groups)  # (R, r)
+        ys = grouped_linear(h, self.lora_B.to(dtype), dispatch.groups)  # (R, out)
+        delta = dispatch.combine(ys, weights)  # (N, out)
+        y = y + (self.scaling * delta).view(*x.shape[:-1], self.out_features).to(y.dtype)
+        self._statistics(probs, experts)
+        return y
+
+    def _statistics(self, probs: torch.Tensor, experts: torch.Tensor) -> None:
+        """Hard counts and the load-balancing loss over real tokens (the model's routing token mask)."""
+        mask = current_token_mask()
+        m = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.to(probs.device).float()
+        chosen = torch.zeros_like(probs).scatter_(1, experts, 1.0)  # (N, E) 1 where i ∈ topk
+        if self.track_counts and collecting_statistics(self):
+            self.counts += (chosen * m[:, None]).sum(0).detach()
+        self.aux_loss = None
+        if self.lb_enabled and self.training:
+            tokens = m.sum().clamp_min(1.0)
+            f = (chosen * m[:, None]).sum(0) / tokens  # fraction of tokens whose top-k includes i
+            P = (probs * m[:, None]).sum(0) / tokens  # mean router probability
+            self.aux_loss = self.num_experts * torch.sum(f * P)
+
+    def prune_experts(self, keep, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Keep only experts at positions ``keep`` (current indices): A, B, router rows, counts and
+        optimizer state are sliced; ``top_k`` is clamped to the survivors."""
+        keep = torch.as_tensor(sorted({int(k) for k in keep}), dtype=torch.long)
+        if len(keep) == 0 or keep[0] < 0 or keep[-1] >= self.num_experts:
+            raise ValueError(f"prune_experts: keep must be non-empty indices in 0..{self.num_experts - 1}, "
+                             f"got {keep.tolist()}")
+        self.lora_A = optim.slice_param(optimizer, self.lora_A, keep, 0)
+        self.lora_B = optim.slice_param(optimizer, self.lora_B, keep, 0)
+        self.router.weight = optim.slice_param(optimizer, self.router.weight, keep, 0)
+        device = self.counts.device
+        self.counts = self.counts[keep.to(device)]
+        self.expert_ids = self.expert_ids[keep.to(device)]
+        self.top_k = min(self.top_k, len(keep))
