@@ -1,0 +1,350 @@
+"""ResizableLoRAExpert and LoRALinear: exact counts, outputs across resizes, orthogonal growth, training."""
+
+import math
+import random
+
+import pytest
+import torch
+
+import minimoe
+from minimoe import optim
+from minimoe.lora import ResizableLoRAExpert
+from minimoe.moe import Groups, StackedLinear
+
+AdamW = getattr(minimoe, "AdamW", torch.optim.AdamW)
+
+
+def _model(preset="tiny-olmoe", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = minimoe.CausalLM(minimoe.preset(preset, **kw))
+    return model
+
+
+def _randomize_B(model, scale=0.05, seed=1):
+    """LoRA B starts at zero; give it values so deltas are visible in outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".B." in name or name.endswith("lora_B"):
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def _ids(n=2, t=12, seed=3):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _expected_params(model):
+    total = 0
+    for mods in model.expert_lora_modules().values():
+        for m in mods.values():
+            total += int(m.ranks.sum()) * (m.in_features + m.out_features)
+    return total
+
+
+def _train_steps(model, opt, n=2, seed=0):
+    model.train()
+    for i in range(n):
+        ids = _ids(seed=seed + i)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_counts_exact_after_every_prune_and_grow():
+    model = _model()
+    model.add_expert_lora(rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"))
+    opt = AdamW(model.adapter_parameters(), lr=1e-3)
+    H, I, E = 64, 32, 8
+    assert model.num_adapter_parameters() == 2 * E * 4 * 3 * (H + I)
+    _train_steps(model, opt)
+    events = [("grow", {0: {1: 4, 3: 2}}), ("prune", {1: [0, 5, 7]}), ("grow", {1: {5: 3}}),
+              ("prune", {0: [1]}), ("shrink", {0: {3: 1}}), ("grow", {0: {1: 8}})]
+    for kind, plan in events:
+        getattr(model, f"{kind}_expert_lora")(plan, optimizer=opt)
+        _train_steps(model, opt, n=1)
+        expected = _expected_params(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert model.num_adapter_parameters() == expected == trainable
+        in_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+        assert in_opt == expected
+        assert optim.state_numel(opt) == 2 * expected  # exp_avg + exp_avg_sq, nothing stale
+    ranks = model.expert_lora_ranks()
+    assert ranks[0].tolist() == [4, 8, 4, 5, 4, 4, 4, 4] and ranks[1].tolist() == [0, 4, 4, 4, 4, 3, 4, 0]
+
+
+def test_output_unchanged_right_after_grow():
+    model = _model("tiny-qwen3-moe")
+    model.add_expert_lora(rank=4, alpha=8)
+    _randomize_B(model)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        model.grow_expert_lora({0: {2: 4, 5: 8}, 1: {0: 2}}, generator=torch.Generator().manual_seed(0))
+        after = model(ids).logits
+    # new B rows are zero: the delta is unchanged up to fp32 summation order (the padded rank grew)
+    assert (before - after).abs().max().item() < 1e-6
+
+
+def test_prune_removes_exactly_the_pruned_experts_delta():
+    torch.manual_seed(0)
+    base = StackedLinear(6, 16, 24)
+    torch.nn.init.normal_(base.weight)
+    layer = ResizableLoRAExpert(base, rank=4, alpha=8, ranks=[4, 4, 2, 0, 4, 4])
+    _randomize_B(layer)
+    counts = torch.tensor([3, 2, 4, 1, 0, 5])
+    x = torch.randn(int(counts.sum()), 16)
+    groups = Groups.from_counts(counts)
+    with torch.no_grad():
+        before = layer(x, groups)
+        removed = {e: layer.lora_delta(x, groups) for e in [1, 2]}
+        layer.prune([1, 2])
+        after = layer(x, groups)
+    rows = torch.repeat_interleave(torch.arange(6), counts)
+    diff = before - after
+    assert torch.allclose(diff[rows == 1], removed[1][rows == 1], atol=1e-6)
+    assert torch.allclose(diff[rows == 2], removed[2][rows == 2], atol=1e-6)
+    assert torch.equal(diff[(rows != 1) & (rows != 2)], torch.zeros_like(diff[(rows != 1) & (rows != 2)]))
+
+
+def test_prune_equals_a_model_built_with_the_pruned_layout():
+    model = _model()
+    model.add_expert_lora(rank=4, alpha=8)
+    _randomize_B(model)
+    model.prune_expert_lora({0: [1, 6], 1: [0]})
+    ranks = model.expert_lora_ranks()
+
+    direct = _model()  # same base weights (same seed), adapters built directly with the pruned layout
+    for i in (0, 1):
+        experts = direct.layers[i].mlp.experts
+        for t in ("gate_proj", "up_proj"):
+            setattr(experts, t, ResizableLoRAExpert(getattr(experts, t), 4, 8, ranks=ranks[i].tolist()))
+    direct.load_state_dict(model.state_dict())
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+], ids=["adamw", "adamw-foreach", "adamw-fused", "sgd-momentum"])
+def test_grow_then_shrink_round_trip_is_exact(make_opt):
+    model = _model()
+    model.add_expert_lora(rank=4, alpha=8)
+    opt = make_opt(model.adapter_parameters())
+    _train_steps(model, opt, n=3)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+             for n, p in model.named_parameters() if p in opt.state}
+    layout = [list(map(id, g["params"])) for g in opt.param_groups]
+
+    model.grow_expert_lora({0: {2: 4, 3: 6}, 1: {7: 5}}, optimizer=opt)
+    model.prune_expert_lora({1: []}, optimizer=opt)
+    model.shrink_expert_lora({0: {2: 4, 3: 6}, 1: {7: 5}}, optimizer=opt)
+
+    assert [list(map(id, g["params"])) for g in opt.param_groups] == layout
+    now = dict(model.named_parameters())
+    assert set(now) == set(params)
+    for n, p in now.items():
+        assert torch.equal(p, params[n]), n
+        if n in state:
+            for k, v in state[n].items():
+                assert torch.equal(opt.state[p][k], v) if torch.is_tensor(v) else opt.state[p][k] == v
+
+
+def test_partial_shrink_slices_rows_and_their_moments():
+    model = _model()
+    model.add_expert_lora(rank=6, alpha=12, targets=("up_proj",))
+    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    _train_steps(model, opt, n=2)
+    layer = model.layers[0].mlp.experts.up_proj
+    a, b = layer.lora[3].A[0], layer.lora[3].B[0]
+    a_state, b_state = {k: v.clone() for k, v in opt.state[a].items()}, {k: v.clone() for k, v in opt.state[b].items()}
+    layer.shrink({3: 2}, optimizer=opt)
+    a2, b2 = layer.lora[3].A[0], layer.lora[3].B[0]
+    assert a2.shape == (4, 64) and b2.shape == (32, 4)
+    assert torch.equal(a2, a[:4]) and torch.equal(opt.state[a2]["exp_avg_sq"], a_state["exp_avg_sq"][:4])
+    assert torch.equal(opt.state[b2]["exp_avg"], b_state["exp_avg"][:, :4])
+    assert torch.equal(opt.state[a2]["step"], a_state["step"])
+    assert a not in opt.state and all(p is not a for g in opt.param_groups for p in g["params"])
+
+
+def test_new_rows_are_orthogonal_and_kaiming_scaled():
+    torch.manual_seed(0)
+    base = StackedLinear(2, 256, 64)
+    layer = ResizableLoRAExpert(base, rank=8, alpha=16)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        layer.grow({0: 8}, generator=g)
+    A = layer.lora_A_of(0)
+    assert A.shape == (32, 256)
+    for c in range(1, 4):
+        new, old = A[8 * c: 8 * (c + 1)], A[: 8 * c]
+        assert (new @ old.T).abs().max().item() < 1e-5  # orthogonal to every earlier row (fp32)
+    # Kaiming-uniform U(-1/√in, 1/√in): E|row|² = in · bound²/3 = 1/3
+    norms = A.norm(dim=1)
+    assert abs(norms.pow(2).mean().item() - 1 / 3) < 0.03
+    assert torch.equal(layer.lora_B_of(0), torch.zeros(64, 32))
+    with pytest.raises(ValueError, match="min\\(in, out\\) = 64"):
+        layer.grow({1: 60})
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw-foreach", "adamw-fused", "sgd-momentum"])
+def test_first_update_of_grown_rows_equals_a_fresh_parameters(kind):
+    make = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+            "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+            "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+            "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9)}[kind]
+    model = _model()
+    model.add_expert_lora(rank=4, alpha=8)
+    opt = make(model.adapter_parameters())
+    _train_steps(model, opt, n=4)  # the optimizer's old parameters are 4 steps in
+    model.grow_expert_lora({0: {2: 4}}, optimizer=opt)
+    layer = model.layers[0].mlp.experts.gate_proj
+    new_a, new_b = layer.lora[2].A[-1], layer.lora[2].B[-1]
+    grads = {new_a: torch.randn(new_a.shape), new_b: torch.randn(new_b.shape)}
+    fresh = {p: torch.nn.Parameter(p.detach().clone()) for p in grads}
+    ref_opt = make(list(fresh.values()))
+    before = {p: p.detach().clone() for p in grads}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    for p, g in grads.items():
+        p.grad, fresh[p].grad = g.clone(), g.clone()
+    opt.step()
+    ref_opt.step()
+    for p in grads:
+        update, ref_update = p.detach() - before[p], fresh[p].detach() - before[p]
+        assert ref_update.abs().max() > 0
+        assert torch.allclose(update, ref_update, rtol=1e-6, atol=1e-9)
+
+
+def test_kept_moments_bit_identical_across_prune_and_grow():
+    model = _model()
+    model.add_expert_lora(rank=4, alpha=8)
+    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    _train_steps(model, opt, n=2)
+    layer = model.layers[1].mlp.experts.up_proj
+    kept = {e: {k: v.clone() for k, v in opt.state[layer.lora[e].A[0]].items()} for e in (0, 4, 6)}
+    before = optim.state_bytes(opt)
+    model.prune_expert_lora({1: [1, 2, 3]}, optimizer=opt)
+    freed = before - optim.state_bytes(opt)
+    # 3 experts × 2 targets × (A + B) × (exp_avg + exp_avg_sq) fp32 + a step scalar per tensor
+    assert freed == 3 * 2 * (4 * (64 + 32) * 2 * 4 + 2 * 4)
+    model.grow_expert_lora({1: {0: 4}}, optimizer=opt)
+    for e, st in kept.items():
+        for k, v in st.items():
+            assert torch.equal(opt.state[layer.lora[e].A[0]][k], v)
+
+
+def test_training_survives_random_prune_grow_events_and_every_parameter_moves():
+    model = _model("tiny-qwen2-moe")
+    model.add_expert_lora(rank=4, alpha=8)
+    opt = AdamW(model.adapter_parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.05 * s))
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(0)
+    ids = _ids(4, 24, seed=9)
+    model.train()
+    first = model(ids, labels=ids).loss.item()
+    for event in range(5):
+        for _ in range(6):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        layer = rng.choice(model.config.moe_layers)
+        ranks = model.expert_lora_ranks()[layer]
+        if event % 2 == 0:
+            live = [e for e in range(8) if ranks[e] > 0]
+            model.prune_expert_lora({layer: rng.sample(live, 2)}, optimizer=opt)
+        else:
+            model.grow_expert_lora({layer: {rng.randrange(8): 4}}, optimizer=opt, generator=gen)
+    snapshot = {id(p): p.detach().clone() for p in model.adapter_parameters()}
+    for _ in range(6):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    last = model(ids, labels=ids).loss.item()
+    assert last < first - 0.2
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / (1 + 0.05 * 36))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert id(p) in in_opt, f"{name} is orphaned from the optimizer"
+            assert not torch.equal(p.detach(), snapshot[id(p)]), f"{name} did not train"
+
+
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])
+def test_grouped_and_loop_lora_paths_agree_with_heterogeneous_ranks(preset):
+    model = _model(preset)
+    model.add_expert_lora(rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"))
+    model.grow_expert_lora({0: {1: 12, 2: 3}})
+    model.prune_expert_lora({0: [4, 5], 1: [0]})
+    _randomize_B(model)
+    ids = _ids(2, 20)
+    results = []
+    for impl in ("grouped_mm", "loop"):
+        model.set_experts_implementation(impl)
+        model.zero_grad()
+        out = model.train()(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), [p.grad.clone() for p in model.adapter_parameters()]))
+    (la, ga), (lb, gb) = results
+    assert (la - lb).abs().max() < 1e-5
+    for a, b in zip(ga, gb):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_lora_linear_zero_B_is_the_base_and_training_never_touches_base():
+    model = _model("tiny-qwen3")
+    ids = _ids()
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    names = model.add_lora(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    assert len(names) == 9
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base_logits)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert "layers.0.self_attn.q_proj.weight" in frozen  # same key as the plain linear
+    opt = AdamW(model.adapter_parameters(), lr=1e-2, weight_decay=0.1)
+    _train_steps(model, opt, n=3)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, base_logits)
+    assert model.num_adapter_parameters() == sum(p.numel() for p in model.adapter_parameters())
+
+
+def test_targets_matching_nothing_list_what_exists():
+    model = _model("tiny-qwen3")
+    with pytest.raises(ValueError, match=r"match no dense linear.*available: \['down_proj', 'gate_proj', 'k_proj'"):
+        model.add_lora(targets=("query",))
+    with pytest.raises(ValueError, match="has no MoE layers"):
+        model.add_expert_lora()
+    moe = _model("tiny-olmoe")
+    with pytest.raises(ValueError, match=r"not expert projections; choose from \['gate_proj', 'up_proj', 'down_proj'\]"):
+        moe.add_expert_lora(targets=("w1",))
+    moe.add_expert_lora(layers=[1])
+    with pytest.raises(ValueError, match=r"layer 0 has no expert LoRA; layers with expert LoRA: \[1\]"):
+        moe.prune_expert_lora({0: [1]})
+    with pytest.raises(ValueError, match="out of range 0..7"):
+        moe.prune_expert_lora({1: [8]})
+
+
+def test_summary_shows_ranks_and_parameters():
+    model = _model()
+    model.add_expert_lora(rank=4, alpha=8)
+    model.add_lora(rank=2, targets=("o_proj",))
+    model.grow_expert_lora({1: {0: 4}})
+    model.prune_expert_lora({1: [7]})
+    text = model.adapter_summary()
+    assert "1    7/8" in text and "8 4 4 4 4 4 4 0" in text
+    assert "layers.1.self_attn.o_proj" in text
+    assert f"adapter parameters: {model.num_adapter_parameters():,} trainable" in text
+    assert math.isclose(model.num_adapter_parameters(), _expected_params(model) + 2 * 2 * (64 + 64))

@@ -1,0 +1,185 @@
+"""PrunableLoRAMoE (DMEP's module): routing, counts, load-balancing loss, physical expert pruning."""
+
+import pytest
+import torch
+from torch import nn
+
+import minimoe
+from minimoe import optim
+from minimoe.lora_moe import PrunableLoRAMoE
+from minimoe.moe import routing_token_mask
+
+
+def _module(E=8, k=2, r=4, renormalize=True, seed=0, in_f=16, out_f=24):
+    torch.manual_seed(seed)
+    base = nn.Linear(in_f, out_f)
+    m = PrunableLoRAMoE(base, E, k, r, alpha=8, renormalize=renormalize, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.1)
+    return m
+
+
+def _reference(m, x):
+    """The DMEP formula written out per token: y = W0 x + b + s Σ_{i∈topk} g_i B_i A_i x."""
+    probs = torch.softmax(x @ m.router.weight.T, -1)
+    w, idx = probs.topk(m.top_k, -1)
+    if m.renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    y = x @ m.weight.T + m.bias
+    for n in range(x.shape[0]):
+        for j in range(m.top_k):
+            i = idx[n, j]
+            y[n] += m.scaling * w[n, j] * (m.lora_B[i] @ (m.lora_A[i] @ x[n]))
+    return y
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_forward_is_the_dmep_formula(renormalize, impl):
+    m = _module(renormalize=renormalize)
+    m.implementation = impl
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        assert torch.allclose(m(x), _reference(m, x), atol=1e-5)
+
+
+def test_hard_counts_use_real_tokens_in_training_forwards_only():
+    m = _module()
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    m.train()
+    with routing_token_mask(mask):
+        m(x)
+    _, _, chosen = m.route(x.reshape(-1, 16))
+    expected = torch.zeros(8)
+    for n, real in enumerate(mask.reshape(-1).tolist()):
+        if real:
+            expected[chosen[n]] += 1
+    assert m.counts.dtype == torch.float32 and torch.equal(m.counts, expected)
+    assert m.counts.sum() == 7 * 2
+    m.eval()
+    m(x)
+    with torch.no_grad():
+        m.train()(x)
+    assert torch.equal(m.counts, expected)  # neither eval nor no_grad forwards count
+
+
+def test_counts_not_doubled_by_activation_checkpoint_recomputation():
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3"))
+    model.add_lora_moe(num_experts=4, top_k=2, rank=2, targets=("q_proj",))
+    ids = torch.randint(0, 256, (2, 9))
+    totals = []
+    for flag in (False, True):
+        for m in model.lora_moe_modules().values():
+            m.counts.zero_()
+        model.gradient_checkpointing = flag
+        out = model.train()(ids, labels=ids)
+        out.loss.backward()
+        totals.append(torch.stack([m.counts for m in model.lora_moe_modules().values()]))
+    assert torch.equal(totals[0], totals[1]) and totals[0].sum() == 3 * 18 * 2
+
+
+def test_load_balancing_loss_equals_hand_computation():
+    m = _module(E=6, k=2).train()
+    x = torch.randn(12, 16)
+    mask = torch.ones(12)
+    mask[[2, 7]] = 0
+    with routing_token_mask(mask):
+        m(x)
+    probs = torch.softmax(x @ m.router.weight.T, -1)
+    idx = probs.topk(2, -1).indices
+    real = mask.bool()
+    f = torch.stack([(idx[real] == i).any(-1).float().mean() for i in range(6)])
+    P = probs[real].mean(0)
+    assert torch.allclose(m.aux_loss, 6 * (f * P).sum(), atol=1e-6)
+    m.lb_enabled = False
+    m(x)
+    assert m.aux_loss is None
+
+
+def test_model_sums_module_losses_and_reports_them_separately():
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3")).train()
+    names = model.add_lora_moe(num_experts=4, top_k=2, rank=2, targets=("q_proj", "up_proj"))
+    ids = torch.randint(0, 256, (2, 7))
+    out = model(ids, labels=ids)
+    mods = model.lora_moe_modules()
+    assert len(names) == 6 and list(mods) == names
+    assert torch.allclose(out.adapter_aux_loss, sum(m.aux_loss for m in mods.values()))
+    assert out.adapter_aux_loss.requires_grad
+    plain = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, plain)  # never added to the loss
+    assert model.eval()(ids).adapter_aux_loss is None
+
+
+def test_pruning_unused_experts_keeps_outputs_identical():
+    """With top-k weights renormalised over the chosen k, dropping experts that no token chose leaves
+    every output unchanged: the ratios of the survivors' probabilities do not depend on the normaliser."""
+    m = _module(E=8, k=1)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        before = m(x)
+        used = set(m.route(x)[2].reshape(-1).tolist())
+        keep = sorted(used | {max(set(range(8)) - used)})  # the used ones plus one unused
+        m.prune_experts(keep)
+        after = m(x)
+    assert len(used) <= 4 and m.num_experts == len(keep)
+    assert torch.allclose(before, after, atol=1e-6)
+    assert m.expert_ids.tolist() == keep
+
+
+def test_without_renormalisation_pruning_rescales_survivor_weights_by_the_lost_mass():
+    m = _module(E=8, k=2, renormalize=False)
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        base = x @ m.weight.T + m.bias
+        delta_before = m(x) - base
+        probs, _, chosen = m.route(x)
+        keep = sorted(set(chosen.reshape(-1).tolist()))
+        kept_mass = probs[:, keep].sum(-1, keepdim=True)
+        m.prune_experts(keep)
+        delta_after = m(x) - base
+    assert torch.allclose(delta_after, delta_before / kept_mass, atol=1e-5)
+
+
+def test_prune_slices_parameters_optimizer_state_and_clamps_top_k():
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3")).train()
+    model.add_lora_moe(num_experts=4, top_k=3, rank=2, targets=("q_proj", "o_proj"))
+    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (2, 8))
+    for _ in range(2):
+        out = model(ids, labels=ids)
+        (out.loss + 0.01 * out.adapter_aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    name = "layers.1.self_attn.q_proj"
+    m = model.lora_moe_modules()[name]
+    A_before, exp_avg_A, router_before = m.lora_A.detach().clone(), opt.state[m.lora_A]["exp_avg"].clone(), \
+        m.router.weight.detach().clone()
+    params_before, state_before, bytes_before = model.num_adapter_parameters(), optim.state_numel(opt), \
+        optim.state_bytes(opt)
+    model.prune_lora_moe({name: [3, 1]}, optimizer=opt)
+    removed = 2 * (2 * (m.in_features + m.out_features) + m.in_features)  # 2 experts: A, B, router row
+    assert model.num_adapter_parameters() == params_before - removed
+    assert sum(p.numel() for p in model.adapter_parameters()) == model.num_adapter_parameters()
+    assert optim.state_numel(opt) == state_before - 2 * removed
+    assert bytes_before - optim.state_bytes(opt) == 2 * removed * 4
+    assert torch.equal(m.lora_A, A_before[[1, 3]]) and torch.equal(m.router.weight, router_before[[1, 3]])
+    assert torch.equal(opt.state[m.lora_A]["exp_avg"], exp_avg_A[[1, 3]])
+    assert m.top_k == 2 and m.expert_ids.tolist() == [1, 3]
+    model.prune_lora_moe({name: [0]}, optimizer=opt)
+    assert m.top_k == 1 and m.expert_ids.tolist() == [1]
+    for _ in range(2):  # still trains, nothing orphaned
+        before = m.lora_B.detach().clone()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert not torch.equal(m.lora_B, before)
+    assert any(p is m.lora_B for g in opt.param_groups for p in g["params"])
+    with pytest.raises(ValueError, match="keep must be non-empty indices in 0..0"):
+        model.prune_lora_moe({name: [1]})
+    with pytest.raises(ValueError, match=r"\['layers.0.mlp.gate'\] are not LoRA-MoE modules"):
+        model.prune_lora_moe({"layers.0.mlp.gate": [0]})
