@@ -1,11 +1,14 @@
 """Benchmark: training-step throughput and peak memory, minimoe next to transformers, in one run.
 
     python -m minimoe.bench                      # OLMoE-shaped "medium" model, batch 4 x 256, CPU fp32
-    python -m minimoe.bench --device cuda --dtype bfloat16 --shape large
+    python -m minimoe.bench --device cuda --shape olmoe-layer   # bf16 on CUDA
 
 Every route runs in its own subprocess (so peak RSS is its own) on the same weights and the same
 batch: the parent saves one random checkpoint in the Hub layout and each worker loads it.
-One step = forward with loss, backward, AdamW step; "fwd+bwd" times the part before the optimizer.
+One step = forward with loss, backward, AdamW step over what the route trains; "fwd+bwd" times the
+part before the optimizer. Routes: full fine-tuning, LoRA on the experts' gate+up (minimoe, and
+transformers + PEFT), minimoe with heterogeneous per-expert ranks next to uniform r_max, and a
+LoRA-MoE (DMEP) step before and after pruning half its experts.
 transformers is needed only for its routes (``pip install minimoe[test]``); without it they are skipped.
 """
 
@@ -24,22 +27,52 @@ from pathlib import Path
 
 import torch
 
-# OLMoE-shaped configs (names as in config.json). "medium" is the shape of ENVIRONMENT.md's reference.
+# Shapes (names as in config.json): an OLMoE-shaped MoE and a Qwen3-shaped dense model of the same
+# width. "medium" is the shape of ENVIRONMENT.md's reference measurements.
 SHAPES = {
-    "medium": dict(model_type="olmoe", vocab_size=2048, hidden_size=256, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=8, intermediate_size=128, num_experts=32,
-                   num_experts_per_tok=4, max_position_embeddings=4096),
-    "large": dict(model_type="olmoe", vocab_size=50304, hidden_size=1024, num_hidden_layers=8,
-                  num_attention_heads=16, num_key_value_heads=16, intermediate_size=512, num_experts=64,
-                  num_experts_per_tok=8, max_position_embeddings=4096),
+    "medium": {
+        "moe": dict(model_type="olmoe", vocab_size=2048, hidden_size=256, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=8, intermediate_size=128, num_experts=32,
+                    num_experts_per_tok=4, max_position_embeddings=4096, eos_token_id=0, pad_token_id=1),
+        "dense": dict(model_type="qwen3", vocab_size=2048, hidden_size=256, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=32, intermediate_size=768,
+                      max_position_embeddings=4096, eos_token_id=0),
+    },
+    # OLMoE's expert count and top-k at a quarter of its width: where PEFT's per-forward W + B·A shows
+    "wide": {
+        "moe": dict(model_type="olmoe", vocab_size=4096, hidden_size=512, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=8, intermediate_size=256, num_experts=64,
+                    num_experts_per_tok=8, max_position_embeddings=4096, eos_token_id=0, pad_token_id=1),
+        "dense": dict(model_type="qwen3", vocab_size=4096, hidden_size=512, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=64, intermediate_size=1536,
+                      max_position_embeddings=4096, eos_token_id=0),
+    },
+    # the real OLMoE-1B-7B layer shape (2 layers): for a GPU
+    "olmoe-layer": {
+        "moe": dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, num_hidden_layers=2,
+                    num_attention_heads=16, num_key_value_heads=16, intermediate_size=1024, num_experts=64,
+                    num_experts_per_tok=8, max_position_embeddings=4096, eos_token_id=0, pad_token_id=1),
+        "dense": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, num_hidden_layers=2,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                      max_position_embeddings=4096, eos_token_id=0),
+    },
 }
 
-# route -> (library, experts implementation, what is trained)
+DMEP_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# route -> (library, experts implementation, setup, shape). Setups are built in _setup().
 ROUTES = {
-    "minimoe full": ("minimoe", "auto", "full"),
-    "minimoe full (loop experts)": ("minimoe", "loop", "full"),
-    "transformers full (eager experts)": ("transformers", "eager", "full"),
-    "transformers full (grouped_mm experts)": ("transformers", "grouped_mm", "full"),
+    "minimoe full": ("minimoe", "auto", "full", "moe"),
+    "minimoe full (loop experts)": ("minimoe", "loop", "full", "moe"),
+    "transformers full (eager experts)": ("transformers", "eager", "full", "moe"),
+    "transformers full (grouped_mm experts)": ("transformers", "grouped_mm", "full", "moe"),
+    "minimoe expert LoRA r=8 gate+up": ("minimoe", "auto", "expert-lora", "moe"),
+    "transformers+PEFT LoRA r=8 gate+up (eager experts)": ("transformers", "eager", "peft-lora", "moe"),
+    "transformers+PEFT LoRA r=8 gate+up (grouped_mm experts)": ("transformers", "grouped_mm", "peft-lora", "moe"),
+    "minimoe expert LoRA uniform r=16": ("minimoe", "auto", "expert-lora-r16", "moe"),
+    "minimoe expert LoRA heterogeneous r in {0,8,16}": ("minimoe", "auto", "expert-lora-hetero", "moe"),
+    "minimoe LoRA-MoE E=8 top-2 r=8 (dense)": ("minimoe", "auto", "lora-moe", "dense"),
+    "minimoe LoRA-MoE after pruning to E=4 (dense)": ("minimoe", "auto", "lora-moe-pruned", "dense"),
 }
 
 
@@ -58,27 +91,47 @@ def _save_checkpoint(shape: dict, directory: Path, seed: int) -> None:
     (directory / "config.json").write_text(json.dumps(config.to_hf_config()))
 
 
-def _load(route: str, directory: Path, device: str, dtype: torch.dtype):
-    library, impl, _ = ROUTES[route]
+def _setup(route: str, directory: Path, device: str, dtype: torch.dtype):
+    """Load the checkpoint for ``route`` and attach what it trains; returns (model, trainable params)."""
+    library, impl, setup, _ = ROUTES[route]
     if library == "minimoe":
         from .hf import from_pretrained
 
         model = from_pretrained(directory, dtype=dtype, device=device)
         model.set_experts_implementation(impl)
-    else:
-        from transformers import AutoModelForCausalLM
+        g = torch.Generator().manual_seed(0)
+        if setup.startswith("expert-lora"):
+            rank = 16 if setup == "expert-lora-r16" else 8
+            model.add_expert_lora(rank=rank, alpha=2 * rank, generator=g)
+            if setup == "expert-lora-hetero":  # even experts grown to 16, every fourth pruned, rest at 8
+                E = model.config.num_experts
+                for layer in model.config.moe_layers:
+                    model.grow_expert_lora({layer: {e: 8 for e in range(0, E, 2)}}, generator=g)
+                    model.prune_expert_lora({layer: list(range(1, E, 4))})
+        elif setup.startswith("lora-moe"):
+            model.add_lora_moe(num_experts=8, top_k=2, rank=8, alpha=16, targets=DMEP_TARGETS, generator=g)
+            if setup == "lora-moe-pruned":
+                model.prune_lora_moe({name: [0, 2, 4, 6] for name in model.lora_moe_modules()})
+        params = model.adapter_parameters() if setup != "full" else list(model.parameters())
+        return model.train(), params
+    from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
-        model.set_experts_implementation(impl)
-    return model.train()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
+    model.set_experts_implementation(impl)
+    if setup == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        # what a PEFT user writes for LoRA on gate+up; PEFT rewrites it to gate_up_proj at rank 16
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=["gate_proj", "up_proj"]))
+    return model.train(), [p for p in model.parameters() if p.requires_grad]
 
 
 def _worker(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
-    model = _load(args.worker, Path(args.dir), device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    model, params = _setup(args.worker, Path(args.dir) / ROUTES[args.worker][3], device, dtype)
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)  # one multi-tensor AdamW for every route
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
@@ -92,7 +145,10 @@ def _worker(args) -> dict:
         sync()
         t0 = time.perf_counter()
         out = model(ids, labels=ids)
-        out.loss.backward()
+        loss = out.loss
+        if getattr(out, "adapter_aux_loss", None) is not None:  # LoRA-MoE trains with its LB loss
+            loss = loss + 0.01 * out.adapter_aux_loss
+        loss.backward()
         sync()
         t1 = time.perf_counter()
         opt.step()
@@ -150,10 +206,12 @@ def main(argv=None) -> None:
         print("transformers is not installed: its routes are skipped (pip install 'minimoe[test]')")
         routes = [r for r in routes if ROUTES[r][0] == "minimoe"]
 
-    shape = SHAPES[args.shape]
+    shapes = SHAPES[args.shape]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        _save_checkpoint(shape, Path(tmp), seed=0)
+        for kind in sorted({ROUTES[r][3] for r in routes}):
+            (Path(tmp) / kind).mkdir()
+            _save_checkpoint(shapes[kind], Path(tmp) / kind, seed=0)
         for route in routes:
             cmd = [sys.executable, "-m", "minimoe.bench", "--worker", route, "--dir", tmp]
             for flag in ("shape", "device", "dtype", "batch", "seq", "steps", "warmup", "threads"):
@@ -166,8 +224,11 @@ def main(argv=None) -> None:
             results.append(json.loads(line[-1][len("RESULT "):]))
             print(f"  done: {route}", file=sys.stderr)
 
-    desc = ", ".join(f"{k}={v}" for k, v in shape.items() if k != "model_type")
-    print(f"\n{shape['model_type']} [{desc}]\nbatch {args.batch} x {args.seq} tokens, {args.device} {args.dtype}, "
+    print()
+    for kind, shape in shapes.items():
+        desc = ", ".join(f"{k}={v}" for k, v in shape.items() if k not in ("model_type", "eos_token_id", "pad_token_id"))
+        print(f"{kind}: {shape['model_type']} [{desc}]")
+    print(f"batch {args.batch} x {args.seq} tokens, {args.device} {args.dtype}, "
           f"{args.threads} threads, median of {args.steps} steps (torch {torch.__version__})\n")
     mem = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
     print(f"| route | trainable params | fwd+bwd tok/s | step tok/s (fwd+bwd+AdamW) | {mem} |")
@@ -176,7 +237,7 @@ def main(argv=None) -> None:
         print(f"| {r['route']} | {r['trainable'] / 1e6:.1f}M | {r['fwd_bwd_tok_s']:,.0f} | {r['step_tok_s']:,.0f} | "
               f"{r['peak_mib']:,.0f} |")
     if args.json:
-        args.json.write_text(json.dumps(dict(shape=shape, args={k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(json.dumps(dict(shapes=shapes, args={k: str(v) for k, v in vars(args).items()},
                                              results=results), indent=2))
 
 
