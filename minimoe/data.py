@@ -1,0 +1,193 @@
+"""Fine-tuning data: JSONL in the formats of the papers' data, prompt masking, truncation, packing,
+and a seeded batch order that can be saved and resumed exactly.
+
+Record formats (one JSON object per line; the first matching one is used):
+
+    MetaMathQA   {"query": ..., "response": ...}
+    GSM8K        {"question": ..., "answer": ...}
+    Code Alpaca  {"instruction": ..., "input": ..., "output": ...}
+    generic      {"prompt": ..., "response": ...}
+    chat         {"messages": [{"role": ..., "content": ...}, ...]}   (loss on the last assistant turn)
+
+The prompt is formatted the model's way (``Tokenizer.format_prompt``: ChatML or plain) and masked
+from the loss (label -100); the response is followed by the eos token.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tokenizer import Tokenizer
+
+FORMATS = {
+    "metamathqa": ("query", "response"),
+    "gsm8k": ("question", "answer"),
+    "code_alpaca": ("instruction", "output"),
+    "generic": ("prompt", "response"),
+}
+
+
+class DataError(ValueError):
+    """Bad training data: names the file and line."""
+
+
+def record_to_pair(record, where: str) -> tuple[str, str]:
+    """One JSON record → (prompt, response) text, or a ``DataError`` naming ``where``."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if (not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict)
+                or messages[-1].get("role") != "assistant"):
+            raise DataError(f"{where}: 'messages' must be a list ending with an assistant message")
+        return messages[:-1], str(messages[-1].get("content", ""))
+    for name, (p, r) in FORMATS.items():
+        if p in record and r in record:
+            prompt = str(record[p])
+            if name == "code_alpaca" and record.get("input"):
+                prompt = f"{prompt}\n\n{record['input']}"
+            return prompt, str(record[r])
+    keys = ", ".join(sorted(record)) or "none"
+    formats = "; ".join(f"{p}/{r}" for p, r in FORMATS.values())
+    raise DataError(f"{where}: no known format (keys: {keys}); expected {formats}, or messages")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            pairs.append(record_to_pair(record, f"{path}:{n}"))
+    if not pairs:
+        raise DataError(f"{path}: the dataset is empty")
+    return pairs
+
+
+def synthetic_arith(n: int, seed: int) -> list[tuple[str, str]]:
+    """Two-step arithmetic word problems in GSM8K's ``#### answer`` format (a built-in offline set)."""
+    rng = random.Random(seed)
+    names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay"]
+    pairs = []
+    for _ in range(n):
+        who, a, b, c = rng.choice(names), rng.randint(2, 40), rng.randint(2, 40), rng.randint(1, 20)
+        total = a + b - c
+        pairs.append((f"{who} has {a} apples, buys {b} more and gives away {c}. How many apples now?",
+                      f"{a} + {b} = {a + b}. {a + b} - {c} = {total}.\n#### {total}"))
+    return pairs
+
+
+BUILTIN = {"tiny-arith": lambda seed: synthetic_arith(512, seed)}
+
+
+def load_pairs(data: str, seed: int = 0) -> list[tuple[str, str]]:
+    """A JSONL file, or the name of a built-in set (``tiny-arith``)."""
+    if data in BUILTIN and not Path(data).exists():
+        return BUILTIN[data](seed)
+    return read_jsonl(data)
+
+
+def encode_pair(tok: Tokenizer, prompt, response: str, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (prompt masked with -100). Over-long examples lose the start of the prompt
+    first, then the end of the response, so at least half of ``max_len`` stays response."""
+    text = tok.format_chat(prompt) if isinstance(prompt, list) else tok.format_prompt(prompt)
+    if tok.chat_format == "plain":
+        text = text + "\n"
+    p = tok.encode(text)
+    r = tok.encode(response, add_special_tokens=False)
+    if tok.eos_token_id is not None:
+        r = r + [tok.eos_token_id]
+    r = r[:max_len - min(len(p), max_len // 2)] if len(p) + len(r) > max_len else r
+    p = p[max(0, len(p) + len(r) - max_len):]
+    return p + r, [-100] * len(p) + r
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), -100 on prompt and padding
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """Tokens that are predicted (response tokens): what routing statistics count by default."""
+        return (self.labels != -100).long()
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+class Dataset:
+    """Tokenised examples and a resumable, seeded order: each epoch is a fresh permutation."""
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], pad_id: int, seed: int = 0):
+        if not examples:
+            raise DataError("the dataset is empty")
+        self.examples, self.pad_id, self.seed = examples, pad_id, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    @classmethod
+    def build(cls, pairs, tok: Tokenizer, max_len: int = 256, packing: bool = False, seed: int = 0) -> "Dataset":
+        examples = [encode_pair(tok, p, r, max_len) for p, r in pairs]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        if packing:  # greedy concatenation into max_len rows (attention crosses example boundaries)
+            rng = random.Random(seed)
+            rng.shuffle(examples)
+            packed, ids, labels = [], [], []
+            for e_ids, e_labels in examples:
+                if ids and len(ids) + len(e_ids) > max_len:
+                    packed.append((ids, labels))
+                    ids, labels = [], []
+                ids, labels = ids + e_ids, labels + e_labels
+            packed.append((ids, labels))
+            examples = packed
+        return cls(examples, pad, seed)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """The next ``batch_size`` examples in order (crossing into the next epoch when needed), right-padded."""
+        rows = []
+        while len(rows) < batch_size:
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            rows.append(self.examples[self._order[self.index]])
+            self.index += 1
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (r_ids, r_labels) in enumerate(rows):
+            ids[i, :len(r_ids)] = torch.tensor(r_ids)
+            mask[i, :len(r_ids)] = 1
+            labels[i, :len(r_labels)] = torch.tensor(r_labels)
+        return Batch(ids, mask, labels)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "size": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != len(self.examples) or state["seed"] != self.seed:
+            raise DataError(f"resume: the data has {len(self.examples)} examples (seed {self.seed}) but the "
+                            f"checkpoint was taken on {state['size']} (seed {state['seed']})")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)

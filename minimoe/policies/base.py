@@ -1,0 +1,72 @@
+"""What a training policy is: it chooses what trains, reads routing statistics, and resizes the model
+at optimizer-step boundaries through the model's own methods (it never edits tensors itself)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Context:
+    """What a policy may need from the trainer at setup time."""
+
+    dataset: object = None  # minimoe.data.Dataset (ESFT scores experts on a sample of it)
+    batch_size: int = 8
+    steps_per_epoch: int = 1
+    total_steps: int = 1
+    device: str = "cpu"
+    seed: int = 0
+    log: object = print
+
+
+class Policy:
+    """Base policy. Subclasses set ``name``, a ``Config`` dataclass whose defaults are the paper's,
+    and override the hooks they need."""
+
+    name = "base"
+
+    @dataclass
+    class Config:
+        pass
+
+    needs_router = False  # whether the forward must return per-MoE-layer routing
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+        self.generator = torch.Generator().manual_seed(0)  # growth init; saved with the run
+
+    def setup(self, model: nn.Module, ctx: Context) -> None:
+        """Attach adapters / choose what trains. On resume it runs after ``load_state_dict``."""
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def extra_loss(self, out) -> torch.Tensor | None:
+        """A loss added to the cross-entropy for this micro-batch (e.g. DMEP's LB loss)."""
+        return None
+
+    def observe(self, out, mask) -> None:
+        """Called after every training forward (micro-batch) with the model output and the ``(B, T)``
+        mask of tokens that count for statistics (real, and by default response, tokens)."""
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
+        """Called after optimizer step ``step`` (1-based, grads zeroed). Returns event records."""
+        return []
+
+    def metrics(self) -> dict:
+        """Extra values for this step's metrics line."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
+        return f"policy {self.name}: {opts}"

@@ -1,0 +1,128 @@
+"""DMEP — dynamic module-wise expert pruning (paper §III, Algorithm 1).
+
+    exploration:  every targeted linear is a LoRA-MoE (E experts, top-k router); loss = CE + c · Σ LB
+    prune once (default: end of the first epoch; optionally when every module's drift < threshold):
+        u_i = c_i / Σ_j c_j from hard top-k counts; keep experts with u_i ≥ τ, plus the most used ones
+        until max(k_min, top_k) remain; slice experts, router rows and optimizer state; LB loss off
+    then: train on the heterogeneous architecture
+Gini, normalised entropy and drift of each module's counts are logged every ``log_interval`` steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..stats import drift, gini, normalized_entropy
+from .base import Context, Policy
+
+
+class DMEP(Policy):
+    name = "dmep"
+
+    @dataclass
+    class Config:
+        num_experts: int = 8  # E per module
+        top_k: int = 2
+        rank: int = 8
+        lora_alpha: float = 16.0
+        lb_coef: float = 0.01  # load-balancing loss coefficient during exploration
+        tau: float = 0.1  # utilisation threshold τ
+        k_min: int = 2  # minimum survivors per module
+        prune_step: int = 0  # 0 = end of the first epoch
+        drift_threshold: float = 0.0  # > 0: prune as soon as every module's drift is below it
+        log_interval: int = 10  # steps between Gini / entropy / drift measurements
+        targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.pruned_at = None
+        self.prune_step = None
+        self.snapshot: dict[str, torch.Tensor] = {}  # counts at the last log, per module
+        self.previous: dict[str, torch.Tensor] = {}  # counts of the previous interval, per module
+        self.last: dict = {}
+
+    def setup(self, model, ctx: Context) -> None:
+        c = self.config
+        model.add_lora_moe(c.num_experts, c.top_k, c.rank, c.lora_alpha, c.targets, generator=self.generator)
+        self.prune_step = c.prune_step or ctx.steps_per_epoch
+        if self.pruned_at is not None:  # resumed after pruning: the LB loss stays off
+            for m in model.lora_moe_modules().values():
+                m.lb_enabled = False
+
+    def trainable_parameters(self, model):
+        return model.adapter_parameters()
+
+    def extra_loss(self, out):
+        if self.pruned_at is None and out.adapter_aux_loss is not None:
+            return self.config.lb_coef * out.adapter_aux_loss
+        return None
+
+    def module_metrics(self, model) -> dict[str, dict]:
+        """Gini, normalised entropy and drift of every module's counts over the last interval."""
+        out = {}
+        for name, m in model.lora_moe_modules().items():
+            counts = m.counts.detach().cpu().double()
+            interval = counts - self.snapshot.get(name, torch.zeros_like(counts))
+            d = drift(self.previous[name], interval) if name in self.previous else float("nan")
+            out[name] = {"gini": gini(interval), "entropy": normalized_entropy(interval), "drift": d,
+                         "experts": m.num_experts}
+            self.previous[name], self.snapshot[name] = interval, counts
+        return out
+
+    def survivors(self, counts: torch.Tensor, top_k: int) -> tuple[list[int], bool]:
+        """Experts with u_i ≥ τ, topped up with the most used until max(k_min, top_k) remain.
+        Returns (sorted positions, whether the floor had to be applied)."""
+        c = self.config
+        u = counts.double() / counts.double().sum().clamp_min(1e-12)
+        keep = [i for i in range(len(u)) if u[i] >= c.tau]
+        floor = min(len(u), max(c.k_min, top_k))
+        clamped = len(keep) < floor
+        if clamped:  # the experts above τ are the most used, so the top `floor` contain them all
+            keep = sorted(sorted(range(len(u)), key=lambda i: (-float(u[i]), i))[:floor])
+        return keep, clamped
+
+    def after_step(self, step, model, optimizer) -> list[dict]:
+        c = self.config
+        events = []
+        if c.log_interval and step % c.log_interval == 0:
+            self.last = self.module_metrics(model)
+            events.append({"event": "routing", "step": step, "policy": self.name, "modules": self.last})
+        if self.pruned_at is None:
+            stable = (c.drift_threshold > 0 and self.last and
+                      all(v["drift"] == v["drift"] and v["drift"] < c.drift_threshold for v in self.last.values()))
+            if step >= self.prune_step or stable:
+                events.append(self.prune(step, model, optimizer))
+        return events
+
+    def prune(self, step, model, optimizer) -> dict:
+        plan, clamped, survivors = {}, [], {}
+        before = model.num_adapter_parameters()
+        for name, m in model.lora_moe_modules().items():
+            keep, was_clamped = self.survivors(m.counts.detach().cpu(), m.top_k)
+            plan[name] = keep
+            survivors[name] = [int(m.expert_ids[i]) for i in keep]
+            if was_clamped:
+                clamped.append(name)
+        model.prune_lora_moe(plan, optimizer=optimizer)
+        for m in model.lora_moe_modules().values():
+            m.lb_enabled = False
+        self.pruned_at = step
+        if clamped:
+            print(f"dmep: tau={self.config.tau} would leave fewer than max(k_min={self.config.k_min}, top_k) "
+                  f"experts in {len(clamped)} module(s); kept the most used ones instead: {', '.join(clamped)}")
+        return {"event": "dmep_prune", "step": step, "policy": self.name, "survivors": survivors,
+                "clamped": clamped, "params_before": before, "params_after": model.num_adapter_parameters()}
+
+    def metrics(self) -> dict:
+        return {"dmep_pruned": self.pruned_at is not None}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "pruned_at": self.pruned_at, "snapshot": self.snapshot,
+                "previous": self.previous, "last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.pruned_at, self.snapshot, self.previous = state["pruned_at"], state["snapshot"], state["previous"]
+        self.last = state["last"]

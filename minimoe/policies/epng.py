@@ -1,0 +1,132 @@
+"""EPnG — expert prune-and-grow (paper §3, Algorithm 1; defaults from App. A.2).
+
+    every step:     p̄_i^(l) += full-softmax router probability of expert i in MoE layer l (real tokens)
+    at step ≥ T_w with step % T_p == 0:
+        P = the lowest α fraction of experts that still have an adapter (global over all layers)
+        G = the highest β fraction of the others
+        prune P; spend the freed parameters on rank growth of G (budget-neutral, counted in parameters)
+        p̄ ← λ · p̄
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..stats import RoutingStats
+from .base import Context, Policy
+
+
+class EPnG(Policy):
+    name = "epng"
+    needs_router = True
+
+    @dataclass
+    class Config:
+        alpha: float = 0.2  # pruning ratio α
+        beta: float = 0.2  # growth ratio β
+        warmup: int = 100  # T_w: no event before this step
+        interval: int = 50  # T_p: an event every T_p steps after warm-up
+        decay: float = 0.2  # λ: importance statistics are multiplied by λ after each event
+        rank: int = 8  # initial LoRA rank r
+        lora_alpha: float = 16.0
+        targets: tuple[str, ...] = ("gate_proj", "up_proj")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        c = self.config
+        if not (0 <= c.alpha < 1 and 0 <= c.beta < 1):
+            raise ValueError(f"epng: alpha and beta must be in [0, 1), got {c.alpha}, {c.beta}")
+        if c.interval <= 0:
+            raise ValueError(f"epng: interval must be positive, got {c.interval}")
+        self.stats = RoutingStats()
+        self.budget = None  # trainable adapter parameters at the start (the ceiling)
+
+    def setup(self, model, ctx: Context) -> None:
+        c = self.config
+        model.add_expert_lora(c.rank, c.lora_alpha, c.targets, generator=self.generator)
+        if self.budget is None:
+            self.budget = model.num_adapter_parameters()
+
+    def trainable_parameters(self, model):
+        return model.adapter_parameters()
+
+    def observe(self, out, mask) -> None:
+        mask = mask.reshape(-1) if mask is not None else None
+        for route in out.router:
+            self.stats.update(route.layer, route.probs, route.experts, mask)
+
+    def importance(self) -> dict[tuple[int, int], float]:
+        """``{(layer, expert): p̄}`` over every MoE layer seen."""
+        return {(layer, e): float(v) for layer in sorted(self.stats.importance)
+                for e, v in enumerate(self.stats.mean_importance(layer))}
+
+    def after_step(self, step, model, optimizer) -> list[dict]:
+        c = self.config
+        if step < c.warmup or step % c.interval:
+            return []
+        return [self.event(step, model, optimizer)]
+
+    def event(self, step, model, optimizer) -> dict:
+        c = self.config
+        ranks = model.expert_lora_ranks()
+        importance = self.importance()
+        alive = [(l, e) for l, r in ranks.items() for e in range(len(r)) if r[e] > 0]
+        # ascending importance; ties broken by (layer, expert) so every run decides the same way
+        order = sorted(alive, key=lambda le: (importance.get(le, 0.0), le))
+        n_prune = math.floor(c.alpha * len(alive))
+        n_grow = math.floor(c.beta * len(alive))
+        pruned = order[:n_prune]
+        grown = [le for le in reversed(order[n_prune:])][:n_grow]
+
+        before = model.num_adapter_parameters()
+        plan: dict[int, list[int]] = {}
+        for l, e in pruned:
+            plan.setdefault(l, []).append(e)
+        model.prune_expert_lora(plan, optimizer=optimizer)
+        after_prune = model.num_adapter_parameters()
+
+        # budget-neutral growth: parameters per added rank of an expert = Σ over its adapted projections
+        # of (in + out); spend what is left under the initial budget, evenly, the most important first
+        mods = model.expert_lora_modules()
+        grow_plan: dict[int, dict[int, int]] = {}
+        available = self.budget - after_prune
+        if grown:
+            cost = {le: sum(m.in_features + m.out_features for m in mods[le[0]].values()) for le in grown}
+            cap = {le: min(min(m.in_features, m.out_features) for m in mods[le[0]].values()) - int(ranks[le[0]][le[1]])
+                   for le in grown}
+            delta = {le: 0 for le in grown}
+            progress = True
+            while progress:  # one rank at a time round-robin: exact, and never above the budget
+                progress = False
+                for le in grown:
+                    if delta[le] < cap[le] and cost[le] <= available:
+                        delta[le] += 1
+                        available -= cost[le]
+                        progress = True
+            for (l, e), d in delta.items():
+                if d:
+                    grow_plan.setdefault(l, {})[e] = d
+            model.grow_expert_lora(grow_plan, optimizer=optimizer, generator=self.generator)
+        after = model.num_adapter_parameters()
+        assert after <= self.budget, "EPnG exceeded its parameter budget"
+        self.stats.decay(c.decay)
+        return {
+            "event": "prune_grow", "step": step, "policy": self.name,
+            "pruned": [[l, e] for l, e in pruned],
+            "grown": [[l, e, d] for l, g in grow_plan.items() for e, d in g.items()],
+            "importance_threshold_prune": importance.get(pruned[-1]) if pruned else None,
+            "importance_threshold_grow": importance.get(grown[-1]) if grown else None,
+            "budget": self.budget, "params_before": before, "params_after_prune": after_prune,
+            "params_after": after, "unspent": self.budget - after,
+            "experts_with_adapter": sum(int((r > 0).sum()) for r in model.expert_lora_ranks().values()),
+            "ranks": {str(l): r.tolist() for l, r in model.expert_lora_ranks().items()},
+        }
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stats": self.stats.state_dict(), "budget": self.budget}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.stats.load_state_dict(state["stats"])
+        self.budget = state["budget"]

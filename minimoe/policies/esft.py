@@ -1,0 +1,131 @@
+"""ESFT — expert-specialised fine-tuning (deepseek-ai/ESFT), the baseline of the EPnG paper.
+
+    score every routed expert on a sample of the training data:
+        gate  — sum of its top-k routing weights      token — its share of the top-k slots
+    normalise per layer (the paper; ``normalize="global"`` is the reference code's choice)
+    per layer, take experts by descending score until the cumulative score reaches top_p
+        (the expert crossing the threshold is included)
+    train those experts' full weights; everything else is frozen and stays out of the optimizer
+
+The selected experts of a projection live in their own parameter ``trained [n_sel, out, in]``; the
+forward builds the layer's stacked weight with them in place (one ``index_copy``: costs one copy of
+that layer's expert weights in activation memory — use activation checkpointing on large models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..moe import Groups, StackedLinear, grouped_linear
+from .base import Context, Policy
+
+
+class SelectedExperts(StackedLinear):
+    """Stacked experts where only ``selected`` train (as ``trained``); the rest is the frozen ``weight``."""
+
+    def __init__(self, base: StackedLinear, selected: list[int]):
+        nn.Module.__init__(self)
+        self.num_experts, self.in_features, self.out_features = base.num_experts, base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.register_buffer("selected", torch.tensor(selected, dtype=torch.long, device=base.weight.device))
+        self.trained = nn.Parameter(base.weight.detach()[self.selected].clone())
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight.index_copy(0, self.selected, self.trained)
+
+    def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        return grouped_linear(x, self.merged_weight(), groups)
+
+
+def top_p_selection(scores: torch.Tensor, top_p: float) -> list[int]:
+    """Experts by descending score until the cumulative score reaches ``top_p`` (crossing one included)."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    chosen, total = [], 0.0
+    for i in order:
+        chosen.append(i)
+        total += float(scores[i])
+        if total >= top_p:
+            break
+    return sorted(chosen)
+
+
+class ESFT(Policy):
+    name = "esft"
+
+    @dataclass
+    class Config:
+        score: str = "token"  # "token" (selection ratio) or "gate" (sum of routing weights)
+        top_p: float = 0.2  # cumulative score per layer (the ESFT paper uses 0.2 for token, 0.1 for gate)
+        normalize: str = "layer"  # "layer" (paper) or "global" (reference code)
+        sample_batches: int = 32  # training batches scored before training starts
+        targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        c = self.config
+        if c.score not in ("token", "gate") or c.normalize not in ("layer", "global"):
+            raise ValueError(f"esft: score must be token|gate and normalize layer|global, got {c.score}, {c.normalize}")
+        self.selection: dict[int, list[int]] | None = None
+        self.scores: dict[int, list[float]] | None = None
+
+    @torch.no_grad()
+    def score(self, model, ctx: Context) -> dict[int, torch.Tensor]:
+        """Per MoE layer, the normalised score of every expert on ``sample_batches`` training batches.
+        Uses a copy of the data order so training still starts at the first batch."""
+        data = ctx.dataset
+        saved = data.state_dict()
+        was_training = model.training
+        model.eval()
+        sums: dict[int, torch.Tensor] = {}
+        try:
+            for _ in range(self.config.sample_batches):
+                batch = data.next_batch(ctx.batch_size).to(ctx.device)
+                out = model(batch.input_ids, attention_mask=batch.attention_mask, output_router=True)
+                m = batch.loss_mask.reshape(-1).float()
+                for route in out.router:
+                    E = route.probs.shape[-1]
+                    w = route.weights.float() if self.config.score == "gate" else torch.ones_like(route.weights.float())
+                    s = torch.zeros(E, device=w.device).scatter_add_(0, route.experts.reshape(-1),
+                                                                      (w * m[:, None]).reshape(-1))
+                    sums[route.layer] = sums.get(route.layer, torch.zeros(E)) + s.cpu()
+        finally:
+            data.load_state_dict(saved)
+            model.train(was_training)
+        if self.config.normalize == "layer":
+            return {l: s / s.sum().clamp_min(1e-12) for l, s in sums.items()}
+        total = sum(s.sum() for s in sums.values()).clamp_min(1e-12)
+        return {l: s / total for l, s in sums.items()}
+
+    def setup(self, model, ctx: Context) -> None:
+        if not model.config.num_experts:
+            raise ValueError("policy esft needs an MoE model (this one has no routed experts)")
+        if self.selection is None:  # a resumed run keeps its saved selection
+            scores = self.score(model, ctx)
+            self.scores = {l: s.tolist() for l, s in scores.items()}
+            self.selection = {l: top_p_selection(s, self.config.top_p) for l, s in scores.items()}
+        model.requires_grad_(False)
+        for layer, experts in self.selection.items():
+            block = model.layers[layer].mlp.experts
+            for t in self.config.targets:
+                setattr(block, t, SelectedExperts(getattr(block, t), experts))
+
+    def trainable_parameters(self, model):
+        return [m.trained for m in model.modules() if isinstance(m, SelectedExperts)]
+
+    def selection_event(self) -> dict:
+        return {"event": "esft_selection", "step": 0, "policy": self.name, "score": self.config.score,
+                "top_p": self.config.top_p, "normalize": self.config.normalize,
+                "selection": {str(l): e for l, e in self.selection.items()},
+                "scores": {str(l): s for l, s in (self.scores or {}).items()}}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "selection": self.selection, "scores": self.scores}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.selection = {int(l): e for l, e in state["selection"].items()}
+        self.scores = state["scores"]

@@ -1,0 +1,46 @@
+"""The two baselines without routing logic: static LoRA and full fine-tuning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Context, Policy
+
+
+class LoRA(Policy):
+    """Static LoRA at a uniform rank on the routed experts (and optionally dense linears)."""
+
+    name = "lora"
+
+    @dataclass
+    class Config:
+        rank: int = 8  # EPnG App. A.2
+        lora_alpha: float = 16.0
+        targets: tuple[str, ...] = ("gate_proj", "up_proj")  # expert projections (EPnG: up + gate)
+        dense_targets: tuple[str, ...] = ()  # e.g. ("q_proj", "v_proj"): LoRALinear on dense linears
+
+    def setup(self, model, ctx: Context) -> None:
+        g = self.generator
+        if model.config.num_experts:
+            model.add_expert_lora(self.config.rank, self.config.lora_alpha, self.config.targets, generator=g)
+        elif not self.config.dense_targets:
+            raise ValueError("policy lora: this model has no MoE layers; set dense_targets "
+                             "(e.g. --lora-dense-targets q_proj v_proj)")
+        if self.config.dense_targets:
+            model.add_lora(self.config.rank, self.config.lora_alpha, self.config.dense_targets, generator=g)
+
+    def trainable_parameters(self, model):
+        return model.adapter_parameters()
+
+
+class Full(Policy):
+    """Full fine-tuning: every parameter trains."""
+
+    name = "full"
+
+    @dataclass
+    class Config:
+        pass
+
+    def setup(self, model, ctx: Context) -> None:
+        model.requires_grad_(True)
