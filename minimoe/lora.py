@@ -241,6 +241,19 @@ class ResizableLoRAExpert(StackedLinear):
             chunks.A, chunks.B = nn.ParameterList(A), nn.ParameterList(B)
         self._packing = None
 
+    def chunk_layout(self) -> list[list[int]]:
+        """Rows of every chunk of every expert: what must be rebuilt before loading saved weights."""
+        return [[a.shape[0] for a in chunks.A] for chunks in self.lora]
+
+    def set_chunk_layout(self, layout: list[list[int]]) -> None:
+        """Recreate the chunk structure ``layout`` (values zero; load a state dict afterwards)."""
+        if len(layout) != self.num_experts:
+            raise ValueError(f"layout has {len(layout)} experts, the layer has {self.num_experts}")
+        for e, sizes in enumerate(layout):
+            self.lora[e] = _ExpertChunks()
+            for r in sizes:
+                self._append(e, torch.zeros(r, self.in_features))
+
     def _check_experts(self, experts) -> list[int]:
         experts = [int(e) for e in experts]
         bad = [e for e in experts if not 0 <= e < self.num_experts]

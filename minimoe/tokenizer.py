@@ -141,6 +141,19 @@ class Tokenizer:
                 f"pad={self.pad_token_id}, format={self.chat_format})")
 
 
+def byte_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer with no merges (256 byte tokens + ``<|endoftext|>`` = 256), for models
+    built on the fly from a preset when no checkpoint (and so no tokenizer.json) exists."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = _Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>"])
+    return Tokenizer(backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", name="bytes")
+
+
 def load_tokenizer(path_or_repo_id: str | os.PathLike, revision: str | None = None,
                    chat_format: str | None = None) -> Tokenizer:
     """Load ``tokenizer.json`` and the special tokens of a checkpoint directory or Hub id.

@@ -103,6 +103,9 @@ class DMEP(Policy):
             keep, was_clamped = self.survivors(m.counts.detach().cpu(), m.top_k)
             plan[name] = keep
             survivors[name] = [int(m.expert_ids[i]) for i in keep]
+            for history in (self.snapshot, self.previous):  # interval statistics follow the slicing
+                if name in history:
+                    history[name] = history[name][keep]
             if was_clamped:
                 clamped.append(name)
         model.prune_lora_moe(plan, optimizer=optimizer)

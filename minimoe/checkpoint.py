@@ -1,0 +1,174 @@
+"""Training checkpoints: everything needed to continue a run bit for bit.
+
+``RUN/checkpoint/`` holds
+    model.safetensors   trainable parameters and adapter buffers (LoRA-MoE counts and expert ids, ESFT selection)
+    optimizer.pt        optimizer state keyed by parameter name, param groups as name lists, scheduler state
+    state.pt            policy state (statistics, generator), data position, RNG states
+    trainer.json        human-readable: step, the run's arguments, policy options, adapter layout
+
+A checkpoint is written into a temporary directory and renamed into place, so ``checkpoint/`` is
+always complete (a crash leaves at worst a ``checkpoint.tmp-*`` directory, never read). Resuming
+rebuilds the adapter layout first, then loads weights and the optimizer state by name, checking
+every shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .lora import ResizableLoRAExpert
+from .lora_moe import PrunableLoRAMoE
+
+CHECKPOINT = "checkpoint"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the model or optimizer it is loaded into."""
+
+
+# --- adapter layout ---------------------------------------------------------------------------
+def adapter_layout(model) -> dict:
+    """Per-expert chunk sizes of every ResizableLoRAExpert and survivors of every LoRA-MoE."""
+    layout = {"expert_lora": {}, "lora_moe": {}}
+    for name, m in model.named_modules():
+        if isinstance(m, ResizableLoRAExpert):
+            layout["expert_lora"][name] = m.chunk_layout()
+        elif isinstance(m, PrunableLoRAMoE):
+            layout["lora_moe"][name] = {"expert_ids": m.expert_ids.tolist(), "top_k": m.top_k}
+    return layout
+
+
+def apply_layout(model, layout: dict) -> None:
+    """Reshape freshly attached adapters to a saved layout (before loading the saved weights)."""
+    modules = dict(model.named_modules())
+    for name, chunks in layout.get("expert_lora", {}).items():
+        m = modules.get(name)
+        if not isinstance(m, ResizableLoRAExpert):
+            raise CheckpointMismatch(f"checkpoint layout names expert LoRA {name}, which the model does not have")
+        m.set_chunk_layout(chunks)
+    for name, spec in layout.get("lora_moe", {}).items():
+        m = modules.get(name)
+        if not isinstance(m, PrunableLoRAMoE):
+            raise CheckpointMismatch(f"checkpoint layout names LoRA-MoE {name}, which the model does not have")
+        current = m.expert_ids.tolist()
+        missing = [i for i in spec["expert_ids"] if i not in current]
+        if missing:
+            raise CheckpointMismatch(f"{name}: saved experts {missing} are not in the model ({current})")
+        if spec["expert_ids"] != current:
+            m.prune_experts([current.index(i) for i in spec["expert_ids"]])
+        m.top_k = spec["top_k"]
+
+
+# --- optimizer state by name ------------------------------------------------------------------
+def optimizer_state(model, optimizer) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"groups": groups, "state": {names[id(p)]: s for p, s in optimizer.state.items()}}
+
+
+def load_optimizer_state(model, optimizer, saved: dict) -> None:
+    params = dict(model.named_parameters())
+    if len(saved["groups"]) != len(optimizer.param_groups):
+        raise CheckpointMismatch(f"optimizer has {len(optimizer.param_groups)} param groups, "
+                                 f"checkpoint {len(saved['groups'])}")
+    for group, sg in zip(optimizer.param_groups, saved["groups"]):
+        unknown = [n for n in sg["params"] if n not in params]
+        if unknown:
+            raise CheckpointMismatch(f"checkpoint optimizer names parameters the model lacks: {unknown[:5]}")
+        group.update({k: v for k, v in sg.items() if k != "params"})
+        group["params"] = [params[n] for n in sg["params"]]
+    optimizer.state.clear()
+    for name, st in saved["state"].items():
+        p = params[name]
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                raise CheckpointMismatch(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, "
+                                         f"the parameter {tuple(p.shape)}")
+        optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in st.items()}
+
+
+# --- RNG ----------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- save / load --------------------------------------------------------------------------------
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach() for n, b in model.named_buffers()})
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, info: dict, state: dict) -> Path:
+    """Write ``run_dir/checkpoint`` atomically. ``info`` goes to trainer.json; ``state`` to state.pt."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT}.tmp-", dir=run_dir))
+    try:
+        save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer_state(model, optimizer), "scheduler": scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
+        (tmp / "trainer.json").write_text(json.dumps({**info, "layout": adapter_layout(model)}, indent=1))
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        final, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_info(ckpt: Path) -> dict:
+    file = ckpt / "trainer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a minimoe training checkpoint (no trainer.json)")
+    return json.loads(file.read_text())
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+    """Load weights, optimizer and scheduler (layout must already be applied); returns state.pt."""
+    weights = load_file(str(ckpt / "model.safetensors"))
+    current = model.state_dict()
+    problems = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
+                for k, v in weights.items() if k in current and current[k].shape != v.shape]
+    unknown = [k for k in weights if k not in current]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
+    if problems or unknown or missing:
+        raise CheckpointMismatch(f"{ckpt}/model.safetensors does not fit the model: "
+                                 f"shapes {problems[:5]}, unknown {unknown[:5]}, missing {missing[:5]}")
+    model.load_state_dict(weights, strict=False)
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    load_optimizer_state(model, optimizer, opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,254 @@
+"""The training loop behind ``train.py``: written out, one optimizer step at a time.
+
+    for step in 1..steps:
+        for each micro-batch: forward (routing info if the policy reads it), loss = CE + policy loss,
+                              backward, policy.observe(...)
+        clip, optimizer.step, scheduler.step, zero_grad
+        policy.after_step(step)   ← the only place the model may change shape
+        metrics.jsonl line; checkpoint every save_every steps
+
+Run directory: ``args.json``, ``metrics.jsonl`` (one line per step), ``events.jsonl`` (one line per
+prune / grow / slice / selection / routing measurement), ``checkpoint/`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import PRESETS, preset
+from .data import Dataset, load_pairs
+from .hf import from_pretrained
+from .model import CausalLM
+from .policies import Context, Policy, make_policy
+from .tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (bad arguments, non-finite loss, existing run directory)."""
+
+
+@dataclass
+class TrainConfig:
+    """Arguments of a run (``train.py --help`` documents each; TOML keys use the same names)."""
+
+    policy: str = "epng"
+    model: str = ""  # Hub id, directory, or a tiny preset name (random init) — default by policy
+    data: str = "tiny-arith"  # JSONL file or built-in set
+    out: str = ""  # run directory (default runs/<policy>)
+    steps: int = 500  # optimizer steps (EPnG App. A.3: 500)
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak learning rate (EPnG App. A.3)
+    warmup_ratio: float = 0.1  # linear warm-up share of the steps, then cosine decay to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_len: int = 256  # tokens per example (DMEP §IV)
+    packing: bool = False  # concatenate examples into max_len rows
+    stats_tokens: str = "response"  # which tokens feed routing statistics: response | all
+    seed: int = 0
+    save_every: int = 0  # also checkpoint every N steps (0: only at the end)
+    log_every: int = 1  # progress-bar refresh interval
+    gradient_checkpointing: bool = False
+    device: str = ""  # default: cuda if available, else cpu
+    overwrite: bool = False  # replace an existing run directory
+    resume: str = ""  # continue the run in this directory
+    policy_options: dict = field(default_factory=dict)
+
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_model(policy: str) -> str:
+    return "tiny-qwen3" if policy == "dmep" else "tiny-olmoe"
+
+
+def load_model_and_tokenizer(name: str, device: str, seed: int) -> tuple[CausalLM, Tokenizer]:
+    """A checkpoint directory or Hub id, or a tiny preset with random weights and a byte tokenizer."""
+    if name in PRESETS and not Path(name).exists():
+        tok = byte_tokenizer()
+        vocab = -(-tok.vocab_size // 16) * 16
+        config = preset(name, vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(seed)
+        return CausalLM(config).to(device), tok
+    return from_pretrained(name, dtype=torch.float32, device=device), load_tokenizer(name)
+
+
+def cosine_schedule(optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = max(1, int(round(warmup_ratio * steps))) if warmup_ratio > 0 else 0
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, show_progress: bool = True):
+        self.config = c = config
+        self.show_progress = show_progress
+        self.device = c.resolved_device()
+        if c.resume:
+            self.run_dir = Path(c.resume)
+        else:
+            self.run_dir = Path(c.out or f"runs/{c.policy}")
+            self._prepare_run_dir()
+        c.model = c.model or default_model(c.policy)
+        torch.manual_seed(c.seed)
+        self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed)
+        self.model.gradient_checkpointing = c.gradient_checkpointing
+        pairs = load_pairs(c.data, c.seed)
+        self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)
+        self.steps_per_epoch = max(1, math.ceil(len(self.data) / (c.batch_size * c.grad_accum)))
+        self.policy: Policy = make_policy(c.policy, c.policy_options)
+        self.policy.generator.manual_seed(c.seed)
+        self.step = 0
+        state = None
+        if c.resume:
+            info = ckpt.read_info(self.run_dir / ckpt.CHECKPOINT)
+            if info["policy"] != c.policy:
+                raise TrainingError(f"--resume {self.run_dir}: the run used policy {info['policy']}, not {c.policy}")
+            state = torch.load(self.run_dir / ckpt.CHECKPOINT / "state.pt", weights_only=False)
+            self.policy.load_state_dict(state["policy"])
+        ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed)
+        self.policy.setup(self.model, ctx)
+        if c.resume:
+            ckpt.apply_layout(self.model, info["layout"])
+            self.policy.load_state_dict(state["policy"])  # setup drew from the policy's generator: restore it
+        params = self.policy.trainable_parameters(self.model)
+        if not params:
+            raise TrainingError(f"policy {c.policy} left nothing to train")
+        self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay,
+                                           fused=self.device.startswith("cuda") or None)
+        self.scheduler = cosine_schedule(self.optimizer, c.steps, c.warmup_ratio)
+        if c.resume:
+            state = ckpt.load_checkpoint(self.run_dir / ckpt.CHECKPOINT, self.model, self.optimizer, self.scheduler)
+            self.data.load_state_dict(state["data"])
+            self.step = info["step"]
+            self._truncate_logs(self.step)
+        else:
+            (self.run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
+            if hasattr(self.policy, "selection_event"):
+                self._event(self.policy.selection_event())
+
+    # --- run directory ---------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if not self.config.overwrite:
+                raise TrainingError(f"run directory {self.run_dir} exists and is not empty; pass --overwrite to "
+                                    f"replace it or --resume {self.run_dir} to continue it")
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _truncate_logs(self, step: int) -> None:
+        """On resume, drop log lines written after the checkpoint's step."""
+        for name in ("metrics.jsonl", "events.jsonl"):
+            f = self.run_dir / name
+            if f.is_file():
+                keep = [line for line in f.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                f.write_text("".join(line + "\n" for line in keep))
+
+    def _append(self, name: str, record: dict) -> None:
+        with (self.run_dir / name).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _event(self, record: dict) -> None:
+        self._append("events.jsonl", record)
+
+    def save(self) -> Path:
+        info = {"step": self.step, "policy": self.config.policy, "args": dataclasses.asdict(self.config),
+                "data": self.data.state_dict(), "trainable": self.model.num_parameters(trainable_only=True)}
+        state = {"policy": self.policy.state_dict(), "data": self.data.state_dict()}
+        return ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, info, state)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        c = self.config
+        model, opt = self.model, self.optimizer
+        model.train()
+        total, tokens, extra_total = 0.0, 0, 0.0
+        for micro in range(c.grad_accum):
+            batch = self.data.next_batch(c.batch_size).to(self.device)
+            mask = batch.loss_mask if c.stats_tokens == "response" else batch.attention_mask
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
+                out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                            output_router=self.policy.needs_router, token_mask=mask)
+            loss = out.loss
+            extra = self.policy.extra_loss(out)
+            if extra is not None:
+                loss = loss + extra
+                extra_total += extra.item() / c.grad_accum
+            if not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+                last = self.run_dir / ckpt.CHECKPOINT
+                kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+                raise TrainingError(f"non-finite loss ({float(loss)}) at step {self.step + 1}, micro-batch {micro}: "
+                                    f"stopping; {kept}. Try a lower --lr or --max-grad-norm.")
+            (loss / c.grad_accum).backward()
+            self.policy.observe(out, mask)
+            total += out.loss.item() / c.grad_accum
+            tokens += int(batch.attention_mask.sum())
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)) if c.max_grad_norm > 0 else None
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        self.scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        self.step += 1
+        for event in self.policy.after_step(self.step, model, opt):
+            self._event(event)
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                "policy_loss": extra_total, "trainable": sum(p.numel() for g in opt.param_groups for p in g["params"]),
+                **self.policy.metrics()}
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        start, t0, tokens = self.step, time.perf_counter(), 0
+        bar = tqdm(total=c.steps, initial=self.step, disable=not self.show_progress, dynamic_ncols=True,
+                   desc=f"{c.policy}")
+        record = {}
+        try:
+            while self.step < c.steps:
+                t = time.perf_counter()
+                record = self.train_step()
+                dt = time.perf_counter() - t
+                tokens += record["tokens"]
+                record["tokens_per_s"] = record["tokens"] / dt
+                record["elapsed_s"] = time.perf_counter() - t0
+                self._append("metrics.jsonl", record)
+                bar.update(1)
+                if self.step % c.log_every == 0:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}", trainable=f"{record['trainable']:,}")
+                if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped
+            bar.close()
+            path = self.save()
+            print(f"\ninterrupted: saved step {self.step} to {path}; continue with --resume {self.run_dir}")
+            return {"interrupted": True, "step": self.step}
+        bar.close()
+        path = self.save()
+        elapsed = time.perf_counter() - t0
+        events = self.run_dir / "events.jsonl"
+        summary = {"policy": c.policy, "model": c.model, "steps": self.step, "final_loss": record.get("loss"),
+                   "trainable_parameters": self.model.num_parameters(trainable_only=True),
+                   "total_parameters": self.model.num_parameters(),
+                   "tokens_per_s": tokens / elapsed if elapsed > 0 and self.step > start else None,
+                   "events": sum(1 for _ in events.open()) if events.exists() else 0,
+                   "checkpoint": str(path)}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary

@@ -1,0 +1,157 @@
+"""Fine-tune an MoE (or dense) model with one of the papers' methods or baselines.
+
+    python train.py --policy epng                                  # tiny model built on the fly, offline
+    python train.py --policy dmep --steps 300 --dmep-tau 0.15
+    python train.py --policy epng --model allenai/OLMoE-1B-7B-0125 --data metamath.jsonl --batch-size 32
+    python train.py --policy epng --config run.toml                # TOML: [train] keys and [epng] options
+    python train.py --policy epng --resume runs/epng --steps 1000  # continue a run
+
+Policies: lora (static LoRA), epng (expert prune-and-grow), dmep (module-wise expert pruning),
+esft (expert-specialised full fine-tuning), full (full fine-tuning). Every policy option defaults to
+its paper's value and is printed at start; flags are --<policy>-<option>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tomllib
+from pathlib import Path
+
+from minimoe.policies import POLICIES
+from minimoe.trainer import TrainConfig, Trainer, TrainingError
+
+HELP = {
+    "policy": "training method: " + ", ".join(POLICIES),
+    "model": "Hub id, checkpoint directory, or tiny preset (tiny-olmoe, tiny-qwen2-moe, tiny-qwen3, tiny-qwen3-moe: "
+             "random weights, byte tokenizer); default tiny-qwen3 for dmep, else tiny-olmoe",
+    "data": "JSONL file (MetaMathQA, GSM8K, Code Alpaca, prompt/response or chat messages) or built-in tiny-arith",
+    "out": "run directory (default runs/<policy>)",
+    "steps": "optimizer steps", "batch_size": "sequences per micro-batch", "grad_accum": "micro-batches per step",
+    "lr": "peak learning rate", "warmup_ratio": "linear warm-up share of the steps, then cosine decay",
+    "weight_decay": "AdamW weight decay", "max_grad_norm": "gradient clipping norm (0: off)",
+    "max_len": "tokens per example (longer ones are truncated)", "packing": "pack examples into max_len rows",
+    "stats_tokens": "tokens counted by routing statistics: response (prompt and padding masked) or all (padding masked)",
+    "seed": "seed for data order, adapter init and the tiny model", "save_every": "also checkpoint every N steps",
+    "log_every": "progress-bar refresh interval in steps", "gradient_checkpointing": "activation checkpointing",
+    "device": "cpu or cuda (default: cuda if available)", "overwrite": "replace an existing run directory",
+    "resume": "continue the run in this directory (layout, weights, optimizer, data position, RNG)",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_field(group, flag: str, dest: str, f: dataclasses.Field, help_text: str) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if f.type in ("bool", bool):
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_text} (default: {default})")
+    elif isinstance(default, tuple):
+        group.add_argument(flag, dest=dest, nargs="+", default=None, metavar="NAME",
+                           help=f"{help_text} (default: {' '.join(default)})")
+    else:
+        group.add_argument(flag, dest=dest, type=type(default), default=None, help=f"{help_text} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="TOML file: [train] table (or top-level keys) and a table per policy")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "policy_options":
+            _add_field(p, _flag(f.name), f.name, f, HELP.get(f.name, f.name))
+    for name, cls in POLICIES.items():
+        fields = dataclasses.fields(cls.Config)
+        if not fields:
+            continue
+        group = p.add_argument_group(f"{name} options", cls.__doc__.strip().splitlines()[0] if cls.__doc__ else None)
+        for f in fields:
+            _add_field(group, f"--{name}-{f.name.replace('_', '-')}", f"{name}.{f.name}", f, f.name.replace("_", " "))
+    return p
+
+
+def resolve(argv=None) -> TrainConfig:
+    """defaults < TOML < command line."""
+    p = build_parser()
+    args = vars(p.parse_args(argv))
+    train, options = {}, {}
+    if args.get("config"):
+        path = args["config"]
+        try:
+            doc = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            p.error(f"--config {path}: no such file")
+        except tomllib.TOMLDecodeError as e:
+            p.error(f"--config {path}: {e}")
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"policy_options"}
+        for key, value in doc.items():
+            if key == "train" and isinstance(value, dict):
+                train.update(value)
+            elif key in POLICIES and isinstance(value, dict):
+                options[key] = dict(value)
+            elif key in train_fields:
+                train[key] = value
+            else:
+                p.error(f"--config {path}: unknown key {key!r} (train keys: {sorted(train_fields)}; "
+                        f"policy tables: {list(POLICIES)})")
+        unknown = [k for k in train if k not in train_fields]
+        if unknown:
+            p.error(f"--config {path}: unknown [train] keys {unknown}")
+    for key, value in args.items():
+        if value is None or key == "config":
+            continue
+        if "." in key:
+            policy, opt = key.split(".", 1)
+            options.setdefault(policy, {})[opt] = value
+        else:
+            train[key] = value
+    policy = train.get("policy", TrainConfig.policy)
+    if policy not in POLICIES:
+        p.error(f"--policy {policy!r}: unknown; choose from {', '.join(POLICIES)}")
+    foreign = [f"--{k}-*" for k in options if k != policy]
+    if foreign:
+        p.error(f"options {foreign} do not belong to --policy {policy}")
+    fields = {f.name: f for f in dataclasses.fields(POLICIES[policy].Config)}
+    chosen = {k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in options.get(policy, {}).items()
+              if k in fields}
+    bad = [k for k in options.get(policy, {}) if k not in fields]
+    if bad:
+        p.error(f"[{policy}] unknown option(s) {bad}; options: {list(fields)}")
+    return TrainConfig(**train, policy_options=chosen)
+
+
+def main(argv=None) -> int:
+    config = resolve(argv)
+    try:
+        trainer = Trainer(config)
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = trainer.config
+    print(f"{trainer.policy.describe()}")
+    print(f"model {c.model} ({trainer.model.config.model_type}, {trainer.model.num_parameters():,} parameters) | "
+          f"data {c.data} ({len(trainer.data)} examples, {trainer.steps_per_epoch} steps/epoch) | "
+          f"{c.steps} steps x {c.batch_size * c.grad_accum} sequences, lr {c.lr}, {trainer.device} | "
+          f"run {trainer.run_dir}" + (f" (resumed at step {trainer.step})" if c.resume else ""))
+    if trainer.model.num_adapter_parameters():
+        print(trainer.model.adapter_summary())
+    else:
+        print(f"trainable: {trainer.model.num_parameters(trainable_only=True):,} parameters ({c.policy})")
+    try:
+        summary = trainer.train()
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary.get("interrupted"):
+        return 130
+    tps = summary["tokens_per_s"]
+    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+          f"{summary['trainable_parameters']:,} trainable parameters, "
+          f"{f'{tps:,.0f} tokens/s' if tps else 'no new steps'}, {summary['events']} events -> {trainer.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
