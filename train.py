@@ -34,6 +34,7 @@ HELP = {
     "max_len": "tokens per example (longer ones are truncated)", "packing": "pack examples into max_len rows",
     "stats_tokens": "tokens counted by routing statistics: response (prompt and padding masked) or all (padding masked)",
     "seed": "seed for data order, adapter init and the tiny model", "save_every": "also checkpoint every N steps",
+    "stop_at": "stop and checkpoint after this step of the schedule (continue later with --resume)",
     "log_every": "progress-bar refresh interval in steps", "gradient_checkpointing": "activation checkpointing",
     "device": "cpu or cuda (default: cuda if available)", "overwrite": "replace an existing run directory",
     "resume": "continue the run in this directory (layout, weights, optimizer, data position, RNG)",

@@ -56,6 +56,7 @@ class TrainConfig:
     stats_tokens: str = "response"  # which tokens feed routing statistics: response | all
     seed: int = 0
     save_every: int = 0  # also checkpoint every N steps (0: only at the end)
+    stop_at: int = 0  # stop (and checkpoint) after this step of the schedule; 0 = run all steps
     log_every: int = 1  # progress-bar refresh interval
     gradient_checkpointing: bool = False
     device: str = ""  # default: cuda if available, else cpu
@@ -220,7 +221,8 @@ class Trainer:
                    desc=f"{c.policy}")
         record = {}
         try:
-            while self.step < c.steps:
+            end = min(c.steps, c.stop_at) if c.stop_at else c.steps
+            while self.step < end:
                 t = time.perf_counter()
                 record = self.train_step()
                 dt = time.perf_counter() - t
@@ -232,7 +234,7 @@ class Trainer:
                 if self.step % c.log_every == 0:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", trainable=f"{record['trainable']:,}")
-                if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                if c.save_every and self.step % c.save_every == 0 and self.step < end:
                     self.save()
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped
