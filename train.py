@@ -19,6 +19,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from minimoe.checkpoint import CHECKPOINT, read_info
 from minimoe.policies import POLICIES
 from minimoe.trainer import TrainConfig, Trainer, TrainingError
 
@@ -37,7 +38,8 @@ HELP = {
     "stop_at": "stop and checkpoint after this step of the schedule (continue later with --resume)",
     "log_every": "progress-bar refresh interval in steps", "gradient_checkpointing": "activation checkpointing",
     "device": "cpu or cuda (default: cuda if available)", "overwrite": "replace an existing run directory",
-    "resume": "continue the run in this directory (layout, weights, optimizer, data position, RNG)",
+    "resume": "continue the run in this directory (layout, weights, optimizer, data position, RNG); "
+              "its saved arguments apply unless given again",
 }
 
 
@@ -100,6 +102,18 @@ def resolve(argv=None) -> TrainConfig:
         unknown = [k for k in train if k not in train_fields]
         if unknown:
             p.error(f"--config {path}: unknown [train] keys {unknown}")
+    resume = args.get("resume") or train.get("resume")
+    if resume:  # a resumed run keeps its own arguments; flags given now override them
+        try:
+            saved = read_info(Path(resume) / CHECKPOINT)["args"]
+        except FileNotFoundError as e:
+            p.error(f"--resume {resume}: {e}")
+        saved_options = saved.pop("policy_options", {})
+        for key in ("resume", "overwrite", "out", "stop_at"):
+            saved.pop(key, None)
+        train = {**saved, **train}
+        options = {saved["policy"]: {**saved_options, **options.get(saved["policy"], {})},
+                   **{k: v for k, v in options.items() if k != saved["policy"]}}
     for key, value in args.items():
         if value is None or key == "config":
             continue

@@ -189,11 +189,12 @@ class Trainer:
             if extra is not None:
                 loss = loss + extra
                 extra_total += extra.item() / c.grad_accum
-            if not torch.isfinite(loss):
+            loss_value = loss.detach()
+            if not torch.isfinite(loss_value):
                 opt.zero_grad(set_to_none=True)
                 last = self.run_dir / ckpt.CHECKPOINT
                 kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-                raise TrainingError(f"non-finite loss ({float(loss)}) at step {self.step + 1}, micro-batch {micro}: "
+                raise TrainingError(f"non-finite loss ({loss_value.item()}) at step {self.step + 1}, micro-batch {micro}: "
                                     f"stopping; {kept}. Try a lower --lr or --max-grad-norm.")
             (loss / c.grad_accum).backward()
             self.policy.observe(out, mask)
