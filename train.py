@@ -49,6 +49,7 @@ def _flag(name: str) -> str:
 
 def _add_field(group, flag: str, dest: str, f: dataclasses.Field, help_text: str) -> None:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    metavar = f.name.upper()
     if f.type in ("bool", bool):
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help_text} (default: {default})")
@@ -56,7 +57,8 @@ def _add_field(group, flag: str, dest: str, f: dataclasses.Field, help_text: str
         group.add_argument(flag, dest=dest, nargs="+", default=None, metavar="NAME",
                            help=f"{help_text} (default: {' '.join(default)})")
     else:
-        group.add_argument(flag, dest=dest, type=type(default), default=None, help=f"{help_text} (default: {default})")
+        group.add_argument(flag, dest=dest, type=type(default), default=None, metavar=metavar,
+                           help=f"{help_text} (default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
