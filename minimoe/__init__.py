@@ -1,6 +1,8 @@
 """minimoe: fine-tune Mixture-of-Experts LMs with adapters that change shape while they train."""
 
+from .adapter_io import AdapterError, save_adapter
 from .config import PRESETS, ModelConfig, preset
+from .export import export_merged, export_peft
 from .generate import KVCache, generate
 from .hf import CheckpointError, from_pretrained
 from .lora import LoRALinear, ResizableLoRAExpert
@@ -12,6 +14,7 @@ from .tokenizer import Tokenizer, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterError", "export_merged", "export_peft", "save_adapter",
     "CausalLM", "CheckpointError", "KVCache", "LoRALinear", "ModelConfig", "ModelOutput", "PRESETS",
     "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput",
     "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "preset",

@@ -168,6 +168,12 @@ class AdapterMixin:
         for name, keep in plan.items():
             mods[name].prune_experts(keep, optimizer)
 
+    def load_adapter(self, directory, check_base: bool = True):
+        """Attach and load an adapter written by ``minimoe.save_adapter`` (see ``adapter_io``)."""
+        from .adapter_io import load_adapter
+
+        return load_adapter(self, directory, check_base)
+
     def adapter_aux_loss(self) -> torch.Tensor | None:
         """Sum of the LoRA-MoE load-balancing losses of the last training forward (None if none)."""
         losses = [m.aux_loss for m in self.lora_moe_modules().values() if m.aux_loss is not None]

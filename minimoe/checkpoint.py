@@ -6,8 +6,8 @@
     state.pt            policy state (statistics, generator), data position, RNG states
     trainer.json        human-readable: step, the run's arguments, policy options, adapter layout
 
-A checkpoint is written into a temporary directory and renamed into place, so ``checkpoint/`` is
-always complete (a crash leaves at worst a ``checkpoint.tmp-*`` directory, never read). Resuming
+A checkpoint is written into a temporary directory and renamed into place (``files.atomic_dir``), so
+``checkpoint/`` is always complete (a crash leaves at worst a ``.checkpoint.tmp-*`` directory, never read). Resuming
 rebuilds the adapter layout first, then loads weights and the optimizer state by name, checking
 every shape.
 """
@@ -15,16 +15,14 @@ every shape.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_dir
 from .lora import ResizableLoRAExpert
 from .lora_moe import PrunableLoRAMoE
 
@@ -122,29 +120,14 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, info: dict, state: dict) -> Path:
     """Write ``run_dir/checkpoint`` atomically. ``info`` goes to trainer.json; ``state`` to state.pt."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT}.tmp-", dir=run_dir))
-    try:
+    final = run_dir / CHECKPOINT
+    with atomic_dir(final, overwrite=True) as tmp:
         save_file(trainable_state(model), str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer_state(model, optimizer), "scheduler": scheduler.state_dict()},
                    tmp / "optimizer.pt")
         torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
         (tmp / "trainer.json").write_text(json.dumps({**info, "layout": adapter_layout(model)}, indent=1))
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        final, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
-        return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return final
 
 
 def read_info(ckpt: Path) -> dict:

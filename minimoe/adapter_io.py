@@ -1,0 +1,214 @@
+"""Adapter files: ``save_adapter(model, dir)`` and ``model.load_adapter(dir)``.
+
+``dir/adapter_config.json`` says what the adapter is; ``dir/adapter.safetensors`` holds its tensors:
+
+    expert LoRA   {module}.lora_A.{e} [r_e, in], {module}.lora_B.{e} [out, r_e]   (experts with r_e > 0)
+    LoRA          {module}.lora_A [r, in], {module}.lora_B [out, r]
+    LoRA-MoE      {module}.lora_A [E', r, in], .lora_B [E', out, r], .router.weight [E', in], .counts [E']
+    ESFT          {module}.trained [n_selected, out, in]
+
+The config records per module the kind, rank(s), alpha and scaling, the per-expert ranks (EPnG), the
+surviving LoRA-MoE experts with their original indices (DMEP), ESFT's selected experts, the base model
+id and a fingerprint of the base weights and config; loading onto another base, or a file whose shapes
+disagree with the config, is an error that says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapters import _replace
+from .files import atomic_dir
+from .lora import LoRALinear, ResizableLoRAExpert
+from .lora_moe import PrunableLoRAMoE
+from .moe import StackedLinear
+
+FORMAT = "minimoe-adapter"
+CONFIG, WEIGHTS = "adapter_config.json", "adapter.safetensors"
+_ADAPTER_KEY = re.compile(r"(\.lora(\.|_A|_B)|\.router\.weight$|\.trained$|\.counts$|\.expert_ids$|\.selected$)")
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit the model, or a damaged adapter directory."""
+
+
+def _selected_experts_cls():
+    from .policies.esft import SelectedExperts  # ESFT lives with its policy
+
+    return SelectedExperts
+
+
+def fingerprint(model) -> str:
+    """A short hash of the base model: its config and, per base tensor, name, shape, sum and first values."""
+    h = hashlib.sha256(json.dumps(model.config.to_hf_config(), sort_keys=True).encode())
+    for name, t in model.state_dict().items():
+        if _ADAPTER_KEY.search(name):
+            continue
+        t = t.detach()
+        head = t.flatten()[:8].double().cpu().tolist()
+        h.update(f"{name}|{tuple(t.shape)}|{t.double().sum().item():.6e}|{head}".encode())
+    return h.hexdigest()[:16]
+
+
+def adapter_config(model) -> dict:
+    """What ``save_adapter`` records, per module, plus the base model's identity."""
+    cfg = {"format": FORMAT, "version": 1, "base_model": model.config.name_or_path,
+           "base_fingerprint": fingerprint(model), "base_model_type": model.config.model_type,
+           "expert_lora": {}, "lora": {}, "lora_moe": {}, "esft": {}}
+    selected_cls = _selected_experts_cls()
+    for name, m in model.named_modules():
+        if isinstance(m, ResizableLoRAExpert):
+            cfg["expert_lora"][name] = {"rank": m.rank, "alpha": m.alpha, "scaling": m.scaling,
+                                        "ranks": m.ranks.tolist()}
+        elif isinstance(m, LoRALinear):
+            cfg["lora"][name] = {"rank": m.rank, "alpha": m.alpha, "scaling": m.scaling}
+        elif isinstance(m, PrunableLoRAMoE):
+            cfg["lora_moe"][name] = {"expert_ids": m.expert_ids.tolist(), "top_k": m.top_k, "rank": m.rank,
+                                     "alpha": m.alpha, "scaling": m.scaling, "renormalize": m.renormalize,
+                                     "lb_enabled": m.lb_enabled}
+        elif isinstance(m, selected_cls):
+            cfg["esft"][name] = {"selected": m.selected.tolist()}
+    cfg["kinds"] = [k for k in ("expert_lora", "lora", "lora_moe", "esft") if cfg[k]]
+    return cfg
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    out = {}
+    selected_cls = _selected_experts_cls()
+    for name, m in model.named_modules():
+        if isinstance(m, ResizableLoRAExpert):
+            for e in range(m.num_experts):
+                if m.rank_of(e):
+                    out[f"{name}.lora_A.{e}"] = m.lora_A_of(e)
+                    out[f"{name}.lora_B.{e}"] = m.lora_B_of(e)
+        elif isinstance(m, (LoRALinear, PrunableLoRAMoE)):
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = m.lora_A, m.lora_B
+            if isinstance(m, PrunableLoRAMoE):
+                out[f"{name}.router.weight"], out[f"{name}.counts"] = m.router.weight, m.counts
+        elif isinstance(m, selected_cls):
+            out[f"{name}.trained"] = m.trained
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def save_adapter(model, directory, overwrite: bool = False) -> Path:
+    """Write the model's adapters (and their layout) to ``directory``, atomically."""
+    cfg = adapter_config(model)
+    if not cfg["kinds"]:
+        raise AdapterError("the model has no adapters to save (full fine-tuning: use minimoe.export_merged)")
+    with atomic_dir(directory, overwrite) as tmp:
+        save_file(adapter_tensors(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
+    return Path(directory)
+
+
+def _expected_shapes(model, cfg: dict) -> dict[str, tuple]:
+    shapes = {}
+    modules = dict(model.named_modules())
+    for name, spec in cfg["expert_lora"].items():
+        m = modules[name]
+        for e, r in enumerate(spec["ranks"]):
+            if r:
+                shapes[f"{name}.lora_A.{e}"] = (r, m.in_features)
+                shapes[f"{name}.lora_B.{e}"] = (m.out_features, r)
+    for name, spec in cfg["lora"].items():
+        m = modules[name]
+        shapes[f"{name}.lora_A"], shapes[f"{name}.lora_B"] = (spec["rank"], m.in_features), (m.out_features, spec["rank"])
+    for name, spec in cfg["lora_moe"].items():
+        m, E, r = modules[name], len(spec["expert_ids"]), spec["rank"]
+        shapes.update({f"{name}.lora_A": (E, r, m.in_features), f"{name}.lora_B": (E, m.out_features, r),
+                       f"{name}.router.weight": (E, m.in_features), f"{name}.counts": (E,)})
+    for name, spec in cfg["esft"].items():
+        m = modules[name]
+        shapes[f"{name}.trained"] = (len(spec["selected"]), m.out_features, m.in_features)
+    return shapes
+
+
+def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file():
+        raise AdapterError(f"{directory} is not a minimoe adapter (no {CONFIG})")
+    try:
+        cfg = json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{directory / CONFIG} is not valid JSON: {e}") from None
+    if cfg.get("format") != FORMAT:
+        raise AdapterError(f"{directory / CONFIG}: format {cfg.get('format')!r}, expected {FORMAT!r}")
+    try:
+        tensors = load_file(str(directory / WEIGHTS))
+    except Exception as e:
+        raise AdapterError(f"cannot read {directory / WEIGHTS}: {type(e).__name__}: {e}") from None
+    return cfg, tensors
+
+
+def load_adapter(model, directory, check_base: bool = True):
+    """Attach the adapters saved in ``directory`` to ``model`` (a base model without them) and load them."""
+    cfg, tensors = read_adapter(directory)
+    if check_base:
+        fp = fingerprint(model)
+        if fp != cfg["base_fingerprint"]:
+            raise AdapterError(
+                f"{directory} was saved on base {cfg['base_model']!r} ({cfg['base_model_type']}, fingerprint "
+                f"{cfg['base_fingerprint']}); this model is {model.config.name_or_path!r} "
+                f"({model.config.model_type}, fingerprint {fp}). Pass check_base=False to load it anyway.")
+    modules = dict(model.named_modules())
+    wanted = [*cfg["expert_lora"], *cfg["lora"], *cfg["lora_moe"], *cfg["esft"]]
+    absent = [n for n in wanted if n not in modules]
+    if absent:
+        raise AdapterError(f"{directory}: the model has no modules {absent[:5]}")
+    g = torch.Generator().manual_seed(0)
+    for name, spec in cfg["expert_lora"].items():
+        base = modules[name]
+        if type(base) is not StackedLinear:
+            raise AdapterError(f"{name} already has an adapter")
+        _replace(model, name, ResizableLoRAExpert(base, spec["rank"], spec["alpha"], ranks=spec["ranks"], generator=g))
+    for name, spec in cfg["lora"].items():
+        _replace(model, name, LoRALinear(modules[name], spec["rank"], spec["alpha"], generator=g))
+    for name, spec in cfg["lora_moe"].items():
+        m = PrunableLoRAMoE(modules[name], len(spec["expert_ids"]), spec["top_k"], spec["rank"], spec["alpha"],
+                            spec["renormalize"], generator=g)
+        m.expert_ids.copy_(torch.tensor(spec["expert_ids"]))
+        m.lb_enabled = spec["lb_enabled"]
+        _replace(model, name, m)
+    for name, spec in cfg["esft"].items():
+        _replace(model, name, _selected_experts_cls()(modules[name], spec["selected"]))
+    model._freeze_base()
+    for m in model.modules():
+        if type(m).__name__ == "SelectedExperts":
+            m.trained.requires_grad_(True)
+
+    shapes = _expected_shapes(model, cfg)
+    file = Path(directory) / WEIGHTS
+    missing = [k for k in shapes if k not in tensors]
+    unexpected = [k for k in tensors if k not in shapes]
+    wrong = [f"{k}: {tuple(tensors[k].shape)} in the file, {shapes[k]} by the config"
+             for k in shapes if k in tensors and tuple(tensors[k].shape) != shapes[k]]
+    if missing or unexpected or wrong:
+        raise AdapterError(f"{file} disagrees with its {CONFIG}: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}, wrong shapes {wrong[:5]}")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in cfg["expert_lora"]:
+            m = modules[name]
+            for e in range(m.num_experts):
+                if m.rank_of(e):
+                    m.lora[e].A[0].copy_(tensors[f"{name}.lora_A.{e}"])
+                    m.lora[e].B[0].copy_(tensors[f"{name}.lora_B.{e}"])
+        for name in [*cfg["lora"], *cfg["lora_moe"]]:
+            m = modules[name]
+            m.lora_A.copy_(tensors[f"{name}.lora_A"])
+            m.lora_B.copy_(tensors[f"{name}.lora_B"])
+            if name in cfg["lora_moe"]:
+                m.router.weight.copy_(tensors[f"{name}.router.weight"])
+                m.counts.copy_(tensors[f"{name}.counts"])
+        for name in cfg["esft"]:
+            modules[name].trained.copy_(tensors[f"{name}.trained"])
+    return model
+
+

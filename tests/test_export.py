@@ -1,0 +1,222 @@
+"""Artefacts in and out: adapters, converted checkpoints, merged exports (transformers) and PEFT adapters."""
+
+import json
+
+import pytest
+import torch
+
+import minimoe
+from minimoe.adapter_io import AdapterError
+from minimoe.convert import convert
+from minimoe.files import DestinationExists
+
+IDS = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(0))
+
+
+def _randomize_adapters(model, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def _epng_like(directory, targets=("gate_proj", "up_proj"), dense=()):
+    """A loaded base with expert LoRA resized like EPnG events (grown, pruned, shrunk) and trained."""
+    model = minimoe.from_pretrained(directory)
+    model.add_expert_lora(rank=4, alpha=8, targets=targets)
+    layer = model.config.moe_layers[0]
+    model.grow_expert_lora({layer: {1: 4, 2: 2}}, generator=torch.Generator().manual_seed(1))
+    model.prune_expert_lora({layer: [5]})
+    model.shrink_expert_lora({layer: {2: 1}})
+    if dense:
+        model.add_lora(rank=3, alpha=6, targets=dense)
+    _randomize_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["olmoe", "qwen2_moe", "qwen3_moe"])
+def test_adapter_round_trip_after_epng_events(hf_checkpoint, variant, tmp_path):
+    _, directory = hf_checkpoint(variant)
+    model = _epng_like(directory, targets=("gate_proj", "up_proj", "down_proj"), dense=("q_proj",))
+    path = minimoe.save_adapter(model, tmp_path / "adapter")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["kinds"] == ["expert_lora", "lora"] and cfg["base_model"] == str(directory)
+    layer = model.config.moe_layers[0]
+    assert cfg["expert_lora"][f"layers.{layer}.mlp.experts.up_proj"]["ranks"] == [4, 8, 5, 4, 4, 0, 4, 4]
+    back = minimoe.from_pretrained(directory).load_adapter(path)
+    assert torch.equal(_logits(back), _logits(model))
+    assert back.num_adapter_parameters() == model.num_adapter_parameters()
+    assert {k: v.tolist() for k, v in back.expert_lora_ranks().items()} == \
+        {k: v.tolist() for k, v in model.expert_lora_ranks().items()}
+
+
+def test_adapter_round_trip_after_dmep_pruning(hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint("qwen3-tied")
+    model = minimoe.from_pretrained(directory)
+    model.add_lora_moe(num_experts=6, top_k=2, rank=4, alpha=8, targets=("q_proj", "down_proj"))
+    _randomize_adapters(model)
+    model.prune_lora_moe({"layers.0.self_attn.q_proj": [1, 4], "layers.1.mlp.down_proj": [0, 2, 5]})
+    for m in model.lora_moe_modules().values():
+        m.lb_enabled = False
+    path = minimoe.save_adapter(model, tmp_path / "dmep")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["lora_moe"]["layers.1.mlp.down_proj"]["expert_ids"] == [0, 2, 5]
+    back = minimoe.from_pretrained(directory).load_adapter(path)
+    assert torch.equal(_logits(back), _logits(model))
+    q = back.lora_moe_modules()["layers.0.self_attn.q_proj"]
+    assert q.expert_ids.tolist() == [1, 4] and q.top_k == 2 and not q.lb_enabled
+
+
+def test_converted_checkpoint_round_trip_is_exact(hf_checkpoint, tmp_path):
+    hf, directory = hf_checkpoint("qwen2_moe-sparse")
+    out = convert(str(directory), tmp_path / "conv")
+    assert (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())["minimoe_layout"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "layers.1.mlp.experts.gate_proj.weight" in keys and len(keys) < len(hf.state_dict()) + 40
+    a, b = minimoe.from_pretrained(directory), minimoe.from_pretrained(out)
+    for (k, x), (k2, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert k == k2 and torch.equal(x, y)
+    assert torch.equal(_logits(a), _logits(b))
+    with pytest.raises(DestinationExists, match="pass --overwrite"):
+        convert(str(directory), out)
+
+
+def _hf_logits(directory):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(IDS).logits
+
+
+@pytest.mark.parametrize("variant,dense", [("olmoe", ("q_proj", "o_proj")),
+                                           ("qwen2_moe", ("gate_proj", "up_proj", "down_proj", "v_proj")),
+                                           ("qwen3_moe", ("k_proj",))])
+def test_merged_export_loads_in_transformers(hf_checkpoint, variant, dense, tmp_path):
+    _, directory = hf_checkpoint(variant)
+    model = _epng_like(directory, targets=("gate_proj", "up_proj", "down_proj"), dense=dense)
+    if variant == "qwen2_moe":  # the dense targets landed on the shared expert
+        assert "layers.0.mlp.shared_expert.gate_proj" in [n for n, m in model.named_modules()
+                                                           if isinstance(m, minimoe.LoRALinear)]
+    out = minimoe.export_merged(model, tmp_path / "merged")
+    assert (out / "generation_config.json").is_file()
+    assert (_hf_logits(out) - _logits(model)).abs().max() < 1e-4
+    assert (_hf_logits(out) - _logits(minimoe.from_pretrained(directory))).abs().max() > 1e-3  # it changed
+
+
+def test_merged_export_dense_qwen3_tied(hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint("qwen3-tied")
+    model = minimoe.from_pretrained(directory)
+    model.add_lora(rank=4, alpha=8, targets=("q_proj", "v_proj", "gate_proj", "down_proj"))
+    _randomize_adapters(model)
+    out = minimoe.export_merged(model, tmp_path / "merged")
+    assert (_hf_logits(out) - _logits(model)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("policy", ["esft", "full"])
+def test_merged_export_of_esft_and_full_fine_tuning(hf_checkpoint, policy, tmp_path):
+    from minimoe.policies.esft import SelectedExperts
+
+    _, directory = hf_checkpoint("olmoe")
+    model = minimoe.from_pretrained(directory)
+    if policy == "esft":
+        for t in ("gate_proj", "up_proj", "down_proj"):
+            block = model.layers[1].mlp.experts
+            setattr(block, t, SelectedExperts(getattr(block, t), [0, 3]))
+    else:
+        model.requires_grad_(True)
+    _randomize_adapters(model)
+    out = minimoe.export_merged(model, tmp_path / policy)
+    assert (_hf_logits(out) - _logits(model)).abs().max() < 1e-4
+
+
+def test_lora_moe_cannot_be_merged_and_says_why(hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint("qwen3-tied")
+    model = minimoe.from_pretrained(directory)
+    model.add_lora_moe(num_experts=4, top_k=2, rank=2, targets=("q_proj",))
+    with pytest.raises(AdapterError, match="cannot be merged.*minimoe.save_adapter"):
+        minimoe.export_merged(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(AdapterError, match="PEFT cannot represent layers.0.self_attn.q_proj"):
+        minimoe.export_peft(model, tmp_path / "p")
+
+
+@pytest.mark.parametrize("variant,targets,dense", [
+    ("olmoe", ("gate_proj", "up_proj"), ("q_proj",)),
+    ("olmoe", ("gate_proj", "up_proj", "down_proj"), ()),
+    ("qwen2_moe", ("up_proj", "down_proj"), ("gate_proj",)),  # dense gate_proj = the shared expert
+    ("qwen3_moe", ("gate_proj", "up_proj", "down_proj"), ("o_proj", "v_proj")),
+])
+def test_peft_export_loads_in_peft_with_equal_logits(hf_checkpoint, variant, targets, dense, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, directory = hf_checkpoint(variant)
+    model = _epng_like(directory, targets=targets, dense=dense)
+    out = minimoe.export_peft(model, tmp_path / "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"]
+    base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        got = peft_model(IDS).logits
+    assert (got - _logits(model)).abs().max() < 1e-4
+    assert (got - _logits(minimoe.from_pretrained(directory))).abs().max() > 1e-3
+
+
+def test_wrong_base_shape_mismatch_truncated_file_and_existing_destination(hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint("olmoe")
+    model = _epng_like(directory)
+    path = minimoe.save_adapter(model, tmp_path / "a")
+    _, other = hf_checkpoint("qwen3_moe")
+    with pytest.raises(AdapterError, match=r"was saved on base .*olmoe.*this model is .*qwen3_moe"):
+        minimoe.from_pretrained(other).load_adapter(path)
+    # a different base of the same architecture is caught by the weight fingerprint
+    _, clip = hf_checkpoint("olmoe-clip")
+    with pytest.raises(AdapterError, match="fingerprint"):
+        minimoe.from_pretrained(clip).load_adapter(path)
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["expert_lora"]["layers.0.mlp.experts.gate_proj"]["ranks"][0] = 6
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    (bad / "adapter.safetensors").write_bytes((path / "adapter.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match=r"disagrees with its adapter_config.json.*lora_A.0: \(4, 64\) in the file, \(6, 64\)"):
+        minimoe.from_pretrained(directory).load_adapter(bad)
+
+    data = (path / "adapter.safetensors").read_bytes()
+    (bad / "adapter_config.json").write_text((path / "adapter_config.json").read_text())
+    (bad / "adapter.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match=f"cannot read {bad / 'adapter.safetensors'}"):
+        minimoe.from_pretrained(directory).load_adapter(bad)
+
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    with pytest.raises(DestinationExists, match="already exists; pass overwrite=True"):
+        minimoe.save_adapter(model, path)
+    with pytest.raises(DestinationExists):
+        minimoe.export_merged(model, path)
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no half-written directory left
+    minimoe.save_adapter(model, path, overwrite=True)
+
+
+def test_export_cli_merges_an_adapter(hf_checkpoint, tmp_path, capsys):
+    from minimoe.export import main
+
+    _, directory = hf_checkpoint("olmoe")
+    model = _epng_like(directory)
+    minimoe.save_adapter(model, tmp_path / "ad")
+    assert main(["--model", str(directory), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 0
+    assert (_hf_logits(tmp_path / "m") - _logits(model)).abs().max() < 1e-4
+    assert main(["--model", str(directory), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().out
