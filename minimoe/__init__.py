@@ -2,7 +2,6 @@
 
 from .adapter_io import AdapterError, save_adapter
 from .config import PRESETS, ModelConfig, preset
-from .export import export_merged, export_peft
 from .generate import KVCache, generate
 from .hf import CheckpointError, from_pretrained
 from .lora import LoRALinear, ResizableLoRAExpert
@@ -19,3 +18,12 @@ __all__ = [
     "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput",
     "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "preset",
 ]
+
+
+def __getattr__(name):
+    # exports are imported lazily so that `python -m minimoe.export` runs the module fresh
+    if name in ("export_merged", "export_peft"):
+        from . import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'minimoe' has no attribute {name!r}")

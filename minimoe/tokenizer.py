@@ -136,6 +136,17 @@ class Tokenizer:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.format_chat(messages)
 
+    def save(self, directory) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (what ``load_tokenizer`` reads)."""
+        directory = Path(directory)
+        self.backend.save(str(directory / "tokenizer.json"))
+        template = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                    "'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "pad_token": self.pad_token,
+                  **({"chat_template": template} if self.chat_format == "chatml" else {})}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name!r}, vocab={self.vocab_size}, eos={self.eos_token_ids}, "
                 f"pad={self.pad_token_id}, format={self.chat_format})")

@@ -8,7 +8,9 @@
         metrics.jsonl line; checkpoint every save_every steps
 
 Run directory: ``args.json``, ``metrics.jsonl`` (one line per step), ``events.jsonl`` (one line per
-prune / grow / slice / selection / routing measurement), ``checkpoint/`` and ``summary.json``.
+prune / grow / slice / selection / routing measurement), ``checkpoint/``, ``summary.json``, and at the
+end ``adapter/`` (``minimoe.save_adapter``) or, for full fine-tuning, ``model/`` (Hub layout); ``base/``
+holds the base model when it was built on the fly from a preset.
 """
 
 from __future__ import annotations
@@ -72,14 +74,24 @@ def default_model(policy: str) -> str:
     return "tiny-qwen3" if policy == "dmep" else "tiny-olmoe"
 
 
-def load_model_and_tokenizer(name: str, device: str, seed: int) -> tuple[CausalLM, Tokenizer]:
-    """A checkpoint directory or Hub id, or a tiny preset with random weights and a byte tokenizer."""
+def load_model_and_tokenizer(name: str, device: str, seed: int,
+                             base_dir: Path | None = None) -> tuple[CausalLM, Tokenizer]:
+    """A checkpoint directory or Hub id, or a tiny preset with random weights and a byte tokenizer.
+    A preset model is also written to ``base_dir`` (Hub layout), so exports and eval have a base on disk."""
     if name in PRESETS and not Path(name).exists():
         tok = byte_tokenizer()
         vocab = -(-tok.vocab_size // 16) * 16
         config = preset(name, vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         torch.manual_seed(seed)
-        return CausalLM(config).to(device), tok
+        model = CausalLM(config).to(device)
+        if base_dir is not None:
+            from .export import write_hub_checkpoint
+
+            base_dir.mkdir(parents=True, exist_ok=True)
+            write_hub_checkpoint(model, model.state_dict(), base_dir, source=None)
+            tok.save(base_dir)
+            model.config = model.config.replace(name_or_path=str(base_dir))
+        return model, tok
     return from_pretrained(name, dtype=torch.float32, device=device), load_tokenizer(name)
 
 
@@ -106,7 +118,7 @@ class Trainer:
             self._prepare_run_dir()
         c.model = c.model or default_model(c.policy)
         torch.manual_seed(c.seed)
-        self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed)
+        self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed, self.run_dir / "base")
         self.model.gradient_checkpointing = c.gradient_checkpointing
         pairs = load_pairs(c.data, c.seed)
         self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)
@@ -253,5 +265,16 @@ class Trainer:
                    "tokens_per_s": tokens / elapsed if elapsed > 0 and self.step > start else None,
                    "events": sum(1 for _ in events.open()) if events.exists() else 0,
                    "checkpoint": str(path)}
+        summary["export"] = str(self.export())
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def export(self) -> Path:
+        """The run's fine-tune in a loadable form: ``adapter/`` (adapters, ESFT experts) or ``model/``
+        (full fine-tuning, Hub layout)."""
+        from .adapter_io import adapter_config, save_adapter
+        from .export import export_merged
+
+        if adapter_config(self.model)["kinds"]:
+            return save_adapter(self.model, self.run_dir / "adapter", overwrite=True)
+        return export_merged(self.model, self.run_dir / "model", overwrite=True)
