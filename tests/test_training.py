@@ -327,3 +327,17 @@ def test_toml_config_and_cli_precedence(tmp_path):
     bad.write_text("[train]\nstepz = 3\n")
     with pytest.raises(SystemExit):
         train.resolve(["--config", str(bad)])
+
+
+def test_runs_end_with_a_loadable_fine_tune(tmp_path):
+    rc, out = _run(tmp_path, "lora", "--policy", "lora", "--steps", "3", "--lr", "1e-2")
+    assert rc == 0 and (out / "base/tokenizer.json").is_file()
+    trained = Trainer(TrainConfig(policy="lora", steps=3, batch_size=4, resume=str(out)), show_progress=False)
+    model = minimoe.from_pretrained(out / "base").load_adapter(out / "adapter")
+    ids = torch.randint(0, 257, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, trained.model.eval()(ids).logits)
+    assert json.loads((out / "summary.json").read_text())["export"] == str(out / "adapter")
+    rc, full = _run(tmp_path, "full", "--policy", "full", "--steps", "2")
+    assert rc == 0 and (full / "model/model.safetensors").is_file() and not (full / "adapter").exists()
+    assert minimoe.load_tokenizer(full / "model").encode("12 + 7") == byte_tokenizer().encode("12 + 7")
