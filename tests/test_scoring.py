@@ -1,0 +1,69 @@
+"""Graders of eval.py on hand-written cases; generated programs run in a sandboxed child process."""
+
+import pytest
+
+from minimoe.sandbox import humaneval_program, mbpp_program, run_program
+from minimoe.scoring import (extract_choice, extract_gsm8k, gsm8k_correct, last_boxed, math_correct, normalize_math,
+                             pass_at_k)
+
+
+def test_gsm8k_extraction():
+    assert extract_gsm8k("She has 3 + 4 = 7 apples.\n#### 7") == "7"
+    assert extract_gsm8k("Total cost: $1,250.\n#### $1,250") == "1250"
+    assert extract_gsm8k("so 12 - 5 = 7, then 7 * 2 = 14. The answer is 14.") == "14"
+    assert extract_gsm8k("no digits here") is None
+    assert extract_gsm8k("#### -3") == "-3"
+    assert gsm8k_correct("... = 72\n#### 72", "Natalia sold 48/2 = 24 ...\n#### 72")
+    assert gsm8k_correct("The answer is 72.0", "72") and gsm8k_correct("#### 1,000", "1000")
+    assert not gsm8k_correct("#### 71", "#### 72") and not gsm8k_correct("I don't know", "#### 5")
+
+
+def test_math_boxed_and_normalisation():
+    assert last_boxed(r"so $x = \boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{1} then \boxed{\sqrt{x^{2}}}") == r"\sqrt{x^{2}}"
+    assert last_boxed("no box") is None
+    assert normalize_math(r"\dfrac{1}{2}") == r"\frac{1}{2}" == normalize_math("0.5") == normalize_math("1/2")
+    assert normalize_math(r"\left( 3, 4 \right)") == "(3,4)"
+    assert normalize_math(r"90^\circ") == "90" and normalize_math(r"5\%") == "5"
+    assert normalize_math(r"\frac12") == r"\frac{1}{2}" and normalize_math(r"\sqrt2") == r"\sqrt{2}"
+    assert normalize_math(r"x = 3") == "3" and normalize_math(r"10\text{ cm}") == "10"
+    assert math_correct(r"Thus the answer is $\boxed{\dfrac{1}{2}}$", r"... $\boxed{\frac12}$")
+    assert not math_correct(r"$\boxed{3}$", r"$\boxed{4}$") and not math_correct("3", "3")
+
+
+def test_multiple_choice_letter():
+    assert extract_choice("The answer is (C).") == "C"
+    assert extract_choice("B. because ...") == "B"
+    assert extract_choice("A", letters="AB") == "A" and extract_choice("none", letters="ABCD") is None
+
+
+def test_pass_at_k_known_values():
+    assert pass_at_k(10, 1, 1) == pytest.approx(0.1)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(10, 0, 10) == 0.0 and pass_at_k(10, 8, 3) == 1.0
+    assert pass_at_k(20, 5, 10) == pytest.approx(1 - 3003 / 184756)  # 1 - C(15,10)/C(20,10)
+    with pytest.raises(ValueError):
+        pass_at_k(5, 1, 10)
+
+
+PROBLEM = {"task_id": "HumanEval/0", "entry_point": "add",
+           "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+
+
+def test_humaneval_programs_are_scored_right():
+    assert run_program(humaneval_program(PROBLEM, "    return a + b\n")).passed
+    wrong = run_program(humaneval_program(PROBLEM, "    return a - b\n"))
+    assert wrong.status == "failed" and "AssertionError" in wrong.detail
+    mbpp = {"task_id": 2, "test_list": ["assert square(3) == 9"], "test_setup_code": ""}
+    assert run_program(mbpp_program(mbpp, "def square(x):\n    return x * x\n")).passed
+
+
+def test_infinite_loop_and_memory_hog_are_stopped_and_fail():
+    loop = run_program(humaneval_program(PROBLEM, "    while True:\n        pass\n"), timeout=2)
+    assert loop.status == "timeout" and not loop.passed
+    hog = run_program(humaneval_program(PROBLEM, "    x = bytearray(4 * 1024**3)\n    return a + b\n"),
+                      timeout=10, memory_mb=512)
+    assert hog.status == "memory" and not hog.passed
+    sleeper = run_program("import time\ntime.sleep(30)\n", timeout=1)
+    assert sleeper.status == "timeout"
