@@ -89,7 +89,17 @@ def synthetic_arith(n: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
-BUILTIN = {"tiny-arith": lambda seed: synthetic_arith(512, seed)}
+def tiny_arith_split(split: str, seed: int = 0) -> list[tuple[str, str]]:
+    """The built-in task: 512 training problems and 200 test problems, disjoint by question text."""
+    train = synthetic_arith(512, seed)
+    if split == "train":
+        return train
+    seen = {q for q, _ in train}
+    test = [pair for pair in synthetic_arith(2000, seed + 7919) if pair[0] not in seen]
+    return test[:200]
+
+
+BUILTIN = {"tiny-arith": lambda seed: tiny_arith_split("train", seed)}
 
 
 def load_pairs(data: str, seed: int = 0) -> list[tuple[str, str]]:
@@ -99,13 +109,17 @@ def load_pairs(data: str, seed: int = 0) -> list[tuple[str, str]]:
     return read_jsonl(data)
 
 
+def prompt_text(tok: Tokenizer, prompt) -> str:
+    """The prompt as the model sees it, in training and in evaluation alike (chat messages or text;
+    ChatML with its reply header, or plain text followed by a newline)."""
+    text = tok.format_chat(prompt) if isinstance(prompt, list) else tok.format_prompt(prompt)
+    return text + "\n" if tok.chat_format == "plain" else text
+
+
 def encode_pair(tok: Tokenizer, prompt, response: str, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (prompt masked with -100). Over-long examples lose the start of the prompt
     first, then the end of the response, so at least half of ``max_len`` stays response."""
-    text = tok.format_chat(prompt) if isinstance(prompt, list) else tok.format_prompt(prompt)
-    if tok.chat_format == "plain":
-        text = text + "\n"
-    p = tok.encode(text)
+    p = tok.encode(prompt_text(tok, prompt))
     r = tok.encode(response, add_special_tokens=False)
     if tok.eos_token_id is not None:
         r = r + [tok.eos_token_id]

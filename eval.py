@@ -1,0 +1,116 @@
+"""Score a base model, a model + adapter, or a merged export, the way the papers do.
+
+    python eval.py --model runs/epng/base --adapter runs/epng/adapter --task tiny-arith
+    python eval.py --model weights/olmoe-math --task gsm8k --data gsm8k_test.jsonl --limit 200
+    python eval.py --model Qwen/Qwen1.5-MoE-A2.7B --task humaneval --data HumanEval.jsonl --n 10 --temperature 0.7 --k 1 10
+    python eval.py --task humaneval --data HumanEval.jsonl --completions other_tool_samples.jsonl   # no model
+
+Tasks: gsm8k, math, mc (ScienceQA/OpenBookQA/ARC/BoolQ-style, --mc-mode loglik|letter), humaneval, mbpp
+(pass@k, programs run in a sandboxed subprocess), perplexity, tiny-arith (built-in test split).
+Writes OUT/summary.json (scores and the decoding settings) and OUT/samples.jsonl (one line per sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from minimoe.evaluation import (TASKS, Decoding, _prompt, generate_all, grade, mc_loglik, perplexity, read_rows,
+                                task_rows, write_results)
+from minimoe.files import atomic_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Hub id or checkpoint directory (base model or merged export)")
+    p.add_argument("--adapter", help="a minimoe adapter directory to load onto --model")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", help="the task's JSONL file (text file for perplexity)")
+    p.add_argument("--limit", type=int, help="score only the first N problems")
+    p.add_argument("--out", type=Path, help="output directory (default runs/eval/<task>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--completions", type=Path, help="score these completions (JSONL: task_id or index, and "
+                   "completion or completions) instead of generating; no model is loaded")
+    p.add_argument("--n", type=int, default=1, help="samples per problem (default 1)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 10], help="pass@k values (default 1 10; those <= n)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
+    p.add_argument("--mc-mode", choices=["loglik", "letter"], default="loglik", help="multiple-choice scoring")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program (default 10)")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    return p
+
+
+def load_completions(path: Path, rows: list[dict]) -> list[list[str]]:
+    """Completions from another tool, matched to problems by task_id (else by index, else in order)."""
+    by_key: dict = {}
+    for n, rec in enumerate(read_rows(path)):
+        key = rec.get("task_id", rec.get("index", n))
+        texts = rec["completions"] if "completions" in rec else [rec.get("completion", "")]
+        by_key.setdefault(key, []).extend(texts)
+    out = []
+    for i, row in enumerate(rows):
+        key = row.get("task_id", i)
+        if key not in by_key:
+            raise ValueError(f"{path}: no completion for problem {key!r}")
+        out.append(by_key[key])
+    return out
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = args.out or Path("runs/eval") / args.task
+    dec = Decoding(args.max_new_tokens, args.n, args.temperature, args.top_p, args.batch_size, args.seed)
+    try:
+        rows = task_rows(args.task, args.data, args.limit)
+        if args.completions:
+            if args.task in ("perplexity", "mc") and args.mc_mode != "letter":
+                raise ValueError(f"--completions cannot score {args.task} by log-likelihood")
+            summary, records = grade(args.task, rows, load_completions(args.completions, rows), args.k,
+                                     args.timeout, args.memory_mb)
+            summary.update(task=args.task, completions=str(args.completions))
+            dec = None
+        else:
+            summary, records = run_model(args, rows, dec)
+        with atomic_dir(out, args.overwrite, flag="--overwrite") as tmp:
+            write_results(tmp, summary, records, dec)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "decoding"}))
+    print(f"wrote {out}/summary.json and {out}/samples.jsonl")
+    return 0
+
+
+def run_model(args, rows, dec: Decoding) -> tuple[dict, list[dict]]:
+    import torch
+
+    import minimoe
+
+    if not args.model:
+        raise ValueError("--model is required unless --completions is given")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = minimoe.from_pretrained(args.model, device=device)
+    if args.adapter:
+        model.load_adapter(args.adapter)
+    model.eval()
+    tok = minimoe.load_tokenizer(args.model)
+    if args.task == "perplexity":
+        summary, records = perplexity(model, tok, rows)
+    elif args.task == "mc" and args.mc_mode == "loglik":
+        summary, records = mc_loglik(model, tok, rows)
+    else:
+        completions = generate_all(model, tok, [_prompt(args.task, r, tok) for r in rows], dec)
+        summary, records = grade(args.task, rows, completions, args.k, args.timeout, args.memory_mb)
+    summary.update(task=args.task, model=args.model, adapter=args.adapter, data=args.data)
+    return summary, records
+
+
+if __name__ == "__main__":
+    sys.exit(main())

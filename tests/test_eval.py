@@ -1,0 +1,94 @@
+"""eval.py: scoring completions from elsewhere, a train.py run followed by eval.py, and the task split."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from minimoe.data import tiny_arith_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval as evaluate  # noqa: E402
+import train  # noqa: E402
+
+HUMANEVAL = [
+    {"task_id": "T/0", "entry_point": "add", "prompt": "def add(a, b):\n",
+     "test": "def check(f):\n    assert f(2, 3) == 5\n"},
+    {"task_id": "T/1", "entry_point": "neg", "prompt": "def neg(a):\n", "test": "def check(f):\n    assert f(2) == -2\n"},
+]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_completions_from_another_tool_are_scored_without_a_model(tmp_path, capsys):
+    data = _jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    samples = _jsonl(tmp_path / "samples.jsonl", [
+        {"task_id": "T/0", "completion": "    return a + b\n"}, {"task_id": "T/0", "completion": "    return a\n"},
+        {"task_id": "T/1", "completion": "    while True:\n        pass\n"},
+        {"task_id": "T/1", "completion": "    return -a\n\ndef unrelated():\n    pass\n"}])
+    assert evaluate.main(["--task", "humaneval", "--data", str(data), "--completions", str(samples), "--k", "1", "2",
+                          "--timeout", "2", "--out", str(tmp_path / "he")]) == 0
+    summary = json.loads((tmp_path / "he/summary.json").read_text())
+    assert summary["pass@1"] == pytest.approx(0.5) and summary["pass@2"] == pytest.approx(1.0)
+    records = [json.loads(line) for line in (tmp_path / "he/samples.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["passed", "failed", "timeout", "passed"]
+    gsm = _jsonl(tmp_path / "gsm.jsonl", [{"question": "1+1?", "answer": "1 + 1 = 2\n#### 2"},
+                                          {"question": "2+2?", "answer": "#### 4"}])
+    comp = _jsonl(tmp_path / "gc.jsonl", [{"index": 0, "completion": "It is 2.\n#### 2"},
+                                          {"index": 1, "completion": "#### 5"}])
+    assert evaluate.main(["--task", "gsm8k", "--data", str(gsm), "--completions", str(comp),
+                          "--out", str(tmp_path / "g")]) == 0
+    assert json.loads((tmp_path / "g/summary.json").read_text())["exact_match"] == 0.5
+    assert evaluate.main(["--task", "gsm8k", "--data", str(gsm), "--completions", str(comp),
+                          "--out", str(tmp_path / "g")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_train_then_eval_produces_files_and_a_score(tmp_path):
+    run = tmp_path / "run"
+    assert train.main(["--policy", "epng", "--steps", "6", "--batch-size", "4", "--epng-warmup", "2",
+                       "--epng-interval", "2", "--out", str(run)]) == 0
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", str(run / "base"), "--adapter", str(run / "adapter"), "--task", "tiny-arith",
+                          "--limit", "6", "--max-new-tokens", "8", "--batch-size", "4", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 6 and 0.0 <= summary["exact_match"] <= 1.0
+    assert summary["decoding"]["max_new_tokens"] == 8 and summary["adapter"] == str(run / "adapter")
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 6
+    # batching must not change greedy completions (left padding, positions from the mask)
+    one = tmp_path / "eval1"
+    assert evaluate.main(["--model", str(run / "base"), "--adapter", str(run / "adapter"), "--task", "tiny-arith",
+                          "--limit", "6", "--max-new-tokens", "8", "--batch-size", "1", "--out", str(one)]) == 0
+    a = [json.loads(line)["completion"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    b = [json.loads(line)["completion"] for line in (one / "samples.jsonl").read_text().splitlines()]
+    assert a == b
+    ppl = tmp_path / "ppl"
+    text = _jsonl(tmp_path / "t.jsonl", [{"text": "Ana has 3 apples."}, {"prompt": "2+2=", "response": "4"}])
+    assert evaluate.main(["--model", str(run / "base"), "--task", "perplexity", "--data", str(text),
+                          "--out", str(ppl)]) == 0
+    assert json.loads((ppl / "summary.json").read_text())["perplexity"] > 1
+    mc = _jsonl(tmp_path / "mc.jsonl", [{"question": "Sky?", "choices": ["blue", "green"], "answer": 0},
+                                        {"question": "Grass?", "choices": ["blue", "green"], "answer": "B"}])
+    for mode in ("loglik", "letter"):
+        assert evaluate.main(["--model", str(run / "base"), "--task", "mc", "--data", str(mc), "--mc-mode", mode,
+                              "--max-new-tokens", "3", "--out", str(tmp_path / f"mc-{mode}")]) == 0
+
+
+def test_tiny_arith_split_is_deterministic_and_disjoint():
+    train_a, test_a = tiny_arith_split("train", 0), tiny_arith_split("test", 0)
+    assert train_a == tiny_arith_split("train", 0) and test_a == tiny_arith_split("test", 0)
+    assert len(train_a) == 512 and len(test_a) == 200
+    assert not {q for q, _ in train_a} & {q for q, _ in test_a}
+    assert tiny_arith_split("train", 1) != train_a
+    assert all(a.rsplit("#### ", 1)[1].lstrip("-").isdigit() for _, a in test_a)
+
+
+def test_missing_data_is_named(tmp_path, capsys):
+    assert evaluate.main(["--model", "x", "--task", "gsm8k", "--out", str(tmp_path / "o")]) == 2
+    assert "task gsm8k needs --data FILE" in capsys.readouterr().err
+    assert evaluate.main(["--task", "gsm8k", "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
