@@ -25,6 +25,9 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, flag: str = "ove
         raise DestinationExists(f"{dst} already exists; pass {flag} to replace it (nothing was written)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
         for f in tmp.rglob("*"):

@@ -63,6 +63,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = ""  # default: cuda if available, else cpu
     overwrite: bool = False  # replace an existing run directory
+    eval_limit: int = 100  # with --data tiny-arith: test problems scored before and after training
     resume: str = ""  # continue the run in this directory
     policy_options: dict = field(default_factory=dict)
 

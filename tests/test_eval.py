@@ -50,7 +50,8 @@ def test_completions_from_another_tool_are_scored_without_a_model(tmp_path, caps
 
 def test_train_then_eval_produces_files_and_a_score(tmp_path):
     run = tmp_path / "run"
-    assert train.main(["--policy", "epng", "--steps", "6", "--batch-size", "4", "--epng-warmup", "2",
+    assert train.main(["--policy", "epng", "--model", "tiny-olmoe", "--steps", "6", "--batch-size", "4",
+                       "--eval-limit", "0", "--epng-warmup", "2",
                        "--epng-interval", "2", "--out", str(run)]) == 0
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(run / "base"), "--adapter", str(run / "adapter"), "--task", "tiny-arith",

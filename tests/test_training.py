@@ -24,8 +24,10 @@ import train  # noqa: E402
 
 
 def _run(tmp_path, name, *args):
+    """train.py on a tiny random preset (pinned, so the shipped model's scaled defaults don't apply)."""
     out = tmp_path / name
-    rc = train.main(["--out", str(out), "--batch-size", "4", *args])
+    extra = [] if "--model" in args else ["--model", "tiny-qwen3" if "dmep" in args else "tiny-olmoe"]
+    rc = train.main(["--out", str(out), "--batch-size", "4", "--eval-limit", "0", *extra, *args])
     return rc, out
 
 

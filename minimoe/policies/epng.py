@@ -110,8 +110,7 @@ class EPnG(Policy):
             model.grow_expert_lora(grow_plan, optimizer=optimizer, generator=self.generator)
         after = model.num_adapter_parameters()
         assert after <= self.budget, "EPnG exceeded its parameter budget"
-        self.stats.decay(c.decay)
-        return {
+        record = {
             "event": "prune_grow", "step": step, "policy": self.name,
             "pruned": [[l, e] for l, e in pruned],
             "grown": [[l, e, d] for l, g in grow_plan.items() for e, d in g.items()],
@@ -121,7 +120,10 @@ class EPnG(Policy):
             "params_after": after, "unspent": self.budget - after,
             "experts_with_adapter": sum(int((r > 0).sum()) for r in model.expert_lora_ranks().values()),
             "ranks": {str(l): r.tolist() for l, r in model.expert_lora_ranks().items()},
+            "importance": {str(l): self.stats.mean_importance(l).tolist() for l in sorted(self.stats.importance)},
         }
+        self.stats.decay(c.decay)
+        return record
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "stats": self.stats.state_dict(), "budget": self.budget}

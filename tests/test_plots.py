@@ -1,0 +1,42 @@
+"""python -m minimoe.plots on real run directories, and its message when matplotlib is missing."""
+
+import sys
+from pathlib import Path
+
+from minimoe.plots import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+
+
+def test_plots_of_epng_and_dmep_runs(tmp_path):
+    assert train.main(["--policy", "epng", "--model", "tiny-olmoe", "--steps", "6", "--batch-size", "4", "--eval-limit", "0",
+                       "--epng-warmup", "2", "--epng-interval", "2", "--out", str(tmp_path / "e")]) == 0
+    assert main([str(tmp_path / "e")]) == 0
+    assert {p.name for p in (tmp_path / "e/plots").iterdir()} == {"loss.png", "epng_importance.png", "epng_ranks.png"}
+    assert train.main(["--policy", "dmep", "--model", "tiny-qwen3", "--eval-limit", "0", "--steps", "4",
+                       "--batch-size", "2", "--dmep-prune-step", "2",
+                       "--dmep-log-interval", "1", "--dmep-targets", "q_proj", "--out", str(tmp_path / "d")]) == 0
+    assert main([str(tmp_path / "d")]) == 0
+    assert {"dmep_survivors.png", "dmep_gini.png"} <= {p.name for p in (tmp_path / "d/plots").iterdir()}
+    assert (tmp_path / "d/plots/dmep_gini.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_command_says_how_to_install(tmp_path, monkeypatch, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main([str(tmp_path)]) == 2
+    assert "pip install 'minimoe[plot]'" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope")]) == 2
+
+
+def test_reproduce_table_reports_mean_and_std():
+    from minimoe.reproduce import table
+
+    runs = {"lora": [{"task_score_after": s, "task_score_before": 0.1, "trainable_parameters": 12288,
+                      "tokens_per_s": 1000.0} for s in (0.2, 0.4)],
+            "epng": [{"task_score_after": 0.5, "task_score_before": 0.1, "trainable_parameters": 12288,
+                      "tokens_per_s": 900.0}]}
+    text = table(runs)
+    assert "| lora | 12,288 | 1,000 | 0.300 ± 0.141 | 2 |" in text
+    assert "| epng | 12,288 | 900 | 0.500 ± 0.000 | 1 |" in text and "before fine-tuning: 0.100" in text
