@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from minimoe.evaluation import (TASKS, Decoding, _prompt, generate_all, grade, mc_loglik, perplexity, read_rows,
+from minimoe.evaluation import (TASKS, Decoding, task_prompt, generate_all, grade, mc_loglik, perplexity, read_rows,
                                 task_rows, write_results)
 from minimoe.files import atomic_dir
 
@@ -106,7 +106,7 @@ def run_model(args, rows, dec: Decoding) -> tuple[dict, list[dict]]:
     elif args.task == "mc" and args.mc_mode == "loglik":
         summary, records = mc_loglik(model, tok, rows)
     else:
-        completions = generate_all(model, tok, [_prompt(args.task, r, tok) for r in rows], dec)
+        completions = generate_all(model, tok, [task_prompt(args.task, r, tok) for r in rows], dec)
         summary, records = grade(args.task, rows, completions, args.k, args.timeout, args.memory_mb)
     summary.update(task=args.task, model=args.model, adapter=args.adapter, data=args.data)
     return summary, records

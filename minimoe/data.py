@@ -78,13 +78,15 @@ def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
 
 def synthetic_arith(n: int, seed: int) -> list[tuple[str, str]]:
     """Two-step arithmetic word problems in GSM8K's ``#### answer`` format (a built-in offline set):
-    ``a + b - c`` with a, b in 1..20 and 0 <= result, in a phrasing the tiny model never saw."""
+    ``a + b - c`` with a + b <= 20 and 0 <= result (both steps are facts the tiny model learned), in a
+    two-step phrasing it never saw."""
     rng = random.Random(seed)
     names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay"]
     pairs = []
     for _ in range(n):
-        who, a, b = rng.choice(names), rng.randint(1, 20), rng.randint(1, 20)
-        c = rng.randint(1, min(20, a + b))
+        who, a = rng.choice(names), rng.randint(1, 19)
+        b = rng.randint(1, 20 - a)
+        c = rng.randint(1, a + b)
         total = a + b - c
         pairs.append((f"{who} has {a} apples, buys {b} more and gives away {c}. How many apples now?",
                       f"{a} + {b} = {a + b}. {a + b} - {c} = {total}.\n#### {total}"))

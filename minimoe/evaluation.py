@@ -69,7 +69,7 @@ def task_rows(task: str, data: str | None, limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def _prompt(task: str, row: dict, tok) -> str:
+def task_prompt(task: str, row: dict, tok) -> str:
     if task in ("gsm8k", "tiny-arith"):
         return prompt_text(tok, row["question"])
     if task == "math":

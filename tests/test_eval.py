@@ -93,3 +93,20 @@ def test_missing_data_is_named(tmp_path, capsys):
     assert "task gsm8k needs --data FILE" in capsys.readouterr().err
     assert evaluate.main(["--task", "gsm8k", "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_short_run_on_the_embedded_default_then_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(["--policy", "epng", "--steps", "4", "--eval-limit", "4", "--epng-warmup", "2",
+                       "--epng-interval", "2", "--out", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert "weights/tiny-moe" in said and "tiny-arith test exact match: " in said  # defaults: the shipped model
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"].endswith("weights/tiny-moe") and summary["events"] >= 2
+    assert 0 <= summary["task_score_before"] <= 1 and 0 <= summary["task_score_after"] <= 1
+    assert json.loads((run / "args.json").read_text())["lr"] == 3e-3  # the embedded run's scaled default
+    out = tmp_path / "eval"
+    model = summary["model"]
+    assert evaluate.main(["--model", model, "--adapter", str(run / "adapter"), "--task", "tiny-arith", "--limit", "4",
+                          "--max-new-tokens", "32", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["problems"] == 4

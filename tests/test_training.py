@@ -324,7 +324,8 @@ def test_toml_config_and_cli_precedence(tmp_path):
     cfg.write_text('[train]\npolicy = "epng"\nsteps = 7\nlr = 3e-4\n\n[epng]\nalpha = 0.3\ninterval = 5\n')
     c = train.resolve(["--config", str(cfg), "--steps", "9"])
     assert c.policy == "epng" and c.steps == 9 and c.lr == 3e-4
-    assert c.policy_options == {"alpha": 0.3, "interval": 5}
+    # the embedded-default scaling fills what neither the file nor the command line sets
+    assert c.policy_options == {"alpha": 0.3, "interval": 5, "warmup": 60}
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nstepz = 3\n")
     with pytest.raises(SystemExit):
