@@ -17,8 +17,18 @@ import json
 import sys
 from pathlib import Path
 
-from minimoe.evaluation import (TASKS, Decoding, task_prompt, generate_all, grade, mc_loglik, perplexity, read_rows,
-                                task_rows, write_results)
+from minimoe.evaluation import (
+    TASKS,
+    Decoding,
+    generate_all,
+    grade,
+    mc_loglik,
+    perplexity,
+    read_rows,
+    task_prompt,
+    task_rows,
+    write_results,
+)
 from minimoe.files import atomic_dir
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .adapters import _replace
 from .files import atomic_dir

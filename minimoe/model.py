@@ -18,8 +18,16 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import AdapterMixin
 from .config import ModelConfig
-from .moe import (IMPLEMENTATIONS, MLP, LoadBalancingLoss, RouterOutput, SparseMoeBlock, StackedLinear, TopKRouter,
-                  routing_token_mask)
+from .moe import (
+    IMPLEMENTATIONS,
+    MLP,
+    LoadBalancingLoss,
+    RouterOutput,
+    SparseMoeBlock,
+    StackedLinear,
+    TopKRouter,
+    routing_token_mask,
+)
 
 
 class RMSNorm(nn.Module):

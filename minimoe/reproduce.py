@@ -20,6 +20,17 @@ from pathlib import Path
 POLICIES = ("lora", "epng", "dmep", "esft", "full")
 
 
+def finished(out: Path, policy: str, seed: int, steps: int | None) -> dict | None:
+    """The summary of a completed earlier run with the same policy, seed and steps, else None."""
+    try:
+        args = json.loads((out / "args.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = args.get("policy") == policy and args.get("seed") == seed and (steps is None or args.get("steps") == steps)
+    return summary if same else None
+
+
 def run_one(policy: str, seed: int, out: Path, extra: list[str]) -> dict:
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(root / "train.py"), "--policy", policy, "--seed", str(seed), "--out", str(out),
@@ -36,7 +47,9 @@ def table(results: dict[str, list[dict]]) -> str:
     for policy, runs in results.items():
         scores = [r["task_score_after"] for r in runs]
         std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        lines.append(f"| {policy} | {runs[0]['trainable_parameters']:,} | "
+        counts = sorted({r["trainable_parameters"] for r in runs})  # DMEP's survivors differ by seed
+        trainable = f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}–{counts[-1]:,}"
+        lines.append(f"| {policy} | {trainable} | "
                      f"{statistics.mean(r['tokens_per_s'] for r in runs):,.0f} | "
                      f"{statistics.mean(scores):.3f} ± {std:.3f} | {len(runs)} |")
     base = [r["task_score_before"] for runs in results.values() for r in runs if r.get("task_score_before") is not None]
@@ -51,13 +64,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds per policy (default 3)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
-    p.add_argument("--steps", type=int, default=None, help="override the embedded default's 200 steps")
+    p.add_argument("--steps", type=int, default=None, help="override the embedded default's 300 steps")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep finished runs already under --out (same policy, seed and steps); run the rest")
     args = p.parse_args(argv)
     extra = ["--steps", str(args.steps)] if args.steps else []
     results: dict[str, list[dict]] = {}
     for policy in args.policies:
         for seed in range(args.seeds):
-            summary = run_one(policy, seed, args.out / f"{policy}-seed{seed}", extra)
+            out = args.out / f"{policy}-seed{seed}"
+            summary = (args.reuse and finished(out, policy, seed, args.steps)) or run_one(policy, seed, out, extra)
             results.setdefault(policy, []).append(summary)
             print(f"{policy} seed {seed}: {summary['task_score_before']:.3f} -> {summary['task_score_after']:.3f} "
                   f"({summary['trainable_parameters']:,} trainable, {summary['tokens_per_s']:,.0f} tok/s)", flush=True)

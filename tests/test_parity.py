@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import VARIANTS, save_fused
 
 import minimoe
-from conftest import VARIANTS, save_fused
 
 LOGIT_TOL = 1e-4
 LOSS_TOL = 1e-5

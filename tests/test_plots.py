@@ -36,7 +36,10 @@ def test_reproduce_table_reports_mean_and_std():
     runs = {"lora": [{"task_score_after": s, "task_score_before": 0.1, "trainable_parameters": 12288,
                       "tokens_per_s": 1000.0} for s in (0.2, 0.4)],
             "epng": [{"task_score_after": 0.5, "task_score_before": 0.1, "trainable_parameters": 12288,
-                      "tokens_per_s": 900.0}]}
+                      "tokens_per_s": 900.0}],
+            "dmep": [{"task_score_after": 1.0, "task_score_before": 0.1, "trainable_parameters": n,
+                      "tokens_per_s": 500.0} for n in (3000, 2500)]}
     text = table(runs)
     assert "| lora | 12,288 | 1,000 | 0.300 ± 0.141 | 2 |" in text
     assert "| epng | 12,288 | 900 | 0.500 ± 0.000 | 1 |" in text and "before fine-tuning: 0.100" in text
+    assert "| dmep | 2,500–3,000 | 500 | 1.000 ± 0.000 | 2 |" in text  # survivors differ by seed

@@ -3,8 +3,15 @@
 import pytest
 
 from minimoe.sandbox import humaneval_program, mbpp_program, run_program
-from minimoe.scoring import (extract_choice, extract_gsm8k, gsm8k_correct, last_boxed, math_correct, normalize_math,
-                             pass_at_k)
+from minimoe.scoring import (
+    extract_choice,
+    extract_gsm8k,
+    gsm8k_correct,
+    last_boxed,
+    math_correct,
+    normalize_math,
+    pass_at_k,
+)
 
 
 def test_gsm8k_extraction():

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 import minimoe
 from minimoe import optim
-from minimoe.data import DataError, Dataset, encode_pair, read_jsonl
-from minimoe.policies import DMEP, EPnG, ESFT, Context
+from minimoe.data import Dataset, encode_pair, read_jsonl
+from minimoe.policies import DMEP, Context, EPnG
 from minimoe.policies.esft import SelectedExperts, top_p_selection
-from minimoe.stats import RoutingStats, drift, gini, normalized_entropy
+from minimoe.stats import drift, gini, normalized_entropy
 from minimoe.tokenizer import byte_tokenizer
 from minimoe.trainer import TrainConfig, Trainer, TrainingError
 
@@ -105,7 +105,6 @@ def test_dmep_lb_loss_survivors_and_exact_counts(tmp_path):
         if trainer.step == 4:
             params_before = trainer.model.num_adapter_parameters()
             opt_before = optim.state_numel(trainer.optimizer)
-            counts = {n: m.counts.clone() for n, m in trainer.model.lora_moe_modules().items()}
         trainer.train_step()
     assert all(aux is not None and aux > 0 for step, aux in seen if step < 5)
     assert all(aux is None for step, aux in seen if step >= 5)  # LB loss off after pruning
@@ -324,8 +323,10 @@ def test_toml_config_and_cli_precedence(tmp_path):
     cfg.write_text('[train]\npolicy = "epng"\nsteps = 7\nlr = 3e-4\n\n[epng]\nalpha = 0.3\ninterval = 5\n')
     c = train.resolve(["--config", str(cfg), "--steps", "9"])
     assert c.policy == "epng" and c.steps == 9 and c.lr == 3e-4
-    # the embedded-default scaling fills what neither the file nor the command line sets
-    assert c.policy_options == {"alpha": 0.3, "interval": 5, "warmup": 60}
+    assert c.policy_options == {"alpha": 0.3, "interval": 5}
+    # the embedded-default scaling fills what neither a file nor the command line sets
+    assert train.resolve(["--policy", "esft"]).policy_options == {"sample_batches": 8}
+    assert train.resolve(["--policy", "esft", "--esft-sample-batches", "3"]).policy_options == {"sample_batches": 3}
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nstepz = 3\n")
     with pytest.raises(SystemExit):

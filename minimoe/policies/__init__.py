@@ -4,7 +4,7 @@ from .base import Context, Policy
 from .dmep import DMEP
 from .epng import EPnG
 from .esft import ESFT
-from .simple import LoRA, Full
+from .simple import Full, LoRA
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LoRA, EPnG, DMEP, ESFT, Full)}
 
