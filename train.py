@@ -197,6 +197,8 @@ def main(argv=None) -> int:
         summary.update(task_score_before=before, task_score_after=after)
         (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"tiny-arith test exact match: {'' if before is None else f'{before:.3f} -> '}{after:.3f}")
+    if summary.get("events") and trainer.model.num_adapter_parameters():
+        print("after training:\n" + trainer.model.adapter_summary())
     if summary.get("interrupted"):
         return 130
     tps = summary["tokens_per_s"]

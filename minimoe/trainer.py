@@ -178,6 +178,11 @@ class Trainer:
 
     def _event(self, record: dict) -> None:
         self._append("events.jsonl", record)
+        line = self.policy.event_line(record)
+        if line:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line)  # above the progress bar, not through it
 
     def save(self) -> Path:
         info = {"step": self.step, "policy": self.config.policy, "args": dataclasses.asdict(self.config),

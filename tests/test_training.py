@@ -36,7 +36,7 @@ def _lines(path):
 
 
 # --- EPnG ---------------------------------------------------------------------------------------
-def test_epng_events_fraction_budget_and_ledger(tmp_path):
+def test_epng_events_fraction_budget_and_ledger(tmp_path, capsys):
     rc, out = _run(tmp_path, "epng", "--policy", "epng", "--steps", "18", "--epng-warmup", "6",
                    "--epng-interval", "4", "--epng-alpha", "0.25", "--epng-beta", "0.25")
     assert rc == 0
@@ -65,6 +65,13 @@ def test_epng_events_fraction_budget_and_ledger(tmp_path):
         assert e["experts_with_adapter"] == alive
     metrics = _lines(out / "metrics.jsonl")
     assert len(metrics) == 18 and max(m["trainable"] for m in metrics) == budget
+    said = capsys.readouterr().out  # each event is told on the console, and the final ranks shown
+    e = events[0]
+    assert (f"step 8: pruned {len(e['pruned'])} expert adapters, grew {len(e['grown'])} experts by "
+            f"{sum(d for _, _, d in e['grown'])} ranks; {e['experts_with_adapter']} experts keep an adapter; "
+            f"parameters {e['params_after']:,} of budget {budget:,}") in said
+    final = " ".join(str(r) for r in events[-1]["ranks"]["0"])
+    assert "after training:" in said and final in said.split("after training:")[1]
 
 
 def test_epng_importance_is_the_mean_full_softmax_and_decays():
@@ -139,6 +146,8 @@ def test_dmep_clamping_is_said(tmp_path, capsys):
     assert "dmep: tau=0.9 would leave fewer than max(k_min=2, top_k) experts in 3 module(s)" in said
     prune = [e for e in _lines(out / "events.jsonl") if e["event"] == "dmep_prune"][0]
     assert len(prune["clamped"]) == 3 and all(len(v) == 2 for v in prune["survivors"].values())
+    assert (f"step 2: pruned LoRA-MoE experts: 6 of 24 survive in 3 modules (per module 2-2); adapter parameters "
+            f"{prune['params_before']:,} -> {prune['params_after']:,}; load-balancing loss off") in said
 
 
 def test_routing_metrics_match_hand_computations():

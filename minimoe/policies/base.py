@@ -57,6 +57,10 @@ class Policy:
         """Called after optimizer step ``step`` (1-based, grads zeroed). Returns event records."""
         return []
 
+    def event_line(self, event: dict) -> str | None:
+        """One human-readable line for an event record (printed during training), or None."""
+        return None
+
     def metrics(self) -> dict:
         """Extra values for this step's metrics line."""
         return {}

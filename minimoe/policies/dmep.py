@@ -118,6 +118,15 @@ class DMEP(Policy):
         return {"event": "dmep_prune", "step": step, "policy": self.name, "survivors": survivors,
                 "clamped": clamped, "params_before": before, "params_after": model.num_adapter_parameters()}
 
+    def event_line(self, event: dict) -> str | None:
+        if event["event"] != "dmep_prune":
+            return None
+        kept = [len(s) for s in event["survivors"].values()]
+        return (f"step {event['step']}: pruned LoRA-MoE experts: {sum(kept)} of "
+                f"{len(kept) * self.config.num_experts} survive in {len(kept)} modules "
+                f"(per module {min(kept)}-{max(kept)}); adapter parameters {event['params_before']:,} -> "
+                f"{event['params_after']:,}; load-balancing loss off")
+
     def metrics(self) -> dict:
         return {"dmep_pruned": self.pruned_at is not None}
 

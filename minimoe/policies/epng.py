@@ -125,6 +125,14 @@ class EPnG(Policy):
         self.stats.decay(c.decay)
         return record
 
+    def event_line(self, event: dict) -> str | None:
+        if event["event"] != "prune_grow":
+            return None
+        added = sum(d for _, _, d in event["grown"])
+        return (f"step {event['step']}: pruned {len(event['pruned'])} expert adapters, grew {len(event['grown'])} "
+                f"experts by {added} ranks; {event['experts_with_adapter']} experts keep an adapter; "
+                f"parameters {event['params_after']:,} of budget {event['budget']:,}")
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "stats": self.stats.state_dict(), "budget": self.budget}
 

@@ -122,6 +122,12 @@ class ESFT(Policy):
                 "selection": {str(l): e for l, e in self.selection.items()},
                 "scores": {str(l): s for l, s in (self.scores or {}).items()}}
 
+    def event_line(self, event: dict) -> str | None:
+        if event["event"] != "esft_selection":
+            return None
+        per_layer = " ".join(f"{l}:{len(e)}" for l, e in event["selection"].items())
+        return f"esft: selected experts per layer (by {event['score']}, top_p {event['top_p']}): {per_layer}"
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "selection": self.selection, "scores": self.scores}
 
