@@ -1,6 +1,6 @@
 """Score a base model, a model + adapter, or a merged export, the way the papers do.
 
-    python eval.py --model runs/epng/base --adapter runs/epng/adapter --task tiny-arith
+    python eval.py --adapter runs/epng/adapter --task tiny-arith   # base model read from the adapter
     python eval.py --model weights/olmoe-math --task gsm8k --data gsm8k_test.jsonl --limit 200
     python eval.py --model Qwen/Qwen1.5-MoE-A2.7B --task humaneval --data HumanEval.jsonl --n 10 --temperature 0.7 --k 1 10
     python eval.py --task humaneval --data HumanEval.jsonl --completions other_tool_samples.jsonl   # no model
@@ -34,7 +34,8 @@ from minimoe.files import atomic_dir
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="Hub id or checkpoint directory (base model or merged export)")
+    p.add_argument("--model", help="Hub id or checkpoint directory (base model or merged export); "
+                   "with --adapter, defaults to the base the adapter records")
     p.add_argument("--adapter", help="a minimoe adapter directory to load onto --model")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", help="the task's JSONL file (text file for perplexity)")
@@ -103,8 +104,12 @@ def run_model(args, rows, dec: Decoding) -> tuple[dict, list[dict]]:
 
     import minimoe
 
+    if not args.model and args.adapter:
+        from minimoe.adapter_io import adapter_base_model
+
+        args.model = adapter_base_model(args.adapter)
     if not args.model:
-        raise ValueError("--model is required unless --completions is given")
+        raise ValueError("--model is required unless --completions or --adapter is given")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = minimoe.from_pretrained(args.model, device=device)
     if args.adapter:

@@ -146,6 +146,19 @@ def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
+def adapter_base_model(directory) -> str:
+    """The base model an adapter was saved on (``base_model`` in its config): what commands given only
+    ``--adapter`` load it onto."""
+    directory = Path(directory)
+    try:
+        base = json.loads((directory / CONFIG).read_text()).get("base_model")
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{directory} is not a readable minimoe adapter ({type(e).__name__}: {e})") from None
+    if not base:
+        raise AdapterError(f"{directory / CONFIG} records no base_model; pass --model")
+    return base
+
+
 def load_adapter(model, directory, check_base: bool = True):
     """Attach the adapters saved in ``directory`` to ``model`` (a base model without them) and load them."""
     cfg, tensors = read_adapter(directory)

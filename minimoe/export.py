@@ -1,6 +1,6 @@
 """Deploy a fine-tune elsewhere: a merged Hub-layout checkpoint, or a PEFT adapter.
 
-    python -m minimoe.export --model BASE --adapter ADAPTER_DIR --out weights/my-merged
+    python -m minimoe.export --adapter ADAPTER_DIR --out weights/my-merged   # --model BASE: default, the adapter's base
     python -m minimoe.export --model BASE --adapter ADAPTER_DIR --out runs/x/peft --peft
 
 ``export_merged`` folds LoRA (static, EPnG per-expert ranks), ESFT-trained experts and fully
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter_io import _ADAPTER_KEY, AdapterError, _selected_experts_cls
+from .adapter_io import _ADAPTER_KEY, AdapterError, _selected_experts_cls, adapter_base_model
 from .files import atomic_dir
 from .hf import resolve, to_hub_state_dict
 from .lora import LoRALinear, ResizableLoRAExpert
@@ -215,15 +215,17 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m minimoe.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model: Hub id or directory")
+    p.add_argument("--model", help="base model: Hub id or directory (default: the base the adapter records)")
     p.add_argument("--adapter", help="a minimoe adapter directory (minimoe.save_adapter); omit for a plain copy")
     p.add_argument("--out", required=True, help="destination directory")
     p.add_argument("--peft", action="store_true", help="write a PEFT adapter instead of a merged checkpoint")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the base (default: its own)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     args = p.parse_args(argv)
+    if not args.model and not args.adapter:
+        p.error("--model is required without --adapter")
     try:
-        model = from_pretrained(args.model, dtype=args.dtype)
+        model = from_pretrained(args.model or adapter_base_model(args.adapter), dtype=args.dtype)
         if args.adapter:
             model.load_adapter(args.adapter)
         path = (export_peft if args.peft else export_merged)(model, args.out, overwrite=args.overwrite)

@@ -106,7 +106,8 @@ def test_short_run_on_the_embedded_default_then_eval(tmp_path, capsys):
     assert 0 <= summary["task_score_before"] <= 1 and 0 <= summary["task_score_after"] <= 1
     assert json.loads((run / "args.json").read_text())["lr"] == 3e-3  # the embedded run's scaled default
     out = tmp_path / "eval"
-    model = summary["model"]
-    assert evaluate.main(["--model", model, "--adapter", str(run / "adapter"), "--task", "tiny-arith", "--limit", "4",
+    # no --model: the base is the one the adapter records (the shipped model)
+    assert evaluate.main(["--adapter", str(run / "adapter"), "--task", "tiny-arith", "--limit", "4",
                           "--max-new-tokens", "32", "--out", str(out)]) == 0
-    assert json.loads((out / "summary.json").read_text())["problems"] == 4
+    scored = json.loads((out / "summary.json").read_text())
+    assert scored["problems"] == 4 and scored["model"] == summary["model"]

@@ -220,3 +220,6 @@ def test_export_cli_merges_an_adapter(hf_checkpoint, tmp_path, capsys):
     assert (_hf_logits(tmp_path / "m") - _logits(model)).abs().max() < 1e-4
     assert main(["--model", str(directory), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().out
+    # without --model the base is the one the adapter records
+    assert main(["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m2")]) == 0
+    assert (_hf_logits(tmp_path / "m2") - _logits(model)).abs().max() < 1e-4
