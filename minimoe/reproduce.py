@@ -20,14 +20,14 @@ from pathlib import Path
 POLICIES = ("lora", "epng", "dmep", "esft", "full")
 
 
-def finished(out: Path, policy: str, seed: int, steps: int | None) -> dict | None:
+def finished(out: Path, policy: str, seed: int, steps: int) -> dict | None:
     """The summary of a completed earlier run with the same policy, seed and steps, else None."""
     try:
         args = json.loads((out / "args.json").read_text())
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    same = args.get("policy") == policy and args.get("seed") == seed and (steps is None or args.get("steps") == steps)
+    same = args.get("policy") == policy and args.get("seed") == seed and args.get("steps") == steps
     return summary if same else None
 
 
@@ -64,11 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds per policy (default 3)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
-    p.add_argument("--steps", type=int, default=None, help="override the embedded default's 300 steps")
+    p.add_argument("--steps", type=int, default=300, help="steps per run (default 300, the embedded default's)")
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs already under --out (same policy, seed and steps); run the rest")
     args = p.parse_args(argv)
-    extra = ["--steps", str(args.steps)] if args.steps else []
+    extra = ["--steps", str(args.steps)]
     results: dict[str, list[dict]] = {}
     for policy in args.policies:
         for seed in range(args.seeds):

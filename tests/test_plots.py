@@ -1,5 +1,6 @@
 """python -m minimoe.plots on real run directories, and its message when matplotlib is missing."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -43,3 +44,16 @@ def test_reproduce_table_reports_mean_and_std():
     assert "| lora | 12,288 | 1,000 | 0.300 ± 0.141 | 2 |" in text
     assert "| epng | 12,288 | 900 | 0.500 ± 0.000 | 1 |" in text and "before fine-tuning: 0.100" in text
     assert "| dmep | 2,500–3,000 | 500 | 1.000 ± 0.000 | 2 |" in text  # survivors differ by seed
+
+
+def test_reproduce_reuses_only_matching_finished_runs(tmp_path):
+    from minimoe.reproduce import finished
+
+    run = tmp_path / "epng-seed1"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"policy": "epng", "seed": 1, "steps": 300}))
+    assert finished(run, "epng", 1, 300) is None  # no summary: the run did not finish
+    (run / "summary.json").write_text(json.dumps({"task_score_after": 0.4}))
+    assert finished(run, "epng", 1, 300) == {"task_score_after": 0.4}
+    assert finished(run, "epng", 1, 200) is None and finished(run, "epng", 2, 300) is None
+    assert finished(run, "lora", 1, 300) is None
