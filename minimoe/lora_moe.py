@@ -64,7 +64,8 @@ class PrunableLoRAMoE(nn.Linear):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x (N, in)`` → fp32 probs ``(N, E)``, chosen weights ``(N, K)``, chosen experts ``(N, K)``."""
-        logits = F.linear(x.to(_compute_dtype(x, self.router.weight)), self.router.weight)
+        dtype = _compute_dtype(x, self.router.weight)  # a bf16 base without autocast: bf16 like the input
+        logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:

@@ -268,8 +268,8 @@ class CausalLM(AdapterMixin, nn.Module):
 
         lb, routes = None, []
         if self.config.num_experts and kv_cache is None:
-            token_mask = None if attention_mask is None else attention_mask[:, -T:]
-            lb = LoadBalancingLoss(self.config.num_experts, self.config.num_experts_per_tok, token_mask)
+            lb_mask = None if attention_mask is None else attention_mask[:, -T:]  # as transformers: real tokens
+            lb = LoadBalancingLoss(self.config.num_experts, self.config.num_experts_per_tok, lb_mask)
         if token_mask is None and attention_mask is not None:
             token_mask = attention_mask[:, -T:]
         with routing_token_mask(token_mask):

@@ -183,3 +183,26 @@ def test_prune_slices_parameters_optimizer_state_and_clamps_top_k():
         model.prune_lora_moe({name: [1]})
     with pytest.raises(ValueError, match=r"\['layers.0.mlp.gate'\] are not LoRA-MoE modules"):
         model.prune_lora_moe({"layers.0.mlp.gate": [0]})
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-olmoe"])
+def test_model_passes_the_token_mask_to_lora_moe_counts(name):
+    """The caller's token mask (e.g. response tokens only) decides what is counted, on dense and MoE bases."""
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset(name))
+    model.add_lora_moe(num_experts=4, top_k=2, rank=2, targets=("q_proj",))
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    token_mask = torch.zeros(2, 8, dtype=torch.long)
+    token_mask[:, 4:] = 1
+    model.train()(ids, attention_mask=torch.ones_like(ids), token_mask=token_mask)
+    for m in model.lora_moe_modules().values():
+        assert m.counts.sum() == 2 * 4 * 2  # rows x masked-in tokens x top_k
+
+
+def test_lora_moe_runs_on_a_bf16_base_without_autocast():
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3")).to(torch.bfloat16)
+    model.add_lora_moe(num_experts=4, top_k=2, rank=2, targets=("q_proj",))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    logits = model.eval()(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

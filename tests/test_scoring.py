@@ -1,5 +1,7 @@
 """Graders of eval.py on hand-written cases; generated programs run in a sandboxed child process."""
 
+from pathlib import Path
+
 import pytest
 
 from minimoe.sandbox import humaneval_program, mbpp_program, run_program
@@ -74,3 +76,42 @@ def test_infinite_loop_and_memory_hog_are_stopped_and_fail():
     assert hog.status == "memory" and not hog.passed
     sleeper = run_program("import time\ntime.sleep(30)\n", timeout=1)
     assert sleeper.status == "timeout"
+
+
+def test_exiting_before_the_tests_is_a_failure():
+    for escape in ("import sys; sys.exit(0)", "import os; os._exit(0)"):
+        result = run_program(humaneval_program(PROBLEM, f"    return 0\n{escape}\n"))
+        assert result.status == "failed" and "before its tests finished" in result.detail
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie is dead, only not yet reaped
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the escaped process")
+def test_children_and_escaped_grandchildren_are_killed(tmp_path):
+    pids = tmp_path / "pids"
+    spawn = ("import os, subprocess, sys\n"
+             "a = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+             "b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+             f"open({str(pids)!r}, 'w').write(f'{{a.pid}} {{b.pid}}')\n")
+    assert run_program(spawn).passed  # the program itself exits 0 at once
+    assert not any(_alive(int(p)) for p in pids.read_text().split())
+    hang = spawn + "import time; time.sleep(60)\n"
+    assert run_program(hang, timeout=1).status == "timeout"
+    assert not any(_alive(int(p)) for p in pids.read_text().split())
+
+
+def test_output_floods_stay_out_of_the_evaluator():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    flood = run_program("import sys\nwhile True:\n    sys.stdout.write('x' * 2**20)\n", timeout=2)
+    assert flood.status == "timeout"
+    err = run_program("import sys\nwhile True:\n    sys.stderr.write('y' * 2**20)\n", timeout=5, max_file_mb=4)
+    assert err.status == "failed" and len(err.detail) <= 500  # the file-size limit stops it
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: nothing buffered here
