@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from . import optim
 from .lora import LoRALinear, ResizableLoRAExpert
 from .lora_moe import PrunableLoRAMoE
 from .moe import SparseMoeBlock, StackedLinear
@@ -148,13 +149,29 @@ class AdapterMixin:
 
     def grow_expert_lora(self, plan: dict[int, dict[int, int]], optimizer: torch.optim.Optimizer | None = None,
                          generator: torch.Generator | None = None) -> None:
-        """Add ranks (``{layer: {expert: delta_r}}``) on every adapted projection of those layers."""
+        """Add ranks (``{layer: {expert: delta_r}}``) on every adapted projection of those layers.
+        The whole plan is checked before anything changes; new ranks join the param group of the
+        model's other expert-LoRA parameters."""
         for layer, deltas in plan.items():
             for m in self._expert_targets(layer, "grow_expert_lora").values():
-                m.grow(dict(deltas), optimizer, generator)
+                m.check_grow(dict(deltas))
+        group = None
+        if optimizer is not None:
+            others = [p for mods in self.expert_lora_modules().values() for m in mods.values()
+                      for p in m.adapter_parameters()]
+            group = optim.find_group(optimizer, others)
+            if group is None and len(optimizer.param_groups) > 1:
+                raise ValueError("grow_expert_lora: no expert-LoRA parameter is left in the optimizer to tell which "
+                                 f"of its {len(optimizer.param_groups)} param groups new ranks belong to")
+        for layer, deltas in plan.items():
+            for m in self._expert_targets(layer, "grow_expert_lora").values():
+                m.grow(dict(deltas), optimizer, generator, group=group)
 
     def shrink_expert_lora(self, plan: dict[int, dict[int, int]], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Remove the newest ranks (``{layer: {expert: delta_r}}``): the inverse of ``grow_expert_lora``."""
+        for layer, deltas in plan.items():
+            for m in self._expert_targets(layer, "shrink_expert_lora").values():
+                m.check_shrink(dict(deltas))
         for layer, deltas in plan.items():
             for m in self._expert_targets(layer, "shrink_expert_lora").values():
                 m.shrink(dict(deltas), optimizer)

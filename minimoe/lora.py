@@ -199,32 +199,51 @@ class ResizableLoRAExpert(StackedLinear):
             self.lora[e] = _ExpertChunks()
         self._packing = None
 
-    def grow(self, deltas: dict[int, int], optimizer: torch.optim.Optimizer | None = None,
-             generator: torch.Generator | None = None) -> None:
-        """Give expert e ``deltas[e]`` more ranks: new A rows Kaiming-uniform, projected onto the
-        orthogonal complement of e's existing A rows; new B rows zero (the output is unchanged)."""
-        group = optim.find_group(optimizer, self.adapter_parameters()) if optimizer is not None else None
-        new = []
+    def check_grow(self, deltas: dict[int, int]) -> None:
+        """Raise, changing nothing, if ``grow(deltas)`` is not possible."""
+        self._check_experts(deltas)
+        cap = min(self.in_features, self.out_features)
         for e, dr in deltas.items():
-            self._check_experts([e])
             if dr <= 0:
                 raise ValueError(f"grow: expert {e} needs a positive rank increase, got {dr}")
-            existing = self.lora_A_of(e).detach().float().cpu()
-            if existing.shape[0] + dr > min(self.in_features, self.out_features):
-                raise ValueError(f"grow: expert {e} would reach rank {existing.shape[0] + dr} > "
-                                 f"min(in, out) = {min(self.in_features, self.out_features)}")
-            new += self._append(e, orthogonal_rows(kaiming_rows(dr, self.in_features, generator), existing))
+            if self.lora[int(e)].rank + dr > cap:
+                raise ValueError(f"grow: expert {e} would reach rank {self.lora[int(e)].rank + dr} > min(in, out) = {cap}")
+
+    def grow(self, deltas: dict[int, int], optimizer: torch.optim.Optimizer | None = None,
+             generator: torch.Generator | None = None, group: dict | None = None) -> None:
+        """Give expert e ``deltas[e]`` more ranks: new A rows Kaiming-uniform, projected onto the
+        orthogonal complement of e's existing A rows; new B rows zero (the output is unchanged).
+        New parameters join ``group`` (default: the group of this module's adapter parameters; when every
+        expert was pruned there are none, so pass it, as ``model.grow_expert_lora`` does). All-or-nothing:
+        an impossible request raises before anything changes."""
+        self.check_grow(deltas)
+        if optimizer is not None and group is None:
+            group = optim.find_group(optimizer, self.adapter_parameters())
+            if group is None and len(optimizer.param_groups) > 1:
+                raise ValueError("grow: this module has no parameters left in the optimizer to tell which of its "
+                                 f"{len(optimizer.param_groups)} param groups the new ranks belong to; pass group=")
+        new = []
+        for e, dr in deltas.items():
+            existing = self.lora_A_of(int(e)).detach().float().cpu()
+            new += self._append(int(e), orthogonal_rows(kaiming_rows(dr, self.in_features, generator), existing))
         if optimizer is not None and new:
             optim.add_params(optimizer, new, group)
 
+    def check_shrink(self, deltas: dict[int, int]) -> None:
+        """Raise, changing nothing, if ``shrink(deltas)`` is not possible."""
+        self._check_experts(deltas)
+        for e, dr in deltas.items():
+            if not 0 < dr <= self.lora[int(e)].rank:
+                raise ValueError(f"shrink: expert {e} has rank {self.lora[int(e)].rank}, cannot remove {dr}")
+
     def shrink(self, deltas: dict[int, int], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Remove the newest ``deltas[e]`` ranks of expert e (whole chunks, or a slice of the last one).
-        ``grow`` then ``shrink`` by the same amounts restores parameters and optimizer state exactly."""
+        ``grow`` then ``shrink`` by the same amounts restores parameters and optimizer state exactly.
+        All-or-nothing like ``grow``."""
+        self.check_shrink(deltas)
         for e, dr in deltas.items():
-            self._check_experts([e])
+            e = int(e)
             chunks = self.lora[e]
-            if not 0 < dr <= chunks.rank:
-                raise ValueError(f"shrink: expert {e} has rank {chunks.rank}, cannot remove {dr}")
             A, B = list(chunks.A), list(chunks.B)
             while dr:
                 a, b = A[-1], B[-1]

@@ -348,3 +348,35 @@ def test_summary_shows_ranks_and_parameters():
     assert "layers.1.self_attn.o_proj" in text
     assert f"adapter parameters: {model.num_adapter_parameters():,} trainable" in text
     assert math.isclose(model.num_adapter_parameters(), _expected_params(model) + 2 * 2 * (64 + 64))
+
+
+def test_impossible_grow_or_shrink_changes_nothing():
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-olmoe"))
+    model.add_expert_lora(rank=4, alpha=8, targets=("gate_proj", "up_proj"))
+    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-3)
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="expert 2 would reach rank 44"):
+        model.grow_expert_lora({0: {1: 4}, 1: {2: 40}}, optimizer=opt)
+    with pytest.raises(ValueError, match="cannot remove 5"):
+        model.shrink_expert_lora({0: {1: 2}, 1: {3: 5}}, optimizer=opt)
+    after = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in after.values()}
+
+
+def test_growth_after_pruning_every_expert_joins_the_expert_lora_group():
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-olmoe"))
+    model.add_lora(rank=4, targets=("q_proj",))
+    model.add_expert_lora(rank=4, alpha=8, targets=("gate_proj",))
+    dense = [p for n, p in model.named_parameters() if p.requires_grad and "experts" not in n]
+    experts = [p for n, p in model.named_parameters() if p.requires_grad and "experts" in n]
+    opt = torch.optim.AdamW([{"params": dense, "lr": 1e-4}, {"params": experts, "lr": 1e-2}])
+    model.prune_expert_lora({0: range(8)}, optimizer=opt)
+    model.grow_expert_lora({0: {2: 4}}, optimizer=opt)  # layer 1's expert LoRA still tells the group
+    new = [*model.expert_lora_modules()[0]["gate_proj"].adapter_parameters()]
+    assert new and all(any(p is q for q in opt.param_groups[1]["params"]) for p in new)
+    model.prune_expert_lora({0: [2], 1: range(8)}, optimizer=opt)
+    with pytest.raises(ValueError, match="param groups"):  # nothing left to tell: no guessing
+        model.grow_expert_lora({0: {2: 4}}, optimizer=opt)
