@@ -20,7 +20,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from minimoe.checkpoint import CHECKPOINT, read_info
+from minimoe.checkpoint import locate, read_info
 from minimoe.policies import POLICIES
 from minimoe.trainer import TrainConfig, Trainer, TrainingError
 
@@ -119,7 +119,7 @@ def resolve(argv=None) -> TrainConfig:
     resume = args.get("resume") or train.get("resume")
     if resume:  # a resumed run keeps its own arguments; flags given now override them
         try:
-            saved = read_info(Path(resume) / CHECKPOINT)["args"]
+            saved = read_info(locate(resume))["args"]
         except FileNotFoundError as e:
             p.error(f"--resume {resume}: {e}")
         saved_options = saved.pop("policy_options", {})

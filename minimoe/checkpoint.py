@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_dir
+from .files import atomic_dir, previous_copy
 from .lora import ResizableLoRAExpert
 from .lora_moe import PrunableLoRAMoE
 
@@ -128,6 +128,13 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, info: dict, stat
         torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
         (tmp / "trainer.json").write_text(json.dumps({**info, "layout": adapter_layout(model)}, indent=1))
     return final
+
+
+def locate(run_dir: str | Path) -> Path:
+    """``run_dir/checkpoint``; if a crash mid-replacement left only the previous copy, that copy."""
+    final = Path(run_dir) / CHECKPOINT
+    old = previous_copy(final)
+    return old if not final.exists() and (old / "trainer.json").is_file() else final
 
 
 def read_info(ckpt: Path) -> dict:

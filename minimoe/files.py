@@ -34,14 +34,40 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, flag: str = "ove
             if f.is_file():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
-        old = dst.parent / f".{dst.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if dst.exists():
-            dst.rename(old)
-        tmp.rename(dst)
-        if old.exists():
-            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = previous_copy(dst)
+    if dst.exists():
+        if old.exists():
+            shutil.rmtree(old)  # stale: dst is the current copy
+        dst.rename(old)
+    try:
+        tmp.rename(dst)
+    except BaseException:
+        if old.exists() and not dst.exists():
+            old.rename(dst)  # put the previous copy back: never lose both
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(dst.parent)
+
+
+def previous_copy(dst: str | os.PathLike) -> Path:
+    """Where ``atomic_dir`` keeps the replaced directory during the swap (``.NAME.old``). Only a crash
+    between its two renames leaves it there without ``NAME``; readers may fall back to it."""
+    dst = Path(dst)
+    return dst.parent / f".{dst.name}.old"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import PRESETS, preset
 from .data import Dataset, load_pairs
-from .hf import from_pretrained
+from .hf import from_pretrained, resolve
 from .model import CausalLM
 from .policies import Context, Policy, make_policy
 from .tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
@@ -116,23 +118,29 @@ class Trainer:
             self.run_dir = Path(c.resume)
         else:
             self.run_dir = Path(c.out or f"runs/{c.policy}")
-            self._prepare_run_dir()
+            self._check_run_dir()
         c.model = c.model or default_model(c.policy)
+        # bad input fails here, before anything on disk changes
+        if not (c.model in PRESETS and not Path(c.model).exists()):
+            resolve(c.model)
+        pairs = load_pairs(c.data, c.seed)
+        self.policy: Policy = make_policy(c.policy, c.policy_options)
+        if not c.resume:
+            self._clear_run_dir()  # only now: a bad flag or file above never costs an existing run
         torch.manual_seed(c.seed)
         self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed, self.run_dir / "base")
         self.model.gradient_checkpointing = c.gradient_checkpointing
-        pairs = load_pairs(c.data, c.seed)
         self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)
         self.steps_per_epoch = max(1, math.ceil(len(self.data) / (c.batch_size * c.grad_accum)))
-        self.policy: Policy = make_policy(c.policy, c.policy_options)
         self.policy.generator.manual_seed(c.seed)
         self.step = 0
         state = None
         if c.resume:
-            info = ckpt.read_info(self.run_dir / ckpt.CHECKPOINT)
+            found = ckpt.locate(self.run_dir)
+            info = ckpt.read_info(found)
             if info["policy"] != c.policy:
                 raise TrainingError(f"--resume {self.run_dir}: the run used policy {info['policy']}, not {c.policy}")
-            state = torch.load(self.run_dir / ckpt.CHECKPOINT / "state.pt", weights_only=False)
+            state = torch.load(found / "state.pt", weights_only=False)
             self.policy.load_state_dict(state["policy"])
         ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed)
         self.policy.setup(self.model, ctx)
@@ -146,9 +154,13 @@ class Trainer:
                                            fused=self.device.startswith("cuda") or None)
         self.scheduler = cosine_schedule(self.optimizer, c.steps, c.warmup_ratio)
         if c.resume:
-            state = ckpt.load_checkpoint(self.run_dir / ckpt.CHECKPOINT, self.model, self.optimizer, self.scheduler)
+            state = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler)
             self.data.load_state_dict(state["data"])
             self.step = info["step"]
+            # the saved lr was computed under the saved --steps; a new --steps takes effect from this step
+            for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                      self.scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * f(self.scheduler.last_epoch)
             self._truncate_logs(self.step)
         else:
             (self.run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
@@ -156,11 +168,13 @@ class Trainer:
                 self._event(self.policy.selection_event())
 
     # --- run directory ---------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
+    def _check_run_dir(self) -> None:
+        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.config.overwrite:
+            raise TrainingError(f"run directory {self.run_dir} exists and is not empty; pass --overwrite to "
+                                f"replace it or --resume {self.run_dir} to continue it")
+
+    def _clear_run_dir(self) -> None:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not self.config.overwrite:
-                raise TrainingError(f"run directory {self.run_dir} exists and is not empty; pass --overwrite to "
-                                    f"replace it or --resume {self.run_dir} to continue it")
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -190,33 +204,46 @@ class Trainer:
         state = {"policy": self.policy.state_dict(), "data": self.data.state_dict()}
         return ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, info, state)
 
+    def _on_sigint(self, signum, frame) -> None:
+        """First Ctrl-C: finish the current step, save, stop. Second: stop at once (saving nothing of
+        the step in progress)."""
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print("\nCtrl-C: finishing this step, then saving (press again to stop at once)", flush=True)
+
     # --- the loop ------------------------------------------------------------------------------
     def train_step(self) -> dict:
         c = self.config
         model, opt = self.model, self.optimizer
         model.train()
         total, tokens, extra_total = 0.0, 0, 0.0
-        for micro in range(c.grad_accum):
-            batch = self.data.next_batch(c.batch_size).to(self.device)
+        batches = [self.data.next_batch(c.batch_size).to(self.device) for _ in range(c.grad_accum)]
+        # each micro-batch's mean loss weighs by its share of the step's target tokens, so that
+        # --grad-accum G with --batch-size B trains like one batch of G*B
+        targets = [int((b.labels[:, 1:] != -100).sum()) for b in batches]
+        for micro, batch in enumerate(batches):
+            weight = targets[micro] / max(1, sum(targets))
             mask = batch.loss_mask if c.stats_tokens == "response" else batch.attention_mask
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
                 out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                             output_router=self.policy.needs_router, token_mask=mask)
-            loss = out.loss
-            extra = self.policy.extra_loss(out)
+            # (a micro-batch with no target tokens, e.g. all prompt, contributes nothing, not a NaN mean)
+            objective = out.loss * weight if targets[micro] else out.logits.sum() * 0.0
+            extra = self.policy.extra_loss(out)  # e.g. DMEP's LB loss: a mean per micro-batch
             if extra is not None:
-                loss = loss + extra
+                objective = objective + extra / c.grad_accum
                 extra_total += extra.item() / c.grad_accum
-            loss_value = loss.detach()
+            loss_value = objective.detach()
             if not torch.isfinite(loss_value):
                 opt.zero_grad(set_to_none=True)
                 last = self.run_dir / ckpt.CHECKPOINT
                 kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
                 raise TrainingError(f"non-finite loss ({loss_value.item()}) at step {self.step + 1}, micro-batch {micro}: "
                                     f"stopping; {kept}. Try a lower --lr or --max-grad-norm.")
-            (loss / c.grad_accum).backward()
+            objective.backward()
             self.policy.observe(out, mask)
-            total += out.loss.item() / c.grad_accum
+            total += out.loss.item() * weight if targets[micro] else 0.0
             tokens += int(batch.attention_mask.sum())
         params = [p for g in opt.param_groups for p in g["params"]]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)) if c.max_grad_norm > 0 else None
@@ -239,11 +266,19 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.show_progress, dynamic_ncols=True,
                    desc=f"{c.policy}")
         record = {}
+        self._stop_requested, self._in_step = False, False
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             end = min(c.steps, c.stop_at) if c.stop_at else c.steps
             while self.step < end:
+                if self._stop_requested:
+                    raise KeyboardInterrupt
                 t = time.perf_counter()
+                self._in_step = True
                 record = self.train_step()
+                self._in_step = False
                 dt = time.perf_counter() - t
                 tokens += record["tokens"]
                 record["tokens_per_s"] = record["tokens"] / dt
@@ -256,11 +291,18 @@ class Trainer:
                 if c.save_every and self.step % c.save_every == 0 and self.step < end:
                     self.save()
         except KeyboardInterrupt:
-            self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped
             bar.close()
+            if self._in_step:  # data drawn, statistics counted, maybe a half-applied event: save nothing
+                last = ckpt.locate(self.run_dir)
+                kept = f"the last checkpoint ({last}) is kept" if last.exists() else "no checkpoint was written"
+                print(f"\ninterrupted inside step {self.step + 1}: nothing saved from it; {kept}")
+                return {"interrupted": True, "step": ckpt.read_info(last)["step"] if last.exists() else 0}
             path = self.save()
             print(f"\ninterrupted: saved step {self.step} to {path}; continue with --resume {self.run_dir}")
             return {"interrupted": True, "step": self.step}
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
         bar.close()
         path = self.save()
         elapsed = time.perf_counter() - t0

@@ -3,6 +3,8 @@ honest logs, and every bad input named."""
 
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -250,8 +252,8 @@ def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
     real = trainer.train_step
 
     def step():
-        if trainer.step == 3:
-            raise KeyboardInterrupt
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 3: it finishes, is saved, the run stops
         return real()
 
     monkeypatch.setattr(trainer, "train_step", step)
@@ -261,6 +263,28 @@ def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
                       show_progress=False)
     assert resumed.step == 3 and resumed.train()["steps"] == 6
     assert [m["step"] for m in _lines(tmp_path / "i/metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_ctrl_c_inside_a_step_saves_nothing_of_it(tmp_path, monkeypatch, capsys):
+    c = TrainConfig(policy="lora", out=str(tmp_path / "i"), steps=6, batch_size=2, save_every=2)
+    trainer = Trainer(c, show_progress=False)
+    real_observe = trainer.policy.observe
+
+    def observe(*a, **k):
+        if trainer.step == 4:
+            raise KeyboardInterrupt  # inside step 5, after its data were drawn and its backward ran
+        return real_observe(*a, **k)
+
+    monkeypatch.setattr(trainer.policy, "observe", observe)
+    assert trainer.train() == {"interrupted": True, "step": 4}
+    assert "interrupted inside step 5: nothing saved from it" in capsys.readouterr().out
+    assert json.loads((tmp_path / "i/checkpoint/trainer.json").read_text())["step"] == 4
+    # resuming from the kept checkpoint gives exactly the uninterrupted run
+    Trainer(TrainConfig(policy="lora", steps=6, batch_size=2, resume=str(tmp_path / "i")), show_progress=False).train()
+    Trainer(TrainConfig(policy="lora", out=str(tmp_path / "u"), steps=6, batch_size=2),
+            show_progress=False).train()
+    a, b = load_file(tmp_path / "i/checkpoint/model.safetensors"), load_file(tmp_path / "u/checkpoint/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
@@ -354,3 +378,75 @@ def test_runs_end_with_a_loadable_fine_tune(tmp_path):
     rc, full = _run(tmp_path, "full", "--policy", "full", "--steps", "2")
     assert rc == 0 and (full / "model/model.safetensors").is_file() and not (full / "adapter").exists()
     assert minimoe.load_tokenizer(full / "model").encode("12 + 7") == byte_tokenizer().encode("12 + 7")
+
+
+def _grads_of_first_step(tmp_path, name, batch_size, grad_accum):
+    c = TrainConfig(policy="lora", model="tiny-olmoe", out=str(tmp_path / name), steps=2, batch_size=batch_size,
+                    grad_accum=grad_accum, eval_limit=0, max_grad_norm=0.0)
+    trainer = Trainer(c, show_progress=False)
+    grads, calls, real = {}, [], trainer.policy.observe
+
+    def observe(out, mask):
+        real(out, mask)
+        calls.append(1)
+        if len(calls) == grad_accum:  # the step's gradient is complete
+            grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+
+    trainer.policy.observe = observe
+    trainer.train_step()
+    return grads
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    """Micro-batches weigh by their target tokens: 2 x 4 gives the gradient of 1 x 8 (same examples)."""
+    big, small = _grads_of_first_step(tmp_path, "big", 8, 1), _grads_of_first_step(tmp_path, "small", 4, 2)
+    assert big.keys() == small.keys() and big
+    for n in big:
+        assert torch.allclose(big[n], small[n], rtol=1e-4, atol=1e-7), n
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_input_is_bad(tmp_path, capsys):
+    rc, out = _run(tmp_path, "keep", "--policy", "lora", "--steps", "1")
+    assert rc == 0
+    before = sorted(p.name for p in out.iterdir())
+    rc, _ = _run(tmp_path, "keep", "--policy", "lora", "--steps", "1", "--overwrite",
+                 "--data", str(tmp_path / "missing.jsonl"))
+    assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "checkpoint/trainer.json").is_file()
+
+
+def test_resume_with_more_steps_follows_the_new_schedule_at_once(tmp_path):
+    rc, out = _run(tmp_path, "s", "--policy", "lora", "--steps", "8", "--stop-at", "4")
+    assert rc == 0
+    assert train.main(["--resume", str(out), "--steps", "16", "--stop-at", "5"]) == 0
+    fresh = _run(tmp_path, "f", "--policy", "lora", "--steps", "16", "--stop-at", "5")[1]
+    lr_resumed = _lines(out / "metrics.jsonl")[-1]["lr"]
+    lr_fresh = _lines(fresh / "metrics.jsonl")[-1]["lr"]
+    assert lr_resumed == pytest.approx(lr_fresh, rel=1e-12)  # step 5 of a 16-step schedule, not of the old one
+
+
+def test_a_failed_checkpoint_swap_keeps_the_previous_copy(tmp_path, monkeypatch):
+    from minimoe import checkpoint as ckpt
+    from minimoe.files import atomic_dir
+
+    dst = tmp_path / "checkpoint"
+    with atomic_dir(dst) as tmp:
+        (tmp / "trainer.json").write_text('{"step": 1}')
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".checkpoint.tmp-"):
+            raise KeyboardInterrupt  # interrupted between moving the old copy aside and moving the new one in
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(dst, overwrite=True) as tmp:
+            (tmp / "trainer.json").write_text('{"step": 2}')
+    monkeypatch.undo()
+    assert json.loads((dst / "trainer.json").read_text()) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    # a crash (no chance to restore) leaves only the previous copy aside: resume finds it
+    dst.rename(tmp_path / ".checkpoint.old")
+    assert ckpt.locate(tmp_path) == tmp_path / ".checkpoint.old"
+    assert ckpt.read_info(ckpt.locate(tmp_path)) == {"step": 1}
