@@ -30,6 +30,13 @@ from .moe import (
 )
 
 
+def _masked_layer(layer, token_mask, *args):
+    """A layer under the routing token mask: recomputation inside backward (activation checkpointing)
+    runs outside the model's ``with routing_token_mask``, so the checkpointed function sets it itself."""
+    with routing_token_mask(token_mask):
+        return layer(*args)
+
+
 class RMSNorm(nn.Module):
     """``weight * (x / rms(x))`` with the statistics in fp32, cast back before the weight (as HF)."""
 
@@ -275,7 +282,8 @@ class CausalLM(AdapterMixin, nn.Module):
         with routing_token_mask(token_mask):
             for layer in self.layers:
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    x, route = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+                    x, route = checkpoint(_masked_layer, layer, token_mask, x, cos, sin, mask, kv_cache,
+                                          use_reentrant=False)
                 else:
                     x, route = layer(x, cos, sin, mask, kv_cache)
                 if route is not None:

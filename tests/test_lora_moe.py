@@ -206,3 +206,24 @@ def test_lora_moe_runs_on_a_bf16_base_without_autocast():
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     logits = model.eval()(ids).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-olmoe"])
+def test_activation_checkpointing_keeps_the_token_mask_in_the_lb_gradient(name):
+    """Recomputation in backward must see the same token mask as the forward did."""
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset(name))
+    model.add_lora_moe(num_experts=4, top_k=2, rank=2, targets=("q_proj", "v_proj"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    token_mask = torch.zeros(2, 9, dtype=torch.long)
+    token_mask[:, 5:] = 1
+    grads = []
+    for flag in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing = flag
+        out = model.train()(ids, labels=ids, token_mask=token_mask)
+        (out.loss + 0.01 * out.adapter_aux_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n

@@ -16,7 +16,7 @@ import minimoe
 from minimoe import optim
 from minimoe.data import Dataset, encode_pair, read_jsonl
 from minimoe.policies import DMEP, Context, EPnG
-from minimoe.policies.esft import SelectedExperts, top_p_selection
+from minimoe.policies.esft import SelectedExperts, normalize_scores, top_p_selection
 from minimoe.stats import drift, gini, normalized_entropy
 from minimoe.tokenizer import byte_tokenizer
 from minimoe.trainer import TrainConfig, Trainer, TrainingError
@@ -186,6 +186,14 @@ def test_esft_top_p_selection_by_hand():
     assert top_p_selection(scores, 0.5) == [1, 3]  # 0.40 then 0.70 crosses 0.5: included
     assert top_p_selection(scores, 0.4) == [1]
     assert top_p_selection(scores, 0.71) == [1, 3, 4]
+
+
+def test_esft_score_normalisations_by_hand():
+    sums = {0: torch.tensor([6.0, 2.0, 0.0]), 1: torch.tensor([2.0, 2.0, 4.0])}
+    layer = normalize_scores(sums, "layer")
+    assert layer[0].tolist() == [0.75, 0.25, 0.0] and layer[1].tolist() == [0.25, 0.25, 0.5]
+    glob = normalize_scores(sums, "global")  # the reference code: each expert over the layers
+    assert glob[0].tolist() == [0.75, 0.5, 0.0] and glob[1].tolist() == [0.25, 0.5, 1.0]
 
 
 def test_esft_trains_only_selected_experts(tmp_path):

@@ -2,7 +2,8 @@
 
     score every routed expert on a sample of the training data:
         gate  — sum of its top-k routing weights      token — its share of the top-k slots
-    normalise per layer (the paper; ``normalize="global"`` is the reference code's choice)
+    normalise per layer (the paper), or as the reference code does (``normalize="global"``: each
+        expert's score divided by its sum over layers, ``scores / scores.sum(axis=0)``)
     per layer, take experts by descending score until the cumulative score reaches top_p
         (the expert crossing the threshold is included)
     train those experts' full weights; everything else is frozen and stays out of the optimizer
@@ -41,6 +42,17 @@ class SelectedExperts(StackedLinear):
         return grouped_linear(x, self.merged_weight(), groups)
 
 
+def normalize_scores(sums: dict[int, torch.Tensor], how: str) -> dict[int, torch.Tensor]:
+    """``layer``: each layer's scores sum to 1 (the paper). ``global``: what the reference code does
+    (scripts/expert/generate_expert_config.py, ``scores / np.sum(scores, axis=0)`` on a [layers, experts]
+    table): each expert's score divided by that expert's total over the layers."""
+    if how == "layer":
+        return {l: s / s.sum().clamp_min(1e-12) for l, s in sums.items()}
+    layers = sorted(sums)
+    per_expert = torch.stack([sums[l] for l in layers]).sum(0).clamp_min(1e-12)
+    return {l: sums[l] / per_expert for l in layers}
+
+
 def top_p_selection(scores: torch.Tensor, top_p: float) -> list[int]:
     """Experts by descending score until the cumulative score reaches ``top_p`` (crossing one included)."""
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
@@ -60,7 +72,7 @@ class ESFT(Policy):
     class Config:
         score: str = "token"  # "token" (selection ratio) or "gate" (sum of routing weights)
         top_p: float = 0.2  # cumulative score per layer (the ESFT paper uses 0.2 for token, 0.1 for gate)
-        normalize: str = "layer"  # "layer" (paper) or "global" (reference code)
+        normalize: str = "layer"  # "layer" (paper) or "global" (reference code: per expert over layers)
         sample_batches: int = 32  # training batches scored before training starts
         targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 
@@ -95,10 +107,7 @@ class ESFT(Policy):
         finally:
             data.load_state_dict(saved)
             model.train(was_training)
-        if self.config.normalize == "layer":
-            return {l: s / s.sum().clamp_min(1e-12) for l, s in sums.items()}
-        total = sum(s.sum() for s in sums.values()).clamp_min(1e-12)
-        return {l: s / total for l, s in sums.items()}
+        return normalize_scores(sums, self.config.normalize)
 
     def setup(self, model, ctx: Context) -> None:
         if not model.config.num_experts:
