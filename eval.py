@@ -62,7 +62,7 @@ def load_completions(path: Path, rows: list[dict]) -> list[list[str]]:
     """Completions from another tool, matched to problems by task_id (else by index, else in order)."""
     by_key: dict = {}
     for n, rec in enumerate(read_rows(path)):
-        key = rec.get("task_id", rec.get("index", n))
+        key = next((rec[k] for k in ("task_id", "index") if rec.get(k) is not None), n)
         texts = rec["completions"] if "completions" in rec else [rec.get("completion", "")]
         by_key.setdefault(key, []).extend(texts)
     out = []
@@ -81,8 +81,9 @@ def main(argv=None) -> int:
     try:
         rows = task_rows(args.task, args.data, args.limit)
         if args.completions:
-            if args.task in ("perplexity", "mc") and args.mc_mode != "letter":
-                raise ValueError(f"--completions cannot score {args.task} by log-likelihood")
+            if args.task == "perplexity" or (args.task == "mc" and args.mc_mode != "letter"):
+                raise ValueError(f"--completions cannot score {args.task} by log-likelihood "
+                                 "(use --mc-mode letter for multiple choice)")
             summary, records = grade(args.task, rows, load_completions(args.completions, rows), args.k,
                                      args.timeout, args.memory_mb)
             summary.update(task=args.task, completions=str(args.completions))

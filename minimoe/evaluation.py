@@ -110,9 +110,13 @@ def generate_all(model, tok, prompts: list[str], dec: Decoding, progress: bool =
 
 
 def clean_code(task: str, completion: str) -> str:
+    """The program text of a completion: a fenced block's content when there is one (any info string:
+    ```python, ```py, ```Python, ```), else for HumanEval the text up to the first stop sequence."""
+    block = re.search(r"```[^\n]*\n(.*?)(?:```|$)", completion, re.S)
+    if block:
+        return block.group(1)
     if task == "mbpp":
-        block = re.search(r"```(?:python)?\n(.*?)(```|$)", completion, re.S)
-        return block.group(1) if block else completion
+        return completion
     cut = min([completion.find(s) for s in CODE_STOPS if s in completion] or [len(completion)])
     return completion[:cut]
 
@@ -149,7 +153,8 @@ def grade(task: str, rows: list[dict], completions: list[list[str]], ks=(1, 10),
         if not scores:
             raise ValueError(f"pass@k needs n >= k samples per problem; got n={n}, k={list(ks)}")
     else:
-        scores = {"exact_match": sum(c[0] for c in per_problem) / len(per_problem)}
+        # with n > 1 samples per problem: the mean over all samples (greedy n = 1 is the papers' setting)
+        scores = {"exact_match": sum(sum(c) / len(c) for c in per_problem) / len(per_problem)}
     return {"problems": len(per_problem), **scores}, records
 
 
@@ -177,6 +182,9 @@ def mc_loglik(model, tok, rows: list[dict]) -> tuple[dict, list[dict]]:
 
 @torch.no_grad()
 def perplexity(model, tok, rows: list[dict], max_len: int = 1024) -> tuple[dict, list[dict]]:
+    """Token-level perplexity over the documents, in windows of at most ``max_len`` predicted tokens
+    (capped so a window fits the model's ``max_position_embeddings``)."""
+    max_len = max(1, min(max_len, model.config.max_position_embeddings - 1))
     nll, count, records = 0.0, 0, []
     for i, row in enumerate(rows):
         text = row.get("text") or (str(row.get("prompt", "")) + str(row.get("response", "")))

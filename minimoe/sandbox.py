@@ -42,9 +42,11 @@ def humaneval_program(problem: dict, completion: str) -> str:
 
 
 def mbpp_program(problem: dict, completion: str) -> str:
-    """MBPP: the generated code, the setup code, then the asserts of ``test_list``."""
+    """MBPP: the generated code, the setup code and the imports the tests need (sanitized MBPP's
+    ``test_imports``), then the asserts of ``test_list``."""
     tests = "\n".join(problem.get("test_list", []))
-    return f"{completion}\n\n{problem.get('test_setup_code', '')}\n{tests}\n"
+    imports = "\n".join(problem.get("test_imports", []))
+    return f"{completion}\n\n{problem.get('test_setup_code', '')}\n{imports}\n{tests}\n"
 
 
 # Runs in the child before the program: limits first, then the program as __main__, then the token.

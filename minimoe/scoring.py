@@ -1,8 +1,10 @@
 """Answer extraction and metrics of the papers' benchmarks (deterministic graders, no LLM judge).
 
-* GSM8K: the number after ``####``, else the last number in the text; compared numerically.
+* GSM8K: the number after the first ``####`` (a model that goes on to invent the next problem is graded
+  on its own answer), else the last number in the text; compared numerically.
 * MATH: the last ``\\boxed{...}`` (or ``\\fbox``), normalised as in Hendrycks et al.'s ``strip_string``.
-* Multiple choice: the first standalone option letter.
+* Multiple choice: "answer is X" / "(X)" / a leading "X." first, then the first standalone option letter
+  that is not the word "A" or "I".
 * pass@k: the unbiased estimator of Chen et al. (2021), ``1 - C(n-c, k) / C(n, k)``.
 """
 
@@ -12,7 +14,7 @@ import re
 
 import numpy as np
 
-_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?[\d,]*\.?\d+")  # "10-20" is 10 and 20, not 10 and -20
 
 
 def _to_number(text: str) -> float | None:
@@ -24,9 +26,9 @@ def _to_number(text: str) -> float | None:
 
 
 def extract_gsm8k(text: str) -> str | None:
-    """The final answer of a GSM8K-style solution: after the last ``####``, else the last number."""
+    """The final answer of a GSM8K-style solution: after the first ``####``, else the last number."""
     if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip()
+        tail = text.split("####", 1)[1].strip()
         m = _NUMBER.search(tail.replace("$", ""))
         return m.group(0).replace(",", "") if m else (tail.split("\n")[0].strip() or None)
     numbers = _NUMBER.findall(text.replace("$", ""))
@@ -48,11 +50,13 @@ def last_boxed(text: str) -> str | None:
     if idx < 0:
         return None
     rest = text[idx:]
-    if rest.startswith("\\boxed ") and "{" not in rest.split()[0]:
-        return rest.split(" ", 1)[1].split("$")[0].strip()
-    start = rest.find("{")
-    if start < 0:
-        return None
+    name = "\\boxed" if rest.startswith("\\boxed") else "\\fbox"
+    after = rest[len(name):]
+    if not after.lstrip(" ").startswith("{"):  # "\boxed 5"; "\boxedx" is not a box
+        if not after.startswith(" "):
+            return None
+        return after.strip().split("$")[0].strip() or None
+    start = len(name) + after.index("{")
     depth = 0
     for i, ch in enumerate(rest[start:], start):
         depth += ch == "{"
@@ -79,7 +83,12 @@ def _fix_slash(s: str) -> str:
     if s.count("/") != 1:
         return s
     a, b = s.split("/")
-    return f"\\frac{{{a}}}{{{b}}}" if a.isdigit() and b.isdigit() else s
+    try:
+        if s != f"{int(a)}/{int(b)}":
+            return s
+    except ValueError:
+        return s
+    return f"\\frac{{{a}}}{{{b}}}"
 
 
 def _fix_sqrt(s: str) -> str:
@@ -91,13 +100,15 @@ def normalize_math(s: str) -> str:
     s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
+    if "\\text{ " in s:  # Hendrycks' _remove_right_units: everything from "\text{ " on is units
+        s = s.split("\\text{ ")[0]
     s = re.sub(r"\\text\{\s*[a-zA-Z ]*\}$", "", s.strip()) if re.search(r"\d", s) else s
     s = s.replace("\\%", "").replace("%", "")
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if s.startswith("."):
         s = "0" + s
-    if "=" in s and len(s.split("=")[0].strip()) <= 2:
-        s = s.split("=", 1)[1]
+    if s.count("=") == 1 and len(s.split("=")[0]) <= 2:  # "x=3" -> "3" (a short left side only)
+        s = s.split("=")[1]
     s = _fix_sqrt(s).replace(" ", "")
     s = _fix_fracs(s)
     if s == "0.5":
@@ -113,9 +124,18 @@ def math_correct(completion: str, reference: str) -> bool:
 
 
 def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
-    """The first standalone option letter (``B``, ``(B)``, ``B.``, ``answer is B``)."""
-    m = re.search(rf"\b([{letters}])\b", text.strip())
-    return m.group(1) if m else None
+    """The chosen option letter: "answer is (B)" / "answer: B", then "(B)", then a leading "B" / "B." /
+    "B)", then the first standalone letter that is not the article "A" or pronoun "I" before a word."""
+    text = text.strip()
+    for pattern in (rf"answer(?: is|:)?\s*\(?([{letters}])\b", rf"\(([{letters}])\)", rf"^([{letters}])(?:[.):]|$)"):
+        m = re.search(pattern, text, re.I if pattern.startswith("answer") else 0)
+        if m and m.group(1) in letters:
+            return m.group(1)
+    for m in re.finditer(rf"\b([{letters}])\b", text):
+        if m.group(1) in "AI" and re.match(r"\s+[a-z]", text[m.end():]):
+            continue  # "A good guess", "I think"
+        return m.group(1)
+    return None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import minimoe
 
 from minimoe.data import tiny_arith_split
 
@@ -43,6 +46,10 @@ def test_completions_from_another_tool_are_scored_without_a_model(tmp_path, caps
     assert evaluate.main(["--task", "gsm8k", "--data", str(gsm), "--completions", str(comp),
                           "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g/summary.json").read_text())["exact_match"] == 0.5
+    # eval.py's own samples.jsonl (task_id null, index set) scores again the same
+    assert evaluate.main(["--task", "gsm8k", "--data", str(gsm), "--completions", str(tmp_path / "g/samples.jsonl"),
+                          "--out", str(tmp_path / "g2")]) == 0
+    assert json.loads((tmp_path / "g2/summary.json").read_text())["exact_match"] == 0.5
     assert evaluate.main(["--task", "gsm8k", "--data", str(gsm), "--completions", str(comp),
                           "--out", str(tmp_path / "g")]) == 2
     assert "already exists" in capsys.readouterr().err
@@ -111,3 +118,27 @@ def test_short_run_on_the_embedded_default_then_eval(tmp_path, capsys):
                           "--max-new-tokens", "32", "--out", str(out)]) == 0
     scored = json.loads((out / "summary.json").read_text())
     assert scored["problems"] == 4 and scored["model"] == summary["model"]
+
+
+def test_code_is_taken_from_fenced_blocks_of_any_tag():
+    from minimoe.evaluation import clean_code
+
+    code = "def f():\n    return 1\n"
+    for tag in ("python", "py", "Python", ""):
+        assert clean_code("mbpp", f"Here:\n```{tag}\n{code}```\nExplanation") == code
+        assert clean_code("humaneval", f"```{tag}\n{code}```") == code
+    assert clean_code("humaneval", "    return 1\n\ndef helper():\n    pass\n") == "    return 1\n"
+    assert clean_code("mbpp", code) == code
+
+
+def test_perplexity_windows_fit_the_model_context():
+    from minimoe.evaluation import perplexity
+    from minimoe.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    tok = byte_tokenizer()
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3", vocab_size=272, max_position_embeddings=16)).eval()
+    rows = [{"text": "a fairly long document of more than sixteen bytes"}]
+    summary, _ = perplexity(model, tok, rows)  # not 1,024-token windows: longer than the model's context
+    assert summary["tokens"] == len(tok.encode(rows[0]["text"])) - 1
+    assert summary["perplexity"] == perplexity(model, tok, rows, max_len=15)[0]["perplexity"]

@@ -25,6 +25,8 @@ def test_gsm8k_extraction():
     assert gsm8k_correct("... = 72\n#### 72", "Natalia sold 48/2 = 24 ...\n#### 72")
     assert gsm8k_correct("The answer is 72.0", "72") and gsm8k_correct("#### 1,000", "1000")
     assert not gsm8k_correct("#### 71", "#### 72") and not gsm8k_correct("I don't know", "#### 5")
+    assert extract_gsm8k("read pages 10-20") == "20" and extract_gsm8k("x = -5 so") == "-5"  # a hyphen is no sign
+    assert gsm8k_correct("#### 72\n\nQuestion: Tom has 9 ...\n#### 9", "72")  # graded on its own answer
 
 
 def test_math_boxed_and_normalisation():
@@ -38,12 +40,20 @@ def test_math_boxed_and_normalisation():
     assert normalize_math(r"x = 3") == "3" and normalize_math(r"10\text{ cm}") == "10"
     assert math_correct(r"Thus the answer is $\boxed{\dfrac{1}{2}}$", r"... $\boxed{\frac12}$")
     assert not math_correct(r"$\boxed{3}$", r"$\boxed{4}$") and not math_correct("3", "3")
+    # Hendrycks' strip_string details: units after "\text{ ", signed a/b, one short "=" only, "\boxed {x}"
+    assert normalize_math(r"5 \text{ cm}^2") == "5" and normalize_math(r"7\text{ and }8") == "7"
+    assert normalize_math("-1/2") == normalize_math(r"\frac{-1}{2}") and normalize_math("1/x") == "1/x"
+    assert normalize_math("x=1, y=2") == "x=1,y=2"
+    assert last_boxed(r"\boxed {5}") == "5" and last_boxed(r"so \boxed 5$.") == "5" and last_boxed(r"\boxedx") is None
 
 
 def test_multiple_choice_letter():
     assert extract_choice("The answer is (C).") == "C"
     assert extract_choice("B. because ...") == "B"
     assert extract_choice("A", letters="AB") == "A" and extract_choice("none", letters="ABCD") is None
+    assert extract_choice("A good guess would be B", "ABCD") == "B"  # the article is no answer
+    assert extract_choice("I think it is C", "ABCDEFGHIJ") == "C"  # nor the pronoun
+    assert extract_choice("Between (B) and D, the answer is D", "ABCD") == "D"
 
 
 def test_pass_at_k_known_values():
@@ -66,6 +76,8 @@ def test_humaneval_programs_are_scored_right():
     assert wrong.status == "failed" and "AssertionError" in wrong.detail
     mbpp = {"task_id": 2, "test_list": ["assert square(3) == 9"], "test_setup_code": ""}
     assert run_program(mbpp_program(mbpp, "def square(x):\n    return x * x\n")).passed
+    sanitized = {"task_id": 3, "test_imports": ["import math"], "test_list": ["assert math.isclose(half(1), 0.5)"]}
+    assert run_program(mbpp_program(sanitized, "def half(x):\n    return x / 2\n")).passed
 
 
 def test_infinite_loop_and_memory_hog_are_stopped_and_fail():
