@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 
 from minimoe.checkpoint import locate, read_info
+from minimoe.files import write_text_atomic
 from minimoe.policies import POLICIES
 from minimoe.trainer import TrainConfig, Trainer, TrainingError
 
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     if score and not summary.get("interrupted"):
         after = task_score(trainer, c.eval_limit)
         summary.update(task_score_before=before, task_score_after=after)
-        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(trainer.run_dir / "summary.json", json.dumps(summary, indent=1))
         print(f"tiny-arith test exact match: {'' if before is None else f'{before:.3f} -> '}{after:.3f}")
     if summary.get("events") and trainer.model.num_adapter_parameters():
         print("after training:\n" + trainer.model.adapter_summary())

@@ -25,9 +25,7 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, flag: str = "ove
         raise DestinationExists(f"{dst} already exists; pass {flag} to replace it (nothing was written)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -51,6 +49,28 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, flag: str = "ove
         raise
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(dst.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small file through a temporary sibling and a rename: readers see the old or the new text."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def previous_copy(dst: str | os.PathLike) -> Path:

@@ -30,6 +30,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import PRESETS, preset
 from .data import Dataset, load_pairs
+from .files import write_text_atomic
 from .hf import from_pretrained, resolve
 from .model import CausalLM
 from .policies import Context, Policy, make_policy
@@ -88,11 +89,12 @@ def load_model_and_tokenizer(name: str, device: str, seed: int,
         torch.manual_seed(seed)
         model = CausalLM(config).to(device)
         if base_dir is not None:
-            from .export import write_hub_checkpoint
+            if not (base_dir / "config.json").is_file():  # a resumed run keeps the base it wrote
+                from .export import write_hub_checkpoint
 
-            base_dir.mkdir(parents=True, exist_ok=True)
-            write_hub_checkpoint(model, model.state_dict(), base_dir, source=None)
-            tok.save(base_dir)
+                base_dir.mkdir(parents=True, exist_ok=True)
+                write_hub_checkpoint(model, model.state_dict(), base_dir, source=None)
+                tok.save(base_dir)
             model.config = model.config.replace(name_or_path=str(base_dir))
         return model, tok
     return from_pretrained(name, dtype=torch.float32, device=device), load_tokenizer(name)
@@ -163,7 +165,7 @@ class Trainer:
                 group["lr"] = base * f(self.scheduler.last_epoch)
             self._truncate_logs(self.step)
         else:
-            (self.run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
+            write_text_atomic(self.run_dir / "args.json", json.dumps(dataclasses.asdict(c), indent=1))
             if hasattr(self.policy, "selection_event"):
                 self._event(self.policy.selection_event())
 
@@ -184,7 +186,7 @@ class Trainer:
             f = self.run_dir / name
             if f.is_file():
                 keep = [line for line in f.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-                f.write_text("".join(line + "\n" for line in keep))
+                write_text_atomic(f, "".join(line + "\n" for line in keep))
 
     def _append(self, name: str, record: dict) -> None:
         with (self.run_dir / name).open("a") as f:
@@ -314,7 +316,7 @@ class Trainer:
                    "events": sum(1 for _ in events.open()) if events.exists() else 0,
                    "checkpoint": str(path)}
         summary["export"] = str(self.export())
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
     def export(self) -> Path:

@@ -234,7 +234,9 @@ def test_resume_is_bit_identical(tmp_path, policy, options):
     assert _run(tmp_path, "half", *base, "--stop-at", "10")[0] == 0
     half = tmp_path / "half"
     assert json.loads((half / "checkpoint" / "trainer.json").read_text())["step"] == 10
+    base_written = (half / "base/model.safetensors").stat().st_mtime_ns
     assert train.main(["--resume", str(half), *base]) == 0
+    assert (half / "base/model.safetensors").stat().st_mtime_ns == base_written  # the adapter's base is kept
     full = tmp_path / "full"
     a, b = load_file(str(full / "checkpoint/model.safetensors")), load_file(str(half / "checkpoint/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
