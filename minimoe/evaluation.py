@@ -169,15 +169,22 @@ def option_loglik(model, tok, context: str, option: str) -> float:
 
 
 def mc_loglik(model, tok, rows: list[dict]) -> tuple[dict, list[dict]]:
-    records, correct = [], 0
+    """Pick the option with the highest log-likelihood (``accuracy``) and with the highest log-likelihood
+    per byte of the option (``accuracy_norm``, lm-eval's acc_norm: long options are not penalised)."""
+    records, correct, correct_norm = [], 0, 0
     for i, row in enumerate(rows):
         context = prompt_text(tok, row["question"])
-        scores = [option_loglik(model, tok, context, " " + str(c)) for c in row["choices"]]
+        options = [" " + str(c) for c in row["choices"]]
+        scores = [option_loglik(model, tok, context, o) for o in options]
+        normed = [s / max(1, len(o.encode())) for s, o in zip(scores, options, strict=True)]
         pick = max(range(len(scores)), key=scores.__getitem__)
+        pick_norm = max(range(len(normed)), key=normed.__getitem__)
         want = row["answer"] if isinstance(row["answer"], int) else "ABCDEFGHIJ".index(row["answer"])
         correct += pick == want
-        records.append({"index": i, "scores": scores, "choice": pick, "correct": pick == want})
-    return {"problems": len(rows), "accuracy": correct / len(rows)}, records
+        correct_norm += pick_norm == want
+        records.append({"index": i, "scores": scores, "choice": pick, "correct": pick == want,
+                        "choice_norm": pick_norm, "correct_norm": pick_norm == want})
+    return {"problems": len(rows), "accuracy": correct / len(rows), "accuracy_norm": correct_norm / len(rows)}, records
 
 
 @torch.no_grad()

@@ -84,6 +84,14 @@ def test_train_then_eval_produces_files_and_a_score(tmp_path):
     for mode in ("loglik", "letter"):
         assert evaluate.main(["--model", str(run / "base"), "--task", "mc", "--data", str(mc), "--mc-mode", mode,
                               "--max-new-tokens", "3", "--out", str(tmp_path / f"mc-{mode}")]) == 0
+    rows = [{"choices": ["blue", "green"], "answer": 0}, {"choices": ["blue", "green"], "answer": 1}]
+    recs = [json.loads(line) for line in (tmp_path / "mc-loglik/samples.jsonl").read_text().splitlines()]
+    for row, rec in zip(rows, recs, strict=True):
+        norm = [s / len((" " + c).encode()) for s, c in zip(rec["scores"], row["choices"], strict=True)]
+        assert rec["choice"] == max(range(2), key=rec["scores"].__getitem__)
+        assert rec["choice_norm"] == max(range(2), key=norm.__getitem__)
+    got = json.loads((tmp_path / "mc-loglik/summary.json").read_text())
+    assert got["accuracy_norm"] == sum(r["choice_norm"] == w["answer"] for r, w in zip(recs, rows, strict=True)) / 2
 
 
 def test_tiny_arith_split_is_deterministic_and_disjoint():
