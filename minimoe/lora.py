@@ -153,10 +153,12 @@ class ResizableLoRAExpert(StackedLinear):
         return self.scaling * grouped_linear(h, bt_pad.transpose(1, 2), groups)  # (R, out)
 
     def _delta_loop(self, x: torch.Tensor, groups: Groups, dtype: torch.dtype) -> torch.Tensor:
-        """Reference path: experts of rank 0 (and with no rows) are skipped."""
+        """Reference path: experts of rank 0 are skipped. An adapted expert with no rows still runs (on
+        zero rows), so its parameters get a zero gradient as on the grouped path: AdamW then treats them
+        the same way (momentum and weight decay still apply) whichever path ran."""
         out = []
         for e, xe in enumerate(x.split(groups.sizes())):
-            if self.lora[e].rank == 0 or xe.shape[0] == 0:
+            if self.lora[e].rank == 0:
                 out.append(xe.new_zeros(xe.shape[0], self.out_features))
                 continue
             h = F.linear(xe, self.lora_A_of(e).to(dtype))

@@ -85,6 +85,13 @@ class PrunableLoRAMoE(nn.Linear):
         self._statistics(probs, experts)
         return y
 
+    def _apply(self, fn, recurse=True):
+        """``.to(bfloat16)`` / ``.half()`` move the counts but keep them fp32 (exact beyond 256 tokens)."""
+        super()._apply(fn, recurse)
+        if self.counts.dtype != torch.float32:
+            self.counts = self.counts.float()
+        return self
+
     def _statistics(self, probs: torch.Tensor, experts: torch.Tensor) -> None:
         """Hard counts and the load-balancing loss over real tokens (the model's routing token mask)."""
         mask = current_token_mask()

@@ -380,3 +380,20 @@ def test_growth_after_pruning_every_expert_joins_the_expert_lora_group():
     model.prune_expert_lora({0: [2], 1: range(8)}, optimizer=opt)
     with pytest.raises(ValueError, match="param groups"):  # nothing left to tell: no guessing
         model.grow_expert_lora({0: {2: 4}}, optimizer=opt)
+
+
+def test_loop_and_grouped_paths_give_every_adapter_a_gradient():
+    """An adapted expert that received no tokens gets a zero gradient on both paths (not None on one)."""
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-olmoe"))
+    model.add_expert_lora(rank=4, alpha=8, targets=("gate_proj",))
+    ids = torch.randint(0, model.config.vocab_size, (1, 1))  # one token: top-2 of 8 experts per layer
+    grads = {}
+    for impl in ("loop", "grouped_mm"):
+        model.set_experts_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        model.train()(ids).logits.sum().backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads["loop"].values()) and all(g is not None for g in grads["grouped_mm"].values())
+    for n, g in grads["loop"].items():
+        assert torch.allclose(g, grads["grouped_mm"][n], atol=1e-6), n

@@ -206,6 +206,7 @@ def test_lora_moe_runs_on_a_bf16_base_without_autocast():
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     logits = model.eval()(ids).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert all(m.counts.dtype == torch.float32 for m in model.to(torch.bfloat16).lora_moe_modules().values())
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-olmoe"])
