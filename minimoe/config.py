@@ -118,6 +118,11 @@ class ModelConfig:
         nullable = ("clip_qkv", "pad_token_id", "bos_token_id", "eos_token_id")
         g = {**_HF_DEFAULTS[model_type], **{k: v for k, v in d.items() if v is not None or k in nullable}}
 
+        if d.get("use_sliding_window"):
+            where = f"{name_or_path}/config.json" if name_or_path else "config.json"
+            raise ValueError(f"use_sliding_window=true in {where}: sliding-window attention "
+                             "is not implemented in minimoe (the reference checkpoints have it off); refusing to "
+                             "load rather than compute different logits")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":

@@ -45,7 +45,9 @@ def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: floa
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token crossing top_p
+        # as transformers' TopPLogitsWarper: drop a token once the more probable ones reach top_p
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p
+        drop[..., 0] = False  # the most probable token always stays
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)

@@ -178,6 +178,23 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
     return out
 
 
+def _with_generation_config(config: ModelConfig, file: Path) -> ModelConfig:
+    """``generation_config.json``'s eos ids (what transformers' ``generate`` stops on, e.g. Qwen chat's
+    ``<|im_end|>``) replace those of config.json; its pad id fills a missing one."""
+    if not file.is_file():
+        return config
+    try:
+        gen = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    eos = gen.get("eos_token_id")
+    if eos is not None:
+        config = config.replace(eos_token_id=tuple(eos) if isinstance(eos, list) else (int(eos),))
+    if config.pad_token_id is None and gen.get("pad_token_id") is not None:
+        config = config.replace(pad_token_id=int(gen["pad_token_id"]))
+    return config
+
+
 def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, revision: str | None = None) -> CausalLM:
     """Load a checkpoint of a supported family from a local directory or the Hub.
@@ -191,8 +208,13 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str
     """
     directory = resolve(path_or_repo_id, revision)
     config = ModelConfig.from_json(directory / "config.json").replace(name_or_path=str(path_or_repo_id))
-    if isinstance(dtype, str):
+    config = _with_generation_config(config, directory / "generation_config.json")
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype.replace("torch.", "") not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose from {', '.join(_DTYPES)} or 'auto'")
         dtype = _DTYPES[dtype.replace("torch.", "")]
+    elif dtype == "auto":
+        dtype = None
     dtype = dtype or _DTYPES[config.dtype]
     device = torch.device(device or "cpu")
     files = checkpoint_files(directory)

@@ -274,7 +274,7 @@ class CausalLM(AdapterMixin, nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
 
         lb, routes = None, []
-        if self.config.num_experts and kv_cache is None:
+        if self.config.num_experts and self.config.moe_layers and kv_cache is None:
             lb_mask = None if attention_mask is None else attention_mask[:, -T:]  # as transformers: real tokens
             lb = LoadBalancingLoss(self.config.num_experts, self.config.num_experts_per_tok, lb_mask)
         if token_mask is None and attention_mask is not None:

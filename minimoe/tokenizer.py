@@ -97,7 +97,7 @@ class Tokenizer:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         rows = [self.encode(t, add_special_tokens) for t in texts]
         if max_length is not None:
-            rows = [r[-max_length:] if padding_side == "left" else r[:max_length] for r in rows]
+            rows = [r[max(0, len(r) - max_length):] if padding_side == "left" else r[:max_length] for r in rows]
         width = max((len(r) for r in rows), default=0)
         pad = self.pad_token_id if self.pad_token_id is not None else (self.eos_token_id or 0)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -181,7 +181,9 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, revision: str | None = No
         backend = _Tokenizer.from_file(str(file))
     except Exception as e:
         raise ValueError(f"cannot read {file}: {e}") from None
-    tok_cfg = _read_json(directory / "tokenizer_config.json")
+    # special_tokens_map.json fills what tokenizer_config.json leaves out (as transformers does)
+    tok_cfg = {**_read_json(directory / "special_tokens_map.json"),
+               **{k: v for k, v in _read_json(directory / "tokenizer_config.json").items() if v is not None}}
     gen_cfg = _read_json(directory / "generation_config.json")
     model_cfg = _read_json(directory / "config.json")
     template = tok_cfg.get("chat_template") or ""

@@ -190,3 +190,26 @@ def test_hub_key_writer_round_trips_and_transformers_reads_it(name, tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (ref(ids).logits - model(ids).logits).abs().max() < 1e-4
+
+
+def test_sliding_window_configs_are_refused_not_miscomputed(tmp_path):
+    for model_type in ("qwen2_moe", "qwen3", "qwen3_moe"):
+        d = {**minimoe.preset(f"tiny-{model_type.replace('_', '-')}").to_hf_config(), "use_sliding_window": True,
+             "sliding_window": 4}
+        (tmp_path / "config.json").write_text(json.dumps(d))
+        with pytest.raises(ValueError, match="use_sliding_window=true in .*config.json: sliding-window attention"):
+            ModelConfig.from_json(tmp_path / "config.json")
+
+
+def test_moe_family_without_sparse_layers_runs():
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3-moe", mlp_only_layers=[0, 1]))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is None and torch.isfinite(out.loss)
+
+
+def test_dtype_auto_and_bad_dtype(hf_checkpoint):
+    directory = hf_checkpoint("qwen2_moe")[1]
+    assert next(minimoe.from_pretrained(directory, dtype="auto").parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        minimoe.from_pretrained(directory, dtype="float8")

@@ -1,5 +1,8 @@
 """minimoe against transformers on the same weights: logits, loss, aux loss, generation."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from conftest import VARIANTS, save_fused
@@ -197,3 +200,28 @@ def test_sampling_is_seeded_and_top_p_restricts_support():
     assert set(a.tolist()) == {0, 1}
     greedy = sample_next(logits[:1], False)
     assert greedy.item() == 0
+
+
+def test_top_p_keeps_what_transformers_keeps_at_the_boundary():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from minimoe.generate import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]])).repeat(2000, 1)
+    for top_p in (0.5, 0.75, 0.9, 1e-9):  # boundaries where the cumulative mass equals top_p exactly
+        kept = torch.isfinite(TopPLogitsWarper(top_p)(None, logits[:1].clone()))[0].nonzero().flatten().tolist()
+        drawn = sample_next(logits, True, 1.0, top_p, generator=torch.Generator().manual_seed(0))
+        assert sorted(set(drawn.tolist())) == kept, top_p
+
+
+def test_generate_stops_on_generation_config_eos_by_default(hf_checkpoint, tmp_path):
+    hf, directory = hf_checkpoint("qwen3-untied")
+    ids = torch.tensor([[5, 6, 7]])
+    first = hf.generate(ids, max_new_tokens=1, do_sample=False)[0, -1].item()
+    local = tmp_path / "m"
+    shutil.copytree(directory, local)
+    gen = json.loads((local / "generation_config.json").read_text()) if (local / "generation_config.json").exists() else {}
+    (local / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [first, 99]}))
+    model = minimoe.from_pretrained(local)
+    assert model.config.eos_token_id == (first, 99)
+    assert model.generate(ids, max_new_tokens=5)[0].tolist() == [5, 6, 7, first]  # stops on it, as transformers

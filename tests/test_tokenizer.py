@@ -83,3 +83,23 @@ def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         minimoe.load_tokenizer(tmp_path)
+
+
+def test_special_tokens_map_fills_what_tokenizer_config_leaves_out(tok_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    ref, ours = AutoTokenizer.from_pretrained(d), minimoe.load_tokenizer(d)
+    assert ours.eos_token_ids == [ref.eos_token_id] and ours.pad_token_id == ref.pad_token_id
+
+
+def test_batch_truncation_keeps_the_last_tokens_when_left_padded(tok_dir):
+    ours = minimoe.load_tokenizer(tok_dir, chat_format="plain")
+    full = ours.encode("a b c d e")
+    assert ours.batch(["a b c d e"], max_length=3)["input_ids"][0].tolist() == full[-3:]
+    assert ours.batch(["a b c d e"], max_length=100)["input_ids"][0].tolist() == full
+    assert ours.batch(["a b c d e"], max_length=3, padding_side="right")["input_ids"][0].tolist() == full[:3]
