@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hub id or checkpoint directory (base model or merged export); "
                    "with --adapter, defaults to the base the adapter records")
     p.add_argument("--adapter", help="a minimoe adapter directory to load onto --model")
+    p.add_argument("--no-check-base", action="store_true",
+                   help="load --adapter even if --model is not the base it was saved on")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", help="the task's JSONL file (text file for perplexity)")
     p.add_argument("--limit", type=int, help="score only the first N problems")
@@ -114,7 +116,7 @@ def run_model(args, rows, dec: Decoding) -> tuple[dict, list[dict]]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = minimoe.from_pretrained(args.model, device=device)
     if args.adapter:
-        model.load_adapter(args.adapter)
+        model.load_adapter(args.adapter, check_base=not args.no_check_base)
     model.eval()
     tok = minimoe.load_tokenizer(args.model)
     if args.task == "perplexity":

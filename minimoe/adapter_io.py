@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .adapters import _replace
 from .files import atomic_dir
@@ -38,6 +39,11 @@ class AdapterError(ValueError):
     """An adapter that does not fit the model, or a damaged adapter directory."""
 
 
+KINDS = ("expert_lora", "lora", "lora_moe", "esft")
+_FIELDS = {"expert_lora": ("rank", "alpha", "ranks"), "lora": ("rank", "alpha"),
+           "lora_moe": ("expert_ids", "top_k", "rank", "alpha", "renormalize", "lb_enabled"), "esft": ("selected",)}
+
+
 def _selected_experts_cls():
     from .policies.esft import SelectedExperts  # ESFT lives with its policy
 
@@ -45,14 +51,19 @@ def _selected_experts_cls():
 
 
 def fingerprint(model) -> str:
-    """A short hash of the base model: its config and, per base tensor, name, shape, sum and first values."""
-    h = hashlib.sha256(json.dumps(model.config.to_hf_config(), sort_keys=True).encode())
+    """A short hash of the base model: its config (less the dtype) and, per base tensor, name, shape, sum
+    and 64 evenly strided values, all taken after rounding to bfloat16, so fp32 and bf16 loads of one
+    checkpoint agree while a different checkpoint (or permuted rows) does not."""
+    hf = {k: v for k, v in model.config.to_hf_config().items() if k not in ("dtype", "torch_dtype")}
+    h = hashlib.sha256(json.dumps(hf, sort_keys=True).encode())
     for name, t in model.state_dict().items():
         if _ADAPTER_KEY.search(name):
             continue
-        t = t.detach()
-        head = t.flatten()[:8].double().cpu().tolist()
-        h.update(f"{name}|{tuple(t.shape)}|{t.double().sum().item():.6e}|{head}".encode())
+        r = t.detach().to(torch.bfloat16)
+        flat = r.flatten()
+        sample = flat[:: max(1, flat.numel() // 64)][:64].double().cpu().tolist()
+        total = torch.sum(r, dtype=torch.float64).item()
+        h.update(f"{name}|{tuple(t.shape)}|{total:.6e}|{sample}".encode())
     return h.hexdigest()[:16]
 
 
@@ -139,6 +150,14 @@ def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
         raise AdapterError(f"{directory / CONFIG} is not valid JSON: {e}") from None
     if cfg.get("format") != FORMAT:
         raise AdapterError(f"{directory / CONFIG}: format {cfg.get('format')!r}, expected {FORMAT!r}")
+    for kind in KINDS:
+        cfg[kind] = cfg.get(kind) or {}
+        for name, spec in cfg[kind].items():
+            absent = [f for f in _FIELDS[kind] if f not in spec]
+            if absent:
+                raise AdapterError(f"{directory / CONFIG}: {kind} entry {name!r} lacks {absent}")
+    for key in ("base_fingerprint", "base_model", "base_model_type"):
+        cfg.setdefault(key, None)
     try:
         tensors = load_file(str(directory / WEIGHTS))
     except Exception as e:
@@ -159,8 +178,28 @@ def adapter_base_model(directory) -> str:
     return base
 
 
+def _check_targets(cfg: dict, modules: dict, directory) -> None:
+    """Every module the config names exists, is still plain (no adapter yet) and fits its spec."""
+    plain = {"expert_lora": StackedLinear, "lora": nn.Linear, "lora_moe": nn.Linear, "esft": StackedLinear}
+    for kind in KINDS:
+        for name, spec in cfg[kind].items():
+            m = modules.get(name)
+            if m is None:
+                raise AdapterError(f"{directory}: the model has no module {name!r} ({kind})")
+            if type(m) is not plain[kind]:
+                what = "already has an adapter" if hasattr(m, "adapter_parameters") or hasattr(m, "trained") else \
+                    f"is a {type(m).__name__}, not a {plain[kind].__name__}"
+                raise AdapterError(f"{directory}: {name} {what} ({kind} in {CONFIG})")
+            if kind == "expert_lora" and len(spec["ranks"]) != m.num_experts:
+                raise AdapterError(f"{directory / CONFIG}: {name} lists {len(spec['ranks'])} ranks for "
+                                   f"{m.num_experts} experts")
+            if kind == "esft" and any(not 0 <= e < m.num_experts for e in spec["selected"]):
+                raise AdapterError(f"{directory / CONFIG}: {name} selects experts outside 0..{m.num_experts - 1}")
+
+
 def load_adapter(model, directory, check_base: bool = True):
-    """Attach the adapters saved in ``directory`` to ``model`` (a base model without them) and load them."""
+    """Attach the adapters saved in ``directory`` to ``model`` (a base model without them) and load them.
+    Everything is checked (base, modules, config against tensors) before the model changes."""
     cfg, tensors = read_adapter(directory)
     if check_base:
         fp = fingerprint(model)
@@ -168,18 +207,23 @@ def load_adapter(model, directory, check_base: bool = True):
             raise AdapterError(
                 f"{directory} was saved on base {cfg['base_model']!r} ({cfg['base_model_type']}, fingerprint "
                 f"{cfg['base_fingerprint']}); this model is {model.config.name_or_path!r} "
-                f"({model.config.model_type}, fingerprint {fp}). Pass check_base=False to load it anyway.")
+                f"({model.config.model_type}, fingerprint {fp}): its config or weights differ. Pass "
+                "check_base=False (--no-check-base) to load it anyway.")
     modules = dict(model.named_modules())
-    wanted = [*cfg["expert_lora"], *cfg["lora"], *cfg["lora_moe"], *cfg["esft"]]
-    absent = [n for n in wanted if n not in modules]
-    if absent:
-        raise AdapterError(f"{directory}: the model has no modules {absent[:5]}")
+    _check_targets(cfg, modules, Path(directory))
+    shapes = _expected_shapes(model, cfg)
+    file = Path(directory) / WEIGHTS
+    missing = [k for k in shapes if k not in tensors]
+    unexpected = [k for k in tensors if k not in shapes]
+    wrong = [f"{k}: {tuple(tensors[k].shape)} in the file, {shapes[k]} by the config"
+             for k in shapes if k in tensors and tuple(tensors[k].shape) != shapes[k]]
+    if missing or unexpected or wrong:
+        raise AdapterError(f"{file} disagrees with its {CONFIG}: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}, wrong shapes {wrong[:5]}")
     g = torch.Generator().manual_seed(0)
     for name, spec in cfg["expert_lora"].items():
-        base = modules[name]
-        if type(base) is not StackedLinear:
-            raise AdapterError(f"{name} already has an adapter")
-        _replace(model, name, ResizableLoRAExpert(base, spec["rank"], spec["alpha"], ranks=spec["ranks"], generator=g))
+        _replace(model, name, ResizableLoRAExpert(modules[name], spec["rank"], spec["alpha"], ranks=spec["ranks"],
+                                                  generator=g))
     for name, spec in cfg["lora"].items():
         _replace(model, name, LoRALinear(modules[name], spec["rank"], spec["alpha"], generator=g))
     for name, spec in cfg["lora_moe"].items():
@@ -195,15 +239,6 @@ def load_adapter(model, directory, check_base: bool = True):
         if type(m).__name__ == "SelectedExperts":
             m.trained.requires_grad_(True)
 
-    shapes = _expected_shapes(model, cfg)
-    file = Path(directory) / WEIGHTS
-    missing = [k for k in shapes if k not in tensors]
-    unexpected = [k for k in tensors if k not in shapes]
-    wrong = [f"{k}: {tuple(tensors[k].shape)} in the file, {shapes[k]} by the config"
-             for k in shapes if k in tensors and tuple(tensors[k].shape) != shapes[k]]
-    if missing or unexpected or wrong:
-        raise AdapterError(f"{file} disagrees with its {CONFIG}: missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]}, wrong shapes {wrong[:5]}")
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name in cfg["expert_lora"]:

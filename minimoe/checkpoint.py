@@ -156,9 +156,9 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
         raise CheckpointMismatch(f"{ckpt}/model.safetensors does not fit the model: "
                                  f"shapes {problems[:5]}, unknown {unknown[:5]}, missing {missing[:5]}")
     model.load_state_dict(weights, strict=False)
-    opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
     load_optimizer_state(model, optimizer, opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     set_rng_state(state["rng"])
     return state

@@ -221,13 +221,15 @@ def main(argv=None) -> int:
     p.add_argument("--peft", action="store_true", help="write a PEFT adapter instead of a merged checkpoint")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the base (default: its own)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("--no-check-base", action="store_true",
+                   help="load the adapter even if --model is not the base it was saved on")
     args = p.parse_args(argv)
     if not args.model and not args.adapter:
         p.error("--model is required without --adapter")
     try:
         model = from_pretrained(args.model or adapter_base_model(args.adapter), dtype=args.dtype)
         if args.adapter:
-            model.load_adapter(args.adapter)
+            model.load_adapter(args.adapter, check_base=not args.no_check_base)
         path = (export_peft if args.peft else export_merged)(model, args.out, overwrite=args.overwrite)
     except FileExistsError:
         print(f"error: {args.out} already exists; pass --overwrite to replace it (nothing was written)")

@@ -142,7 +142,7 @@ class Trainer:
             info = ckpt.read_info(found)
             if info["policy"] != c.policy:
                 raise TrainingError(f"--resume {self.run_dir}: the run used policy {info['policy']}, not {c.policy}")
-            state = torch.load(found / "state.pt", weights_only=False)
+            state = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
             self.policy.load_state_dict(state["policy"])
         ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed)
         self.policy.setup(self.model, ctx)

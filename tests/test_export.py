@@ -223,3 +223,53 @@ def test_export_cli_merges_an_adapter(hf_checkpoint, tmp_path, capsys):
     # without --model the base is the one the adapter records
     assert main(["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m2")]) == 0
     assert (_hf_logits(tmp_path / "m2") - _logits(model)).abs().max() < 1e-4
+
+
+def test_fingerprint_agrees_across_dtypes_and_a_failed_load_changes_nothing(hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint("olmoe")
+    model = _epng_like(directory)
+    path = minimoe.save_adapter(model, tmp_path / "a")
+    # a bf16 load of the same checkpoint is the same base (train in bf16 on a GPU, evaluate in fp32)
+    bf16 = minimoe.from_pretrained(directory, dtype=torch.bfloat16).load_adapter(path)
+    assert bf16.num_adapter_parameters() == model.num_adapter_parameters()
+    # ... but permuting one expert's rows is another base
+    other = minimoe.from_pretrained(directory)
+    with torch.no_grad():
+        w = other.layers[0].mlp.experts.gate_proj.weight
+        w[0] = w[0].flip(0)
+    with pytest.raises(AdapterError, match="fingerprint"):
+        other.load_adapter(path)
+
+    # every check runs before the model changes: a bad file leaves a plain, still-usable base
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["expert_lora"]["layers.1.mlp.experts.up_proj"]["ranks"][3] = 7
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    (bad / "adapter.safetensors").write_bytes((path / "adapter.safetensors").read_bytes())
+    base = minimoe.from_pretrained(directory)
+    with pytest.raises(AdapterError, match="disagrees with its adapter_config.json"):
+        base.load_adapter(bad)
+    assert base.num_adapter_parameters() == 0
+    assert base.load_adapter(path).num_adapter_parameters() == model.num_adapter_parameters()
+    with pytest.raises(AdapterError, match="already has an adapter"):
+        base.load_adapter(path)
+
+    # an entry without its fields is named, not a KeyError
+    del cfg["expert_lora"]["layers.1.mlp.experts.up_proj"]["ranks"]
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"expert_lora entry 'layers.1.mlp.experts.up_proj' lacks \['ranks'\]"):
+        minimoe.from_pretrained(directory).load_adapter(bad)
+
+
+def test_export_cli_no_check_base(hf_checkpoint, tmp_path, capsys):
+    from minimoe.export import main
+
+    _, directory = hf_checkpoint("olmoe")
+    _, clip = hf_checkpoint("olmoe-clip")
+    minimoe.save_adapter(_epng_like(directory), tmp_path / "ad")
+    assert main(["--model", str(clip), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 2
+    assert "fingerprint" in capsys.readouterr().out and not (tmp_path / "m").exists()
+    assert main(["--model", str(clip), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m"),
+                 "--no-check-base"]) == 0
+    assert (tmp_path / "m" / "config.json").exists()
