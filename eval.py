@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", help="the task's JSONL file (text file for perplexity)")
     p.add_argument("--limit", type=int, help="score only the first N problems")
-    p.add_argument("--out", type=Path, help="output directory (default runs/eval/<task>)")
+    p.add_argument("--out", type=Path, help="output directory (default runs/eval/<what>/<task>, <what> the run "
+                   "of --adapter, else the --model or --completions name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--completions", type=Path, help="score these completions (JSONL: task_id or index, and "
                    "completion or completions) instead of generating; no model is loaded")
@@ -76,9 +77,25 @@ def load_completions(path: Path, rows: list[dict]) -> list[list[str]]:
     return out
 
 
+def default_out(args) -> Path:
+    """runs/eval/<what>/<task>: one directory per thing evaluated, so scoring an adapter and then its merged
+    export (or two runs) never collide. An adapter saved as RUN/adapter is named after RUN."""
+    if args.completions:
+        what = Path(args.completions).stem
+    elif args.adapter:
+        a = Path(args.adapter).resolve()
+        what = a.parent.name if a.name == "adapter" else a.name
+    else:
+        what = Path(str(args.model)).name if Path(str(args.model)).is_dir() else str(args.model).replace("/", "--")
+    return Path("runs/eval") / (what or "model") / args.task
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    out = args.out or Path("runs/eval") / args.task
+    out = args.out or default_out(args)
+    if out.exists() and not args.overwrite:  # say so before spending the evaluation, not after it
+        print(f"error: {out} already exists; pass --overwrite to replace it, or --out DIR", file=sys.stderr)
+        return 2
     dec = Decoding(args.max_new_tokens, args.n, args.temperature, args.top_p, args.batch_size, args.seed)
     try:
         rows = task_rows(args.task, args.data, args.limit)

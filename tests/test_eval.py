@@ -150,3 +150,21 @@ def test_perplexity_windows_fit_the_model_context():
     summary, _ = perplexity(model, tok, rows)  # not 1,024-token windows: longer than the model's context
     assert summary["tokens"] == len(tok.encode(rows[0]["text"])) - 1
     assert summary["perplexity"] == perplexity(model, tok, rows, max_len=15)[0]["perplexity"]
+
+
+def test_default_out_is_per_thing_evaluated_and_checked_before_evaluating(tmp_path, capsys, monkeypatch):
+    args = evaluate.build_parser().parse_args
+    run = tmp_path / "myrun"
+    (run / "adapter").mkdir(parents=True)
+    assert evaluate.default_out(args(["--adapter", str(run / "adapter"), "--task", "tiny-arith"])) == \
+        Path("runs/eval/myrun/tiny-arith")
+    assert evaluate.default_out(args(["--model", str(tmp_path), "--task", "gsm8k"])) == \
+        Path(f"runs/eval/{tmp_path.name}/gsm8k")
+    assert evaluate.default_out(args(["--model", "allenai/OLMoE-1B-7B-0125", "--task", "math"])) == \
+        Path("runs/eval/allenai--OLMoE-1B-7B-0125/math")
+    # an existing destination is refused before the model is even loaded
+    monkeypatch.chdir(tmp_path)
+    Path("runs/eval/myrun/tiny-arith").mkdir(parents=True)
+    monkeypatch.setattr(evaluate, "run_model", lambda *a: pytest.fail("evaluated into an existing directory"))
+    assert evaluate.main(["--adapter", str(run / "adapter"), "--task", "tiny-arith"]) == 2
+    assert "runs/eval/myrun/tiny-arith already exists; pass --overwrite" in capsys.readouterr().err
