@@ -1,6 +1,6 @@
 """Fine-tune an MoE (or dense) model with one of the papers' methods or baselines.
 
-    python train.py --policy epng                                  # tiny model built on the fly, offline
+    python train.py --policy epng                                  # the shipped weights/tiny-moe on tiny-arith, offline
     python train.py --policy dmep --steps 300 --dmep-tau 0.15
     python train.py --policy epng --model allenai/OLMoE-1B-7B-0125 --data metamath.jsonl --batch-size 32
     python train.py --policy epng --config run.toml                # TOML: [train] keys and [epng] options
@@ -28,18 +28,20 @@ from minimoe.trainer import TrainConfig, Trainer, TrainingError
 HELP = {
     "policy": "training method: " + ", ".join(POLICIES),
     "model": "Hub id, checkpoint directory, or tiny preset (tiny-olmoe, tiny-qwen2-moe, tiny-qwen3, tiny-qwen3-moe: "
-             "random weights, byte tokenizer); default tiny-qwen3 for dmep, else tiny-olmoe",
+             "random weights, byte tokenizer); default: the shipped weights/tiny-moe, with the embedded run's "
+             "scaled defaults (--steps 300 --batch-size 16 --lr 3e-3 --warmup-ratio 0.05)",
     "data": "JSONL file (MetaMathQA, GSM8K, Code Alpaca, prompt/response or chat messages) or built-in tiny-arith",
     "out": "run directory (default runs/<policy>)",
-    "steps": "optimizer steps", "batch_size": "sequences per micro-batch", "grad_accum": "micro-batches per step",
-    "lr": "peak learning rate", "warmup_ratio": "linear warm-up share of the steps, then cosine decay",
+    "steps": "optimizer steps (without --model: 300)", "batch_size": "sequences per micro-batch (without --model: 16)",
+    "grad_accum": "micro-batches per step", "lr": "peak learning rate (without --model: 3e-3)",
+    "warmup_ratio": "linear warm-up share of the steps, then cosine decay (without --model: 0.05)",
     "weight_decay": "AdamW weight decay", "max_grad_norm": "gradient clipping norm (0: off)",
     "max_len": "tokens per example (longer ones are truncated)", "packing": "pack examples into max_len rows",
     "stats_tokens": "tokens counted by routing statistics: response (prompt and padding masked) or all (padding masked)",
     "seed": "seed for data order, adapter init and the tiny model", "save_every": "also checkpoint every N steps",
     "stop_at": "stop and checkpoint after this step of the schedule (continue later with --resume)",
     "log_every": "progress-bar refresh interval in steps", "gradient_checkpointing": "activation checkpointing",
-    "device": "cpu or cuda (default: cuda if available)", "overwrite": "replace an existing run directory",
+    "device": "cpu, cuda or cuda:N (default: cuda if available)", "overwrite": "replace an existing run directory",
     "eval_limit": "tiny-arith test problems scored before and after training (0: off)",
     "resume": "continue the run in this directory (layout, weights, optimizer, data position, RNG); "
               "its saved arguments apply unless given again",
@@ -50,18 +52,26 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_field(group, flag: str, dest: str, f: dataclasses.Field, help_text: str) -> None:
+CHOICES = {"stats_tokens": ("response", "all")}
+
+
+def _add_field(group, flag: str, dest: str, f: dataclasses.Field, help_text: str, choices=None) -> None:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     metavar = f.name.upper()
-    if f.type in ("bool", bool):
+    if default == "":  # the help text says what an unset string means
+        help_text, default = help_text.replace("%", "%%"), None
+    if choices:
+        group.add_argument(flag, dest=dest, choices=choices, default=None,
+                           help=f"{help_text} (default: {default})")
+    elif f.type in ("bool", bool):
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help_text} (default: {default})")
     elif isinstance(default, tuple):
         group.add_argument(flag, dest=dest, nargs="+", default=None, metavar="NAME",
                            help=f"{help_text} (default: {' '.join(default)})")
     else:
-        group.add_argument(flag, dest=dest, type=type(default), default=None, metavar=metavar,
-                           help=f"{help_text} (default: {default})")
+        group.add_argument(flag, dest=dest, type=str if default is None else type(default), default=None,
+                           metavar=metavar, help=help_text if default is None else f"{help_text} (default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,14 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML file: [train] table (or top-level keys) and a table per policy")
     for f in dataclasses.fields(TrainConfig):
         if f.name != "policy_options":
-            _add_field(p, _flag(f.name), f.name, f, HELP.get(f.name, f.name))
+            _add_field(p, _flag(f.name), f.name, f, HELP.get(f.name, f.name), CHOICES.get(f.name))
     for name, cls in POLICIES.items():
         fields = dataclasses.fields(cls.Config)
         if not fields:
             continue
         group = p.add_argument_group(f"{name} options", cls.__doc__.strip().splitlines()[0] if cls.__doc__ else None)
         for f in fields:
-            _add_field(group, f"--{name}-{f.name.replace('_', '-')}", f"{name}.{f.name}", f, f.name.replace("_", " "))
+            _add_field(group, f"--{name}-{f.name.replace('_', '-')}", f"{name}.{f.name}", f,
+                       getattr(cls, "HELP", {}).get(f.name, f.name.replace("_", " ")),
+                       getattr(cls, "CHOICES", {}).get(f.name))
     return p
 
 

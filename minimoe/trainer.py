@@ -89,15 +89,20 @@ def load_model_and_tokenizer(name: str, device: str, seed: int,
         torch.manual_seed(seed)
         model = CausalLM(config).to(device)
         if base_dir is not None:
-            if not (base_dir / "config.json").is_file():  # a resumed run keeps the base it wrote
-                from .export import write_hub_checkpoint
-
-                base_dir.mkdir(parents=True, exist_ok=True)
-                write_hub_checkpoint(model, model.state_dict(), base_dir, source=None)
-                tok.save(base_dir)
             model.config = model.config.replace(name_or_path=str(base_dir))
         return model, tok
     return from_pretrained(name, dtype=torch.float32, device=device), load_tokenizer(name)
+
+
+def write_preset_base(model: CausalLM, state: dict, tok: Tokenizer, base_dir: Path) -> None:
+    """The on-the-fly preset base (``state``: its weights before any adapter) in Hub layout, written
+    atomically: a crash never leaves a ``base/`` that looks complete."""
+    from .export import write_hub_checkpoint
+    from .files import atomic_dir
+
+    with atomic_dir(base_dir) as tmp:
+        write_hub_checkpoint(model, state, tmp, source=None)
+        tok.save(tmp)
 
 
 def cosine_schedule(optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -116,6 +121,14 @@ class Trainer:
         self.config = c = config
         self.show_progress = show_progress
         self.device = c.resolved_device()
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise TrainingError(f"--device {self.device!r}: not a device (cpu, cuda, cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError(f"--device {self.device}: CUDA is not available on this machine")
+        if c.stats_tokens not in ("response", "all"):
+            raise TrainingError(f"stats_tokens {c.stats_tokens!r}: choose response or all")
         if c.resume:
             self.run_dir = Path(c.resume)
         else:
@@ -127,10 +140,11 @@ class Trainer:
             resolve(c.model)
         pairs = load_pairs(c.data, c.seed)
         self.policy: Policy = make_policy(c.policy, c.policy_options)
-        if not c.resume:
-            self._clear_run_dir()  # only now: a bad flag or file above never costs an existing run
         torch.manual_seed(c.seed)
         self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed, self.run_dir / "base")
+        preset_base = None  # a preset's random base, kept (tiny) until the run directory may be written
+        if not c.resume and c.model in PRESETS and not Path(c.model).exists():
+            preset_base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.gradient_checkpointing = c.gradient_checkpointing
         self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)
         self.steps_per_epoch = max(1, math.ceil(len(self.data) / (c.batch_size * c.grad_accum)))
@@ -152,6 +166,12 @@ class Trainer:
         params = self.policy.trainable_parameters(self.model)
         if not params:
             raise TrainingError(f"policy {c.policy} left nothing to train")
+        if not c.resume:
+            # only now, with the model loaded and the policy set up: a bad flag, file or target above
+            # never costs an existing run
+            self._clear_run_dir()
+            if preset_base is not None:
+                write_preset_base(self.model, preset_base, self.tok, self.run_dir / "base")
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay,
                                            fused=self.device.startswith("cuda") or None)
         self.scheduler = cosine_schedule(self.optimizer, c.steps, c.warmup_ratio)
@@ -214,6 +234,13 @@ class Trainer:
         self._stop_requested = True
         print("\nCtrl-C: finishing this step, then saving (press again to stop at once)", flush=True)
 
+    def _stop_non_finite(self, what: str) -> None:
+        """Stop before the optimizer steps on it: the weights, and the last checkpoint, stay good."""
+        self.optimizer.zero_grad(set_to_none=True)
+        last = self.run_dir / ckpt.CHECKPOINT
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise TrainingError(f"non-finite {what}: stopping; {kept}. Try a lower --lr or --max-grad-norm.")
+
     # --- the loop ------------------------------------------------------------------------------
     def train_step(self) -> dict:
         c = self.config
@@ -238,17 +265,17 @@ class Trainer:
                 extra_total += extra.item() / c.grad_accum
             loss_value = objective.detach()
             if not torch.isfinite(loss_value):
-                opt.zero_grad(set_to_none=True)
-                last = self.run_dir / ckpt.CHECKPOINT
-                kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-                raise TrainingError(f"non-finite loss ({loss_value.item()}) at step {self.step + 1}, micro-batch {micro}: "
-                                    f"stopping; {kept}. Try a lower --lr or --max-grad-norm.")
+                self._stop_non_finite(f"loss ({loss_value.item()}) at step {self.step + 1}, micro-batch {micro}")
             objective.backward()
             self.policy.observe(out, mask)
             total += out.loss.item() * weight if targets[micro] else 0.0
             tokens += int(batch.attention_mask.sum())
         params = [p for g in opt.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)) if c.max_grad_norm > 0 else None
+        # the norm is taken even without clipping: a finite loss can still give inf/NaN gradients, and
+        # stepping on them would put NaN weights into the next checkpoint
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf))
+        if not math.isfinite(grad_norm):
+            self._stop_non_finite(f"gradient norm ({grad_norm}) at step {self.step + 1}")
         lr = opt.param_groups[0]["lr"]
         opt.step()
         self.scheduler.step()

@@ -125,9 +125,37 @@ def test_dmep_lb_loss_survivors_and_exact_counts(tmp_path):
     assert optim.state_numel(trainer.optimizer) == opt_before - 2 * removed
     prune = [e for e in _lines(Path(c.out) / "events.jsonl") if e["event"] == "dmep_prune"][0]
     assert prune["step"] == 5 and prune["params_after"] == params_before - removed
-    # the survivors follow τ from the step-4 counts plus one more step of counting: recompute from the event
+    # the survivors follow τ = 0.12 and k_min = 2 on the hard counts the event decided on
+    assert prune["survivors"].keys() == prune["counts"].keys()
     for name, kept in prune["survivors"].items():
-        assert len(kept) >= 2
+        counts = torch.tensor(prune["counts"][name], dtype=torch.float64)
+        u = counts / counts.sum()
+        above = [i for i in range(8) if u[i] >= 0.12]
+        expected = above if len(above) >= 2 else sorted(sorted(range(8), key=lambda i: (-float(u[i]), i))[:2])
+        assert kept == expected and (name in prune["clamped"]) == (len(above) < 2)
+        assert counts.sum() > 0
+
+
+def test_dmep_prunes_at_the_end_of_the_first_epoch_by_default_or_when_drift_settles(tmp_path):
+    c = TrainConfig(policy="dmep", model="tiny-qwen3", out=str(tmp_path / "e"), steps=40, batch_size=16,
+                    data="tiny-arith", policy_options={"log_interval": 2})
+    trainer = Trainer(c, show_progress=False)
+    assert trainer.steps_per_epoch == 32  # 512 tiny-arith examples / 16
+    assert trainer.policy.prune_step == 32
+    # drift below the threshold at a logging step prunes then, not at the epoch's end
+    c = TrainConfig(policy="dmep", model="tiny-qwen3", out=str(tmp_path / "d"), steps=12, batch_size=4,
+                    policy_options={"log_interval": 2, "drift_threshold": 10.0, "prune_step": 100})
+    trainer = Trainer(c, show_progress=False)
+    while trainer.step < c.steps and trainer.policy.pruned_at is None:
+        trainer.train_step()
+    # the first drift exists at the second measurement (step 4); 10 > any L1 distance (at most 2)
+    assert trainer.policy.pruned_at == 4
+    c = TrainConfig(policy="dmep", model="tiny-qwen3", out=str(tmp_path / "n"), steps=8, batch_size=4,
+                    policy_options={"log_interval": 2, "drift_threshold": 1e-9, "prune_step": 100})
+    trainer = Trainer(c, show_progress=False)
+    for _ in range(8):
+        trainer.train_step()
+    assert trainer.policy.pruned_at is None  # drift never that small: no pruning before prune_step
 
 
 def test_dmep_survivor_rule_and_clamping(capsys):
@@ -311,6 +339,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
     assert json.loads((out / "checkpoint/trainer.json").read_text())["step"] == 4
 
 
+def test_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tmp_path):
+    rc, out = _run(tmp_path, "g", "--policy", "lora", "--steps", "4", "--save-every", "2", "--max-grad-norm", "0")
+    assert rc == 0
+    trainer = Trainer(TrainConfig(policy="lora", steps=8, batch_size=4, resume=str(out)), show_progress=False)
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    a = trainer.model.layers[0].mlp.experts.gate_proj.lora[0].A[0]
+    a.register_hook(lambda g: torch.full_like(g, float("inf")))  # the loss stays finite, the gradient does not
+    with pytest.raises(TrainingError, match=r"non-finite gradient norm \(inf\) at step 5"):
+        trainer.train()
+    assert all(torch.equal(p, weights[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert json.loads((out / "checkpoint/trainer.json").read_text())["step"] == 4
+
+
 # --- data ---------------------------------------------------------------------------------------
 def test_data_formats_and_prompt_masking(tmp_path):
     rows = [{"query": "q1", "response": "r1"}, {"question": "q2", "answer": "r2\n#### 2"},
@@ -423,6 +464,12 @@ def test_overwrite_keeps_the_old_run_when_the_new_input_is_bad(tmp_path, capsys)
                  "--data", str(tmp_path / "missing.jsonl"))
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before and (out / "checkpoint/trainer.json").is_file()
+    # errors found only once the model is loaded and the policy set up (targets) cost nothing either
+    for bad in (["--lora-dense-targets", "qq_proj"], ["--policy", "esft", "--esft-targets", "foo_proj"]):
+        rc, _ = _run(tmp_path, "keep", "--policy", "lora", "--steps", "1", "--overwrite", *bad)
+        err = capsys.readouterr().err
+        assert rc == 2 and ("qq_proj" in err or "foo_proj" in err), err
+        assert sorted(p.name for p in out.iterdir()) == before and (out / "checkpoint/trainer.json").is_file()
 
 
 def test_resume_with_more_steps_follows_the_new_schedule_at_once(tmp_path):
@@ -460,3 +507,58 @@ def test_a_failed_checkpoint_swap_keeps_the_previous_copy(tmp_path, monkeypatch)
     dst.rename(tmp_path / ".checkpoint.old")
     assert ckpt.locate(tmp_path) == tmp_path / ".checkpoint.old"
     assert ckpt.read_info(ckpt.locate(tmp_path)) == {"step": 1}
+
+
+# --- decisions against the logged importance, decay and token masks through the trainer ----------
+def test_epng_prunes_the_least_and_grows_the_most_important(tmp_path):
+    rc, out = _run(tmp_path, "epng-order", "--policy", "epng", "--steps", "12", "--epng-warmup", "4",
+                   "--epng-interval", "4", "--epng-alpha", "0.25", "--epng-beta", "0.25")
+    assert rc == 0
+    ranks = {"0": [8] * 8, "1": [8] * 8}
+    for e in [e for e in _lines(out / "events.jsonl") if e["event"] == "prune_grow"]:
+        imp = {(int(l), x): v for l, vs in e["importance"].items() for x, v in enumerate(vs)}
+        alive = sorted(((int(l), x) for l, r in ranks.items() for x, v in enumerate(r) if v > 0),
+                       key=lambda le: (imp[le], le))
+        n = math.floor(0.25 * len(alive))
+        assert [tuple(p) for p in e["pruned"]] == alive[:n]  # the n least important, in order
+        top = set(alive[len(alive) - n:])  # the n most important (never pruned: n + n <= alive)
+        assert {(l, x) for l, x, _ in e["grown"]} == top
+        assert min(imp[le] for le in top) >= max(imp[tuple(p)] for p in e["pruned"])
+        ranks = e["ranks"]
+
+
+def test_epng_event_decays_the_statistics_by_lambda():
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-olmoe")).train()
+    policy = EPnG(EPnG.Config(decay=0.3, warmup=1, interval=1))
+    policy.setup(model, Context())
+    opt = torch.optim.AdamW(policy.trainable_parameters(model), lr=1e-3)
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    policy.observe(model(ids, output_router=True), None)
+    before = {l: (policy.stats.importance[l].clone(), policy.stats.counts[l].clone(), policy.stats.tokens[l])
+              for l in policy.stats.importance}
+    (event,) = policy.after_step(1, model, opt)
+    for l, (imp, counts, tokens) in before.items():
+        assert event["importance"][str(l)] == (imp / tokens).tolist()  # decided on the undecayed mean
+        assert torch.equal(policy.stats.importance[l], imp * 0.3)
+        assert torch.equal(policy.stats.counts[l], counts * 0.3)
+        assert policy.stats.tokens[l] == tokens * 0.3
+
+
+@pytest.mark.parametrize("stats_tokens", ["response", "all"])
+def test_trainer_feeds_statistics_only_the_counted_tokens(tmp_path, stats_tokens):
+    c = TrainConfig(policy="epng", model="tiny-olmoe", out=str(tmp_path / "m"), steps=2, batch_size=4, grad_accum=2,
+                    stats_tokens=stats_tokens, eval_limit=0, policy_options={"warmup": 100})
+    trainer = Trainer(c, show_progress=False)
+    drawn = []
+    next_batch = trainer.data.next_batch
+    trainer.data.next_batch = lambda n: drawn.append(next_batch(n)) or drawn[-1]
+    trainer.train_step()
+    trainer.train_step()
+    masks = [b.loss_mask if stats_tokens == "response" else b.attention_mask for b in drawn]
+    expected = float(sum(int(m.sum()) for m in masks))
+    padded = float(sum(int(b.attention_mask.numel()) for b in drawn))
+    assert expected < padded  # the batches do have padding (and prompts) to leave out
+    for layer in trainer.model.config.moe_layers:
+        assert trainer.policy.stats.tokens[layer] == expected
+        assert trainer.policy.stats.counts[layer].sum() == expected * trainer.model.config.num_experts_per_tok

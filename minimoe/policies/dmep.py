@@ -21,6 +21,19 @@ from .base import Context, Policy
 class DMEP(Policy):
     name = "dmep"
 
+    HELP = {
+        "num_experts": "LoRA experts E per adapted linear", "top_k": "experts chosen per token by each module's router",
+        "rank": "LoRA rank of every expert", "lora_alpha": "LoRA alpha (scaling alpha/r)",
+        "lb_coef": "load-balancing loss coefficient during exploration (off after pruning)",
+        "tau": "utilisation threshold: experts with a smaller share of hard top-k choices are pruned",
+        "k_min": "minimum surviving experts per module (and never fewer than top_k)",
+        "prune_step": "step of the one-shot pruning; 0 = the end of the first epoch",
+        "drift_threshold": "if > 0, prune as soon as every module's routing drift (L1 between consecutive "
+                           "count distributions) is below it",
+        "log_interval": "steps between Gini / entropy / drift measurements in events.jsonl",
+        "targets": "linears that get a LoRA-MoE (dense linears only: on an MoE base, attention and shared expert)",
+    }
+
     @dataclass
     class Config:
         num_experts: int = 8  # E per module
@@ -97,10 +110,11 @@ class DMEP(Policy):
         return events
 
     def prune(self, step, model, optimizer) -> dict:
-        plan, clamped, survivors = {}, [], {}
+        plan, clamped, survivors, counts = {}, [], {}, {}
         before = model.num_adapter_parameters()
         for name, m in model.lora_moe_modules().items():
-            keep, was_clamped = self.survivors(m.counts.detach().cpu(), m.top_k)
+            counts[name] = m.counts.detach().cpu()
+            keep, was_clamped = self.survivors(counts[name], m.top_k)
             plan[name] = keep
             survivors[name] = [int(m.expert_ids[i]) for i in keep]
             for history in (self.snapshot, self.previous):  # interval statistics follow the slicing
@@ -116,7 +130,8 @@ class DMEP(Policy):
             print(f"dmep: tau={self.config.tau} would leave fewer than max(k_min={self.config.k_min}, top_k) "
                   f"experts in {len(clamped)} module(s); kept the most used ones instead: {', '.join(clamped)}")
         return {"event": "dmep_prune", "step": step, "policy": self.name, "survivors": survivors,
-                "clamped": clamped, "params_before": before, "params_after": model.num_adapter_parameters()}
+                "clamped": clamped, "params_before": before, "params_after": model.num_adapter_parameters(),
+                "counts": {name: c.tolist() for name, c in counts.items()}}  # the hard counts it decided on
 
     def event_line(self, event: dict) -> str | None:
         if event["event"] != "dmep_prune":

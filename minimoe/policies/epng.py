@@ -21,6 +21,16 @@ class EPnG(Policy):
     name = "epng"
     needs_router = True
 
+    HELP = {
+        "alpha": "pruning ratio: share of the experts that still have an adapter pruned at each event",
+        "beta": "growth ratio: share of the experts (most important first) that receive freed rank",
+        "warmup": "T_w: no prune/grow event before this step",
+        "interval": "T_p: a prune/grow event every T_p steps from T_w on",
+        "decay": "lambda: accumulated router importance is multiplied by this after each event",
+        "rank": "initial LoRA rank r of every adapted expert", "lora_alpha": "LoRA alpha (scaling alpha/r, fixed)",
+        "targets": "expert projections that get LoRA (gate_proj, up_proj, down_proj)",
+    }
+
     @dataclass
     class Config:
         alpha: float = 0.2  # pruning ratio α

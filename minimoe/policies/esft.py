@@ -15,6 +15,8 @@ that layer's expert weights in activation memory — use activation checkpointin
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +70,21 @@ def top_p_selection(scores: torch.Tensor, top_p: float) -> list[int]:
 class ESFT(Policy):
     name = "esft"
 
+    HELP = {
+        "score": "expert score: token (share of top-k slots) or gate (sum of routing weights)",
+        "top_p": "per layer, experts by descending score until their cumulative score reaches top_p; "
+                 "0 = the ESFT paper's value (0.2 for token, 0.1 for gate)",
+        "normalize": "layer (scores normalised per layer, the paper) or global (each expert over layers, "
+                     "the reference code)",
+        "sample_batches": "training batches scored before training starts",
+        "targets": "expert projections trained in full for the selected experts",
+    }
+    CHOICES = {"score": ("token", "gate"), "normalize": ("layer", "global")}
+
     @dataclass
     class Config:
         score: str = "token"  # "token" (selection ratio) or "gate" (sum of routing weights)
-        top_p: float = 0.2  # cumulative score per layer (the ESFT paper uses 0.2 for token, 0.1 for gate)
+        top_p: float = 0.0  # cumulative score per layer; 0 = the ESFT paper's: 0.2 for token, 0.1 for gate
         normalize: str = "layer"  # "layer" (paper) or "global" (reference code: per expert over layers)
         sample_batches: int = 32  # training batches scored before training starts
         targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -81,6 +94,14 @@ class ESFT(Policy):
         c = self.config
         if c.score not in ("token", "gate") or c.normalize not in ("layer", "global"):
             raise ValueError(f"esft: score must be token|gate and normalize layer|global, got {c.score}, {c.normalize}")
+        bad = [t for t in c.targets if t not in ("gate_proj", "up_proj", "down_proj")]
+        if bad or not c.targets:
+            raise ValueError(f"esft: targets {list(c.targets)}: each must be one of the experts' gate_proj, "
+                             "up_proj, down_proj")
+        if not 0 <= c.top_p <= 1:
+            raise ValueError(f"esft: top_p must be in (0, 1] (0: the paper's value for the score), got {c.top_p}")
+        if c.top_p == 0:
+            self.config = dataclasses.replace(c, top_p=0.1 if c.score == "gate" else 0.2)
         self.selection: dict[int, list[int]] | None = None
         self.scores: dict[int, list[float]] | None = None
 

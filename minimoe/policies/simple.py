@@ -12,6 +12,12 @@ class LoRA(Policy):
 
     name = "lora"
 
+    HELP = {
+        "rank": "LoRA rank", "lora_alpha": "LoRA alpha (scaling alpha/r)",
+        "targets": "expert projections that get LoRA (gate_proj, up_proj, down_proj)",
+        "dense_targets": "dense linears that get LoRALinear too (e.g. q_proj v_proj; on a dense model: required)",
+    }
+
     @dataclass
     class Config:
         rank: int = 8  # EPnG App. A.2
