@@ -30,6 +30,15 @@ import torch
 # Shapes (names as in config.json): an OLMoE-shaped MoE and a Qwen3-shaped dense model of the same
 # width. "medium" is the shape of ENVIRONMENT.md's reference measurements.
 SHAPES = {
+    # a smoke-test shape: every route in seconds (the tests run it)
+    "tiny": {
+        "moe": dict(model_type="olmoe", vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, intermediate_size=32, num_experts=8,
+                    num_experts_per_tok=2, max_position_embeddings=512, eos_token_id=0, pad_token_id=1),
+        "dense": dict(model_type="qwen3", vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                      max_position_embeddings=512, eos_token_id=0),
+    },
     "medium": {
         "moe": dict(model_type="olmoe", vocab_size=2048, hidden_size=256, num_hidden_layers=4,
                     num_attention_heads=8, num_key_value_heads=8, intermediate_size=128, num_experts=32,
@@ -176,7 +185,7 @@ def _have_transformers() -> bool:
     return True
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minimoe.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=list(SHAPES), default="medium", help="model shape (default: medium)")
@@ -196,7 +205,7 @@ def main(argv=None) -> None:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.worker:
         print("RESULT " + json.dumps(_worker(args)))
-        return
+        return 0
 
     routes = args.routes or list(ROUTES)
     unknown = [r for r in routes if r not in ROUTES]
@@ -207,7 +216,7 @@ def main(argv=None) -> None:
         routes = [r for r in routes if ROUTES[r][0] == "minimoe"]
 
     shapes = SHAPES[args.shape]
-    results = []
+    results, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in sorted({ROUTES[r][3] for r in routes}):
             (Path(tmp) / kind).mkdir()
@@ -220,6 +229,7 @@ def main(argv=None) -> None:
             line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
             if done.returncode or not line:
                 print(f"{route}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                failed.append(route)
                 continue
             results.append(json.loads(line[-1][len("RESULT "):]))
             print(f"  done: {route}", file=sys.stderr)
@@ -238,8 +248,12 @@ def main(argv=None) -> None:
               f"{r['peak_mib']:,.0f} |")
     if args.json:
         args.json.write_text(json.dumps(dict(shapes=shapes, args={k: str(v) for k, v in vars(args).items()},
-                                             results=results), indent=2))
+                                             results=results, failed=failed), indent=2))
+    if failed:
+        print(f"\n{len(failed)} route(s) failed (see above): {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
