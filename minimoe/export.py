@@ -2,6 +2,7 @@
 
     python -m minimoe.export --adapter ADAPTER_DIR --out weights/my-merged   # --model BASE: default, the adapter's base
     python -m minimoe.export --model BASE --adapter ADAPTER_DIR --out runs/x/peft --peft
+    python -m minimoe.export --model weights/x-minimoe --out weights/x    # no adapter: a Hub-layout copy
 
 ``export_merged`` folds LoRA (static, EPnG per-expert ranks), ESFT-trained experts and fully
 fine-tuned weights into the base and writes the Hub layout (per-expert keys, config.json, tokenizer
@@ -22,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .adapter_io import _ADAPTER_KEY, AdapterError, _selected_experts_cls, adapter_base_model
-from .files import atomic_dir
+from .files import atomic_dir, check_destination
 from .hf import resolve, to_hub_state_dict
 from .lora import LoRALinear, ResizableLoRAExpert
 from .lora_moe import PrunableLoRAMoE
@@ -115,7 +117,9 @@ def write_hub_checkpoint(model, state: dict[str, torch.Tensor], out: Path, sourc
 
 
 def export_merged(model, directory, overwrite: bool = False) -> Path:
-    """Fold adapters into the base weights and write a Hub-layout checkpoint that transformers loads."""
+    """Fold adapters into the base weights and write a Hub-layout checkpoint that transformers loads.
+    An existing ``directory`` is refused (unless ``overwrite``) before any tensor is built."""
+    check_destination(directory, overwrite)
     state = merged_state_dict(model)
     with atomic_dir(directory, overwrite) as tmp:
         write_hub_checkpoint(model, state, tmp, _source_dir(model))
@@ -197,7 +201,9 @@ def peft_tensors(model) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def export_peft(model, directory, overwrite: bool = False) -> Path:
-    """Write a PEFT LoRA adapter (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+    """Write a PEFT LoRA adapter (``adapter_model.safetensors`` + ``adapter_config.json``).
+    An existing ``directory`` is refused (unless ``overwrite``) before any tensor is built."""
+    check_destination(directory, overwrite)
     tensors, config = peft_tensors(model)
     with atomic_dir(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -227,15 +233,17 @@ def main(argv=None) -> int:
     if not args.model and not args.adapter:
         p.error("--model is required without --adapter")
     try:
+        check_destination(args.out, args.overwrite, flag="--overwrite")  # before loading anything
         model = from_pretrained(args.model or adapter_base_model(args.adapter), dtype=args.dtype)
         if args.adapter:
             model.load_adapter(args.adapter, check_base=not args.no_check_base)
         path = (export_peft if args.peft else export_merged)(model, args.out, overwrite=args.overwrite)
     except FileExistsError:
-        print(f"error: {args.out} already exists; pass --overwrite to replace it (nothing was written)")
+        print(f"error: {args.out} already exists; pass --overwrite to replace it (nothing was written)",
+              file=sys.stderr)
         return 2
     except (AdapterError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {'PEFT adapter' if args.peft else 'merged checkpoint'} to {path}")
     return 0

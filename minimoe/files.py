@@ -17,12 +17,19 @@ class DestinationExists(FileExistsError):
     """The destination exists and overwriting was not requested."""
 
 
+def check_destination(dst: str | os.PathLike, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
+    """Refuse an existing ``dst`` unless ``overwrite``. Writers call this before any expensive work (loading
+    a model, building tensors, pretraining), so a refusal costs nothing; ``atomic_dir`` checks again."""
+    dst = Path(dst)
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise DestinationExists(f"{dst} already exists; pass {flag} to replace it (nothing was written)")
+    return dst
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, flag: str = "overwrite=True"):
     """``with atomic_dir(dst) as tmp:`` write into ``tmp``; on success it becomes ``dst``."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise DestinationExists(f"{dst} already exists; pass {flag} to replace it (nothing was written)")
+    dst = check_destination(dst, overwrite, flag)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory

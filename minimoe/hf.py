@@ -8,6 +8,9 @@ which are stacked along a new first dimension:
     model.layers.{l}.mlp.experts.down_proj                       [E, H, I]    gate rows first)
         → layers.{l}.mlp.experts.{gate,up,down}_proj.weight      [E, out, in]
 
+A converted checkpoint (``minimoe.convert``) stores ``layers.{l}.mlp.experts.{p}.weight [E, out, in]``
+as is, in ``minimoe.safetensors`` (older conversions: ``model.safetensors``); its keys need no mapping.
+
 The model is built on the meta device and loaded tensors are assigned into it, so a checkpoint is
 never held twice: each expert's tensor is copied into its slot of the stacked tensor as it is read.
 """
@@ -26,6 +29,11 @@ from .config import ModelConfig
 from .model import CausalLM
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# minimoe's converted layout (``python -m minimoe.convert``) keeps its weights under this name, not
+# model.safetensors: tools that read Hub checkpoints then fail loudly ("no model.safetensors") instead of
+# loading a config whose stacked expert keys they do not know and initialising those experts at random.
+# Its keys already are minimoe's names, so ``map_key`` passes them through unchanged.
+CONVERTED_WEIGHTS = "minimoe.safetensors"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -60,7 +68,8 @@ def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> 
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: from the sharded index, or ``model.safetensors``."""
+    """The safetensors files of a checkpoint: from the sharded index, ``model.safetensors``, or a converted
+    checkpoint's ``minimoe.safetensors``."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -73,11 +82,15 @@ def checkpoint_files(directory: Path) -> list[Path]:
             raise CheckpointError(f"{index} lists shards that do not exist: {', '.join(missing)}")
         return files
     single = directory / "model.safetensors"
-    if single.is_file():
+    if single.is_file():  # the Hub layout, or a converted checkpoint written before CONVERTED_WEIGHTS
         return [single]
+    converted = directory / CONVERTED_WEIGHTS
+    if converted.is_file():
+        return [converted]
     others = sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt"))
     hint = f" (found {others[0].name}: only safetensors checkpoints are supported)" if others else ""
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}{hint}")
+    raise CheckpointError(f"no model.safetensors, model.safetensors.index.json or {CONVERTED_WEIGHTS} "
+                          f"in {directory}{hint}")
 
 
 def map_key(key: str) -> list[tuple[str, int | None, slice | None]]:

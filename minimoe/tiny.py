@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 
 from .config import ModelConfig
 from .export import write_hub_checkpoint
-from .files import atomic_dir
+from .files import DestinationExists, atomic_dir, check_destination
 from .model import CausalLM
 from .tokenizer import Tokenizer
 
@@ -102,6 +103,11 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def pretrain(out: Path, seed: int = 0, steps: int = 1500, batch_size: int = 32, seq_len: int = 128,
              lr: float = 3e-3, documents: int = 120_000, overwrite: bool = False, log=print) -> Path:
+    """Generate the corpus, train the tokenizer and the model, and write them to ``out`` (Hub layout).
+    An existing ``out`` is refused first (unless ``overwrite``): pretraining takes minutes."""
+    check_destination(out, overwrite, flag="--overwrite")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     torch.manual_seed(seed)
     texts = corpus(documents, seed)
     tok = train_tokenizer(texts[:20_000], TINY_CONFIG["vocab_size"])
@@ -152,11 +158,17 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pretrain(args.out, args.seed, args.steps, args.batch_size, overwrite=args.overwrite)
+    try:
+        pretrain(args.out, args.seed, args.steps, args.batch_size, overwrite=args.overwrite)
+    except DestinationExists as e:  # refused before pretraining starts
+        print(f"error: --out {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Artefacts in and out: adapters, converted checkpoints, merged exports (transformers) and PEFT adapters."""
+"""Artefacts in and out: adapters, merged exports (transformers) and PEFT adapters (converted checkpoints:
+test_convert.py)."""
 
 import json
 
@@ -7,7 +8,6 @@ import torch
 
 import minimoe
 from minimoe.adapter_io import AdapterError
-from minimoe.convert import convert
 from minimoe.files import DestinationExists
 
 IDS = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(0))
@@ -73,23 +73,6 @@ def test_adapter_round_trip_after_dmep_pruning(hf_checkpoint, tmp_path):
     assert q.expert_ids.tolist() == [1, 4] and q.top_k == 2 and not q.lb_enabled
 
 
-def test_converted_checkpoint_round_trip_is_exact(hf_checkpoint, tmp_path):
-    hf, directory = hf_checkpoint("qwen2_moe-sparse")
-    out = convert(str(directory), tmp_path / "conv")
-    assert (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())["minimoe_layout"]
-    from safetensors import safe_open
-
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    assert "layers.1.mlp.experts.gate_proj.weight" in keys and len(keys) < len(hf.state_dict()) + 40
-    a, b = minimoe.from_pretrained(directory), minimoe.from_pretrained(out)
-    for (k, x), (k2, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert k == k2 and torch.equal(x, y)
-    assert torch.equal(_logits(a), _logits(b))
-    with pytest.raises(DestinationExists, match="pass --overwrite"):
-        convert(str(directory), out)
-
-
 def _hf_logits(directory):
     from transformers import AutoModelForCausalLM
 
@@ -129,6 +112,7 @@ def test_merged_export_of_esft_and_full_fine_tuning(hf_checkpoint, policy, tmp_p
     _, directory = hf_checkpoint("olmoe")
     model = minimoe.from_pretrained(directory)
     if policy == "esft":
+        model.requires_grad_(False)  # only the selected experts change, as in ESFT training
         for t in ("gate_proj", "up_proj", "down_proj"):
             block = model.layers[1].mlp.experts
             setattr(block, t, SelectedExperts(getattr(block, t), [0, 3]))
@@ -137,6 +121,7 @@ def test_merged_export_of_esft_and_full_fine_tuning(hf_checkpoint, policy, tmp_p
     _randomize_adapters(model)
     out = minimoe.export_merged(model, tmp_path / policy)
     assert (_hf_logits(out) - _logits(model)).abs().max() < 1e-4
+    assert (_hf_logits(out) - _logits(minimoe.from_pretrained(directory))).abs().max() > 1e-3  # it changed
 
 
 def test_lora_moe_cannot_be_merged_and_says_why(hf_checkpoint, tmp_path):
@@ -219,7 +204,8 @@ def test_export_cli_merges_an_adapter(hf_checkpoint, tmp_path, capsys):
     assert main(["--model", str(directory), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 0
     assert (_hf_logits(tmp_path / "m") - _logits(model)).abs().max() < 1e-4
     assert main(["--model", str(directory), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "already exists; pass --overwrite" in captured.err and "error" not in captured.out
     # without --model the base is the one the adapter records
     assert main(["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m2")]) == 0
     assert (_hf_logits(tmp_path / "m2") - _logits(model)).abs().max() < 1e-4
@@ -269,7 +255,113 @@ def test_export_cli_no_check_base(hf_checkpoint, tmp_path, capsys):
     _, clip = hf_checkpoint("olmoe-clip")
     minimoe.save_adapter(_epng_like(directory), tmp_path / "ad")
     assert main(["--model", str(clip), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 2
-    assert "fingerprint" in capsys.readouterr().out and not (tmp_path / "m").exists()
+    assert "fingerprint" in capsys.readouterr().err and not (tmp_path / "m").exists()
     assert main(["--model", str(clip), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m"),
                  "--no-check-base"]) == 0
     assert (tmp_path / "m" / "config.json").exists()
+
+
+def _snapshot(directory):
+    return {str(f.relative_to(directory)): f.read_bytes() for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def _peft_logits(directory, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, str(adapter)).eval()(IDS).logits
+
+
+def test_exports_refuse_an_existing_destination_before_building_anything(hf_checkpoint, tmp_path, monkeypatch,
+                                                                         capsys):
+    import minimoe.export as export_mod
+    import minimoe.hf as hf_mod
+
+    _, directory = hf_checkpoint("olmoe")
+    model = _epng_like(directory)
+    ad = minimoe.save_adapter(model, tmp_path / "ad")
+    dst = minimoe.export_peft(model, tmp_path / "peft")
+    (dst / "notes.txt").write_text("mine")
+    before = _snapshot(dst)
+
+    def not_now(*args, **kwargs):
+        raise AssertionError("work started before the destination was checked")
+
+    for name in ("peft_tensors", "merged_state_dict"):
+        monkeypatch.setattr(export_mod, name, not_now)
+    monkeypatch.setattr(hf_mod, "from_pretrained", not_now)  # what the CLI loads the base with
+    with pytest.raises(DestinationExists, match=f"{dst} already exists; pass overwrite=True"):
+        minimoe.export_peft(model, dst)
+    with pytest.raises(DestinationExists, match=f"{dst} already exists"):
+        minimoe.export_merged(model, dst)
+    for flag in ([], ["--peft"]):
+        assert export_mod.main(["--adapter", str(ad), "--out", str(dst), *flag]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.strip() == \
+            f"error: {dst} already exists; pass --overwrite to replace it (nothing was written)"
+    assert _snapshot(dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "peft"]  # no temporary directory left
+
+    monkeypatch.undo()
+    minimoe.export_peft(model, dst, overwrite=True)
+    assert "notes.txt" not in {f.name for f in dst.iterdir()}
+    assert (_peft_logits(directory, dst) - _logits(model)).abs().max() < 1e-4
+
+
+def test_export_cli_peft_end_to_end(hf_checkpoint, tmp_path, capsys):
+    from minimoe.export import main
+
+    _, directory = hf_checkpoint("qwen3_moe")
+    model = _epng_like(directory, targets=("gate_proj", "up_proj", "down_proj"), dense=("q_proj",))
+    minimoe.save_adapter(model, tmp_path / "ad")
+    assert main(["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "peft"), "--peft"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote PEFT adapter to {tmp_path / 'peft'}"
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(directory) and cfg["target_modules"]
+    got = _peft_logits(directory, tmp_path / "peft")
+    assert (got - _logits(model)).abs().max() < 1e-4
+    assert (got - _logits(minimoe.from_pretrained(directory))).abs().max() > 1e-3  # the adapter is in it
+
+
+@pytest.mark.parametrize("variant", ["qwen3-tied", "qwen3-untied"])
+def test_peft_export_of_dense_lora_on_qwen3(hf_checkpoint, variant, tmp_path):
+    _, directory = hf_checkpoint(variant)
+    model = minimoe.from_pretrained(directory)
+    model.add_lora(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"))
+    _randomize_adapters(model)
+    out = minimoe.export_peft(model, tmp_path / "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["target_parameters"] is None and len(cfg["target_modules"]) == 14
+    got = _peft_logits(directory, out)
+    assert (got - _logits(model)).abs().max() < 1e-4
+    assert (got - _logits(minimoe.from_pretrained(directory))).abs().max() > 1e-3
+
+
+def test_esft_adapter_round_trip(hf_checkpoint, tmp_path):
+    from minimoe.policies.esft import SelectedExperts
+
+    _, directory = hf_checkpoint("qwen2_moe")
+    model = minimoe.from_pretrained(directory).requires_grad_(False)  # the base stays as loaded
+    chosen = {0: {"gate_proj": [1, 6], "down_proj": [2]}, 1: {"up_proj": [0, 3, 7]}}
+    for layer, targets in chosen.items():
+        block = model.layers[layer].mlp.experts
+        for t, experts in targets.items():
+            setattr(block, t, SelectedExperts(getattr(block, t), experts))
+    _randomize_adapters(model, scale=0.3)  # only the selected experts are trainable
+    path = minimoe.save_adapter(model, tmp_path / "esft")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["kinds"] == ["esft"]
+    assert cfg["esft"] == {f"layers.{l}.mlp.experts.{t}": {"selected": e} for l, ts in chosen.items()
+                           for t, e in ts.items()}
+    back = minimoe.from_pretrained(directory).load_adapter(path)
+    assert torch.equal(_logits(back), _logits(model))
+    assert (_logits(back) - _logits(minimoe.from_pretrained(directory))).abs().max() > 1e-3
+    assert back.layers[1].mlp.experts.up_proj.selected.tolist() == [0, 3, 7]
+    trainable = {n for n, p in back.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{l}.mlp.experts.{t}.trained" for l, ts in chosen.items() for t in ts}
+    with pytest.raises(AdapterError, match="PEFT cannot represent layers.0.mlp.experts.gate_proj"):
+        minimoe.export_peft(back, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

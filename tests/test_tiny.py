@@ -72,3 +72,44 @@ def test_each_domain_generator_is_self_consistent(domain):
         elif domain == "arith":
             expr = text.split("Answer: ")[1].split(" =")[0]
             assert eval(expr) == int(text.rsplit("#### ", 1)[1])  # noqa: S307 (our own generated arithmetic)
+
+
+def _snapshot(directory):
+    return {str(f.relative_to(directory)): f.read_bytes() for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def test_existing_out_is_refused_before_pretraining(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tiny"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+
+    def started(*args, **kwargs):
+        raise RuntimeError("pretraining started")
+
+    monkeypatch.setattr(tiny, "corpus", started)  # the first step of pretraining
+    assert tiny.main(["--out", str(out), "--steps", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"error: --out {out} already exists; pass --overwrite to replace it (nothing was written)\n"
+    assert _snapshot(out) == {"config.json": b'{"mine": true}'}
+    # --overwrite passes the check: pretraining begins (and is stopped here), the old copy is still whole
+    with pytest.raises(RuntimeError, match="pretraining started"):
+        tiny.main(["--out", str(out), "--steps", "1", "--overwrite"])
+    assert _snapshot(out) == {"config.json": b'{"mine": true}'}
+    with pytest.raises(SystemExit) as e:
+        tiny.main(["--out", str(tmp_path / "new"), "--steps", "0"])
+    assert e.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_cli_refuses_existing_out_with_one_line_and_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "minimoe.tiny", "--out", str(out), "--steps", "1"],
+                          cwd=WEIGHTS.parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"error: --out {out} already exists; pass --overwrite to replace it "
+                                        "(nothing was written)"]
+    assert list(out.iterdir()) == []
