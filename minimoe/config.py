@@ -39,6 +39,14 @@ _HF_DEFAULTS = {
 }
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# keys with no default: a config.json without them (or with null) is refused, naming them all
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+_POSITIVE_INTS = _REQUIRED + ("intermediate_size", "moe_intermediate_size", "max_position_embeddings")
+_DERIVED_IF_ZERO = ("num_key_value_heads", "head_dim")  # 0 (like absent): num_attention_heads, hidden/heads
+
+
+def _is_int_at_least(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 @dataclass(frozen=True)
@@ -108,25 +116,41 @@ class ModelConfig:
 
     # --- Hub config.json ---------------------------------------------------------------------
     @classmethod
-    def from_hf_config(cls, d: dict, name_or_path: str = "") -> "ModelConfig":
-        """Build from the dict of a Hub ``config.json`` (transformers v4 or v5 style)."""
+    def from_hf_config(cls, d: dict, name_or_path: str = "", source: str | Path | None = None) -> "ModelConfig":
+        """Build from the dict of a Hub ``config.json`` (transformers v4 or v5 style).
+
+        ``source``: the file ``d`` was read from, named in errors (default: ``name_or_path/config.json``).
+        """
+        where = str(source) if source is not None else f"{name_or_path}/config.json" if name_or_path else "config.json"
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must hold a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type not in FAMILIES:
-            where = f" in {name_or_path}" if name_or_path else ""
-            raise ValueError(f"unknown model_type {model_type!r}{where}; supported: {', '.join(FAMILIES)}")
+            at = f" in {source}" if source is not None else f" in {name_or_path}" if name_or_path else ""
+            raise ValueError(f"unknown model_type {model_type!r}{at}; supported: {', '.join(FAMILIES)}")
         # a key set to null keeps the class default, except ids and clip_qkv where null is meaningful
         nullable = ("clip_qkv", "pad_token_id", "bos_token_id", "eos_token_id")
         g = {**_HF_DEFAULTS[model_type], **{k: v for k, v in d.items() if v is not None or k in nullable}}
+        missing = [k for k in _REQUIRED if k not in g]
+        if missing:
+            raise ValueError(f"{where} ({model_type}) is missing required key{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing)} (absent or null)")
+        wrong = [f"{k}={g[k]!r}" for k in _POSITIVE_INTS + _DERIVED_IF_ZERO
+                 if k in g and not _is_int_at_least(g[k], 1 if k in _POSITIVE_INTS else 0)]
+        if wrong:
+            raise ValueError(f"{where}: {', '.join(wrong)}: must be positive integers")
 
         if d.get("use_sliding_window"):
-            where = f"{name_or_path}/config.json" if name_or_path else "config.json"
             raise ValueError(f"use_sliding_window=true in {where}: sliding-window attention "
                              "is not implemented in minimoe (the reference checkpoints have it off); refusing to "
                              "load rather than compute different logits")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+            raise ValueError(f"{where}: {key} must be an object, got {rope!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"rope type {rope_type!r} in {name_or_path or 'config.json'} is not supported "
+            raise ValueError(f"rope type {rope_type!r} in {where} is not supported "
                              "(only the default RoPE of OLMoE/Qwen checkpoints)")
         rope_theta = rope.get("rope_theta", g.get("rope_theta"))
 
@@ -149,7 +173,7 @@ class ModelConfig:
         eos = g.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         dtype = str(g.get("dtype") or g.get("torch_dtype") or "float32").replace("torch.", "")
-        return cls(
+        fields = dict(
             model_type=model_type,
             vocab_size=g["vocab_size"],
             hidden_size=g["hidden_size"],
@@ -180,6 +204,10 @@ class ModelConfig:
             dtype=dtype,
             name_or_path=name_or_path,
         )
+        try:
+            return cls(**fields)
+        except ValueError as e:  # __post_init__'s checks, with the file they came from
+            raise ValueError(f"{where}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -190,7 +218,7 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_config(d, name_or_path=str(path.parent))
+        return cls.from_hf_config(d, name_or_path=str(path.parent), source=path)
 
     def to_hf_config(self) -> dict:
         """The ``config.json`` transformers v5 reads for this architecture (used by exports)."""
@@ -250,4 +278,4 @@ def preset(name: str, **overrides) -> ModelConfig:
     """A named tiny config, e.g. ``preset("tiny-olmoe", num_experts=16)`` (keys as in config.json)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
-    return ModelConfig.from_hf_config({**PRESETS[name], **overrides}, name_or_path=name)
+    return ModelConfig.from_hf_config({**PRESETS[name], **overrides}, name_or_path=name, source=f"preset {name!r}")

@@ -34,7 +34,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # loading a config whose stacked expert keys they do not know and initialising those experts at random.
 # Its keys already are minimoe's names, so ``map_key`` passes them through unchanged.
 CONVERTED_WEIGHTS = "minimoe.safetensors"
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+_HUB_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_GATE_UP = re.compile(r"^layers\.(\d+)\.mlp\.experts\.gate_up_proj$")

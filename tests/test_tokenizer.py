@@ -14,6 +14,92 @@ QWEN2_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# Qwen/Qwen3-0.6B's chat template (Apache-2.0), as llama.cpp keeps it in models/templates/Qwen-Qwen3-0.6B.jinja
+QWEN3_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in message.content %}
+                {%- set content = message.content.split('</think>')[-1].lstrip('\n') %}
+                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
 CORPUS = ["Natalia sold clips to 48 of her friends in April.", "def add(a, b):\n    return a + b",
           "The answer is 72.\n#### 72", "sort: 5 3 9 1 -> 1 3 5 9"] * 20
 
@@ -103,3 +189,147 @@ def test_batch_truncation_keeps_the_last_tokens_when_left_padded(tok_dir):
     assert ours.batch(["a b c d e"], max_length=3)["input_ids"][0].tolist() == full[-3:]
     assert ours.batch(["a b c d e"], max_length=100)["input_ids"][0].tolist() == full
     assert ours.batch(["a b c d e"], max_length=3, padding_side="right")["input_ids"][0].tolist() == full[:3]
+
+
+def _tok_dir(tok_dir, d, **files):
+    """``d`` with tok_dir's tokenizer.json and ``files`` (name -> text or JSON-able object)."""
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
+    for name, content in files.items():
+        name = name.replace("__", ".")
+        (d / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    return d
+
+
+TURNS = ([{"role": "user", "content": "What is 2+3?"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sort 3 1 2"}])
+
+
+def test_template_saved_by_transformers_save_pretrained_is_read(tok_dir, tmp_path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=QWEN2_TEMPLATE)
+    fast.save_pretrained(tmp_path)
+    # transformers 5 writes the template to its own file, not into tokenizer_config.json
+    assert (tmp_path / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    ref, ours = AutoTokenizer.from_pretrained(tmp_path), minimoe.load_tokenizer(tmp_path)
+    assert ours.chat_format == "chatml" and ours.default_system == "You are a helpful assistant."
+    assert ours.format_prompt("Hi") == ref.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                               add_generation_prompt=True, tokenize=False)
+    for messages in TURNS:
+        assert ours.format_chat(messages) == ref.apply_chat_template(messages, add_generation_prompt=True,
+                                                                     tokenize=False)
+
+
+def test_chat_template_precedence_is_transformers_tokenizer_precedence(tok_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    plain = "{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}"
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>"}
+    # chat_template.jinja wins over tokenizer_config.json, both ways round
+    for jinja, in_config, fmt in ((QWEN2_TEMPLATE, plain, "chatml"), (plain, QWEN2_TEMPLATE, "plain")):
+        d = _tok_dir(tok_dir, tmp_path / fmt, chat_template__jinja=jinja,
+                     tokenizer_config__json={**cfg, "chat_template": in_config})
+        ref, ours = AutoTokenizer.from_pretrained(d), minimoe.load_tokenizer(d)
+        assert ref.chat_template == jinja == ours.chat_template and ours.chat_format == fmt
+    # chat_template.json (the processors' legacy file) loses to tokenizer_config.json, as for AutoTokenizer ...
+    d = _tok_dir(tok_dir, tmp_path / "legacy", chat_template__json={"chat_template": plain},
+                 tokenizer_config__json={**cfg, "chat_template": QWEN2_TEMPLATE})
+    ref, ours = AutoTokenizer.from_pretrained(d), minimoe.load_tokenizer(d)
+    assert ref.chat_template == QWEN2_TEMPLATE == ours.chat_template and ours.chat_format == "chatml"
+    # ... and is the fallback when nothing else has a template (AutoTokenizer then has none)
+    d = _tok_dir(tok_dir, tmp_path / "legacy-only", chat_template__json={"chat_template": QWEN2_TEMPLATE},
+                 tokenizer_config__json=cfg)
+    assert AutoTokenizer.from_pretrained(d).chat_template is None
+    ours = minimoe.load_tokenizer(d)
+    assert ours.chat_format == "chatml" and ours.format_prompt("Hi").startswith("<|im_start|>system\n")
+    # the list form of tokenizer_config.json: the "default" entry is the template
+    d = _tok_dir(tok_dir, tmp_path / "list", tokenizer_config__json={**cfg, "chat_template": [
+        {"name": "tool_use", "template": plain}, {"name": "default", "template": QWEN2_TEMPLATE}]})
+    ref, ours = AutoTokenizer.from_pretrained(d), minimoe.load_tokenizer(d)
+    assert ours.format_prompt("Hi") == ref.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                               add_generation_prompt=True, tokenize=False)
+
+
+def test_bad_chat_template_files_are_named(tok_dir, tmp_path):
+    d = _tok_dir(tok_dir, tmp_path / "a", chat_template__json={"template": QWEN2_TEMPLATE})
+    with pytest.raises(ValueError, match=r"chat_template\.json has no 'chat_template' key"):
+        minimoe.load_tokenizer(d)
+    d = _tok_dir(tok_dir, tmp_path / "b", chat_template__json="{not json")
+    with pytest.raises(ValueError, match=r"chat_template\.json is not valid JSON"):
+        minimoe.load_tokenizer(d)
+    d = _tok_dir(tok_dir, tmp_path / "c", tokenizer_config__json={"chat_template": 3})
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: 'chat_template' must be a string, got int"):
+        minimoe.load_tokenizer(d)
+    d = _tok_dir(tok_dir, tmp_path / "d")
+    (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(ValueError, match=r"chat_template\.jinja is not UTF-8"):
+        minimoe.load_tokenizer(d)
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tok_dir, tmp_path_factory):
+    return _tok_dir(tok_dir, tmp_path_factory.mktemp("qwen3") / "tok", chat_template__jinja=QWEN3_TEMPLATE,
+                    tokenizer_config__json={"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+                                            "pad_token": "<|endoftext|>"})
+
+
+def test_qwen3_generation_prompt_matches_its_template(qwen3_dir):
+    from transformers import AutoTokenizer
+
+    ref, ours = AutoTokenizer.from_pretrained(qwen3_dir), minimoe.load_tokenizer(qwen3_dir)
+    assert ours.chat_format == "chatml" and ours.thinking and ours.default_system is None
+    user = [{"role": "user", "content": "What is 2+3?"}]
+    for switch in (None, True, False):
+        kw = {} if switch is None else {"enable_thinking": switch}
+        expected = ref.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **kw)
+        assert ours.format_prompt("What is 2+3?", enable_thinking=switch) == expected
+        assert ours.format_chat(user, enable_thinking=switch) == expected
+        for messages in TURNS:
+            assert ours.format_chat(messages, enable_thinking=switch) == ref.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **kw)
+    assert ours.format_prompt("Hi").endswith("<|im_start|>assistant\n")
+    assert ours.format_prompt("Hi", enable_thinking=False).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # the tokenizer's default for the switch (what training/eval prompts use)
+    off = minimoe.load_tokenizer(qwen3_dir, enable_thinking=False)
+    assert off.format_prompt("Hi") == ref.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                                              add_generation_prompt=True, enable_thinking=False)
+    assert off.format_prompt("Hi", enable_thinking=True) == ours.format_prompt("Hi")
+    with pytest.raises(ValueError, match="enable_thinking must be True, False or None, got 0"):
+        ours.format_prompt("Hi", enable_thinking=0)
+
+
+def test_qwen3_assistant_turns_match_its_template(qwen3_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    ref, ours = AutoTokenizer.from_pretrained(qwen3_dir), minimoe.load_tokenizer(qwen3_dir)
+    u, a = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
+    conversations = [
+        [u("Hi"), a("Hello.")],  # the final answer gets an empty <think> block
+        [u("Hi"), a("<think>\nsay hi\n</think>\n\nHello.")],  # its reasoning is kept
+        [u("Hi"), a("<think>\nsay hi\n</think>\n\nHello."), u("Sort 3 1 2")],  # older reasoning is dropped
+        [{"role": "system", "content": "Be brief."}, u("Hi"), a("Hello."), u("2+2?"), a("4")],
+        [u("Hi"), {"role": "assistant", "content": "Hello.", "reasoning_content": "greet"}],
+    ]
+    for messages in conversations:
+        for gen in (False, True):
+            assert ours.format_chat(messages, add_generation_prompt=gen) == ref.apply_chat_template(
+                messages, add_generation_prompt=gen, tokenize=False), (messages, gen)
+    # prompt + response (how training data is built) == the template's rendering of the exchange
+    off = minimoe.load_tokenizer(qwen3_dir, enable_thinking=False)
+    assert off.format_prompt("Hi") + "Hello.<|im_end|>\n" == ref.apply_chat_template([u("Hi"), a("Hello.")],
+                                                                                      tokenize=False)
+    # Tokenizer.save keeps the checkpoint's template, so the <think> convention survives a round trip
+    ours.save(tmp_path)
+    back = minimoe.load_tokenizer(tmp_path)
+    assert back.thinking and back.format_chat(conversations[0], add_generation_prompt=False) == ours.format_chat(
+        conversations[0], add_generation_prompt=False)
+
+
+def test_enable_thinking_does_nothing_without_a_thinking_template(tok_dir):
+    ours = minimoe.load_tokenizer(tok_dir)
+    assert not ours.thinking
+    assert ours.format_prompt("Hi", enable_thinking=False) == ours.format_prompt("Hi")
