@@ -81,7 +81,10 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     router_aux_loss_coef: float = 0.0
-    pad_token_id: int | None = None
+    pad_token_id: int | None = None  # config.json's: the embedding's padding_idx, as in transformers
+    # generation_config.json's pad id: what generate() fills finished rows with. Kept apart from
+    # pad_token_id, which would freeze that embedding row's gradient (transformers never uses it there).
+    generation_pad_token_id: int | None = field(default=None, compare=False)
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     dtype: str = "float32"  # dtype the checkpoint was saved in

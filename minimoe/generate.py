@@ -76,7 +76,8 @@ def generate(
         do_sample, temperature, top_p, top_k: greedy when ``do_sample`` is False.
         eos_token_id: one id or several; ``None`` takes ``model.config.eos_token_id``; ``[]`` never
             stops early. A finished row is filled with ``pad_token_id``.
-        pad_token_id: defaults to the config's pad id, else the first eos id, else 0.
+        pad_token_id: defaults to generation_config.json's pad id, else config.json's, else the first eos
+            id, else 0 (transformers' order).
         generator: RNG for sampling.
     """
     config = model.config
@@ -86,7 +87,8 @@ def generate(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     eos_t = torch.tensor(list(eos), dtype=torch.long, device=device)
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+        pad_token_id = next((p for p in (config.generation_pad_token_id, config.pad_token_id) if p is not None),
+                            eos[0] if eos else 0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     cache = KVCache(config, B, T + max_new_tokens, model.dtype, device)

@@ -193,7 +193,7 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
 
 def _with_generation_config(config: ModelConfig, file: Path) -> ModelConfig:
     """``generation_config.json``'s eos ids (what transformers' ``generate`` stops on, e.g. Qwen chat's
-    ``<|im_end|>``) replace those of config.json; its pad id fills a missing one."""
+    ``<|im_end|>``) replace those of config.json; its pad id is what ``generate`` fills finished rows with."""
     if not file.is_file():
         return config
     try:
@@ -203,8 +203,8 @@ def _with_generation_config(config: ModelConfig, file: Path) -> ModelConfig:
     eos = gen.get("eos_token_id")
     if eos is not None:
         config = config.replace(eos_token_id=tuple(eos) if isinstance(eos, list) else (int(eos),))
-    if config.pad_token_id is None and gen.get("pad_token_id") is not None:
-        config = config.replace(pad_token_id=int(gen["pad_token_id"]))
+    if gen.get("pad_token_id") is not None:  # for generate() only, never the embedding's padding_idx
+        config = config.replace(generation_pad_token_id=int(gen["pad_token_id"]))
     return config
 
 

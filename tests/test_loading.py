@@ -1,5 +1,6 @@
 """Config parsing and every bad input to from_pretrained: each error names its culprit."""
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -213,3 +214,35 @@ def test_dtype_auto_and_bad_dtype(hf_checkpoint):
     assert next(minimoe.from_pretrained(directory, dtype="auto").parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="dtype 'float8'"):
         minimoe.from_pretrained(directory, dtype="float8")
+
+
+def test_generation_config_pad_id_is_for_generate_not_the_embedding(hf_checkpoint, tmp_path):
+    """Qwen checkpoints' generation_config.json has pad_token_id (<|endoftext|>) while config.json has
+    none: transformers' embedding has no padding_idx then, so that row trains; generate fills with it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    _, src = hf_checkpoint("qwen3-untied")
+    d = tmp_path / "q"
+    shutil.copytree(src, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [7], "pad_token_id": 5}))
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    model = minimoe.from_pretrained(d)
+    assert hf.model.embed_tokens.padding_idx is None and model.embed_tokens.padding_idx is None
+    ids = torch.tensor([[5, 9, 5, 3, 11]])
+    model(ids, labels=ids).loss.backward()
+    hf(ids, labels=ids).loss.backward()
+    ours, ref = model.embed_tokens.weight.grad[5], hf.model.embed_tokens.weight.grad[5]
+    assert ref.abs().sum() > 0 and torch.allclose(ours, ref, atol=1e-5)
+    # a finished row is filled with generation_config's pad id, as transformers does
+    gen = importlib.import_module("minimoe.generate")  # (minimoe.generate is also a function name)
+
+    script = iter([torch.tensor([7, 9]), torch.tensor([9, 9]), torch.tensor([9, 7])])
+    real = gen.sample_next
+    gen.sample_next = lambda *a, **k: next(script)
+    try:
+        out = model.generate(torch.tensor([[3, 4], [3, 4]]), max_new_tokens=3)
+    finally:
+        gen.sample_next = real
+    assert out[:, 2:].tolist() == [[7, 5, 5], [9, 9, 7]]
