@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -112,6 +113,11 @@ def save_adapter(model, directory, overwrite: bool = False) -> Path:
     cfg = adapter_config(model)
     if not cfg["kinds"]:
         raise AdapterError("the model has no adapters to save (full fine-tuning: use minimoe.export_merged)")
+    base = Path(cfg["base_model"]) if cfg["base_model"] else None
+    if base is not None and base.is_dir():
+        # also where the base lies from the adapter: a moved or re-cloned project (runs/x/adapter next to
+        # weights/tiny-moe) still finds it
+        cfg["base_model_relative"] = os.path.relpath(base.resolve(), Path(directory).resolve())
     with atomic_dir(directory, overwrite) as tmp:
         save_file(adapter_tensors(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
@@ -175,6 +181,9 @@ def adapter_base_model(directory) -> str:
         raise AdapterError(f"{directory} is not a readable minimoe adapter ({type(e).__name__}: {e})") from None
     if not base:
         raise AdapterError(f"{directory / CONFIG} records no base_model; pass --model")
+    relative = json.loads((directory / CONFIG).read_text()).get("base_model_relative")
+    if not Path(base).is_dir() and relative and (directory / relative).is_dir():
+        return str(os.path.normpath(directory / relative))  # the project was moved since the adapter was saved
     return base
 
 

@@ -365,3 +365,22 @@ def test_esft_adapter_round_trip(hf_checkpoint, tmp_path):
     with pytest.raises(AdapterError, match="PEFT cannot represent layers.0.mlp.experts.gate_proj"):
         minimoe.export_peft(back, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_an_adapter_finds_its_base_after_the_project_moves(hf_checkpoint, tmp_path):
+    import shutil
+
+    from minimoe.adapter_io import adapter_base_model
+    from minimoe.export import main
+
+    _, directory = hf_checkpoint("olmoe")
+    project = tmp_path / "proj"
+    shutil.copytree(directory, project / "weights" / "base")
+    model = _epng_like(project / "weights" / "base")
+    minimoe.save_adapter(model, project / "runs" / "r" / "adapter")
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    adapter = moved / "runs" / "r" / "adapter"
+    assert adapter_base_model(adapter) == str(moved / "weights" / "base")
+    assert main(["--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0  # no --model: found it
+    assert (_hf_logits(tmp_path / "m") - _logits(model)).abs().max() < 1e-4
