@@ -136,7 +136,10 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
     (names in ``optional`` may be absent)."""
     out: dict[str, torch.Tensor] = {}
     filled: dict[str, set[int]] = {}
-    unexpected, wrong = [], []
+    source: dict[tuple[str, int | None], str] = {}  # (name, expert) -> "key in file" that supplied it
+    supplied: dict[str, str] = {}  # name -> the first key that supplied any of it
+    unexpected, wrong, duplicate = [], [], []
+    doubled: set[str] = set()  # names with duplicate suppliers: their gaps are not reported as missing too
     for file in files:
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
@@ -166,6 +169,17 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
                         got = f"{tuple(t.shape)}" + (f" for expert {expert}" if expert is not None else "")
                         wrong.append(f"{key} in {file.name}: {got}, expected {tuple(want)}")
                         continue
+                    # the same weights twice (a key in two shards, fused and per-expert keys of one layer)
+                    # would silently keep whichever came last
+                    here = f"{key} in {file.name}"
+                    clash = source.get((name, expert)) or source.get((name, None)) or (
+                        supplied.get(name) if expert is None else None)
+                    if clash:
+                        duplicate.append(f"{here} (also {clash})")
+                        doubled.add(name)
+                        continue
+                    source[(name, expert)] = here
+                    supplied.setdefault(name, here)
                     t = t.to(dtype=dtype, device=device)
                     if expert is None:
                         out[name] = t
@@ -175,9 +189,10 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
                         filled[name] = set()
                     out[name][expert].copy_(t)
                     filled[name].add(expert)
-    missing = [_hub_name(n, None) for n in expected if n not in out and n not in optional]
+    missing = [_hub_name(n, None) for n in expected if n not in out and n not in optional and n not in doubled]
     for name, got in filled.items():
-        missing += [_hub_name(name, e) for e in range(expected[name][0]) if e not in got]
+        if name not in doubled:
+            missing += [_hub_name(name, e) for e in range(expected[name][0]) if e not in got]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
@@ -185,6 +200,8 @@ def load_state_dict(files: list[Path], expected: dict[str, torch.Size], dtype: t
         problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
     if wrong:
         problems.append(f"wrong shapes ({len(wrong)}): {_listing(wrong)}")
+    if duplicate:
+        problems.append(f"duplicate weights ({len(duplicate)}): {_listing(duplicate)}")
     if problems:
         where = files[0].parent
         raise CheckpointError(f"checkpoint {where} does not match its config.json:\n  " + "\n  ".join(problems))

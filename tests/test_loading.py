@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 import minimoe
 from minimoe import CheckpointError, ModelConfig
 
+from conftest import save_fused
+
 
 def _copy(src, dst):
     shutil.copytree(src, dst)
@@ -246,3 +248,32 @@ def test_generation_config_pad_id_is_for_generate_not_the_embedding(hf_checkpoin
     finally:
         gen.sample_next = real
     assert out[:, 2:].tolist() == [[7, 5, 5], [9, 9, 7]]
+
+
+def test_duplicate_weights_are_named_not_silently_overwritten(hf_checkpoint, tmp_path):
+    hf, src = hf_checkpoint("olmoe")
+    # one key in two shards
+    directory = _copy(src, tmp_path / "sharded")
+    state = load_file(str(directory / "model.safetensors"))
+    keys = sorted(state)
+    first = {k: state[k] for k in keys[: len(keys) // 2]}
+    second = {k: state[k] for k in keys[len(keys) // 2:]}
+    second[keys[0]] = state[keys[0]].clone()
+    (directory / "model.safetensors").unlink()
+    save_file(first, str(directory / "model-00001-of-00002.safetensors"))
+    save_file(second, str(directory / "model-00002-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first} | \
+        {k: "model-00002-of-00002.safetensors" for k in second if k not in first}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"duplicate weights \(1\): {keys[0]} in model-00002-of-00002"):
+        minimoe.from_pretrained(directory)
+    # a layer's experts both fused and per expert
+    fused = save_fused(hf, tmp_path / "fused")
+    both = {**load_file(str(fused / "model.safetensors")),
+            "model.layers.0.mlp.experts.3.up_proj.weight": torch.zeros(32, 64)}
+    save_file(both, str(fused / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        minimoe.from_pretrained(fused)
+    assert "missing" not in str(e.value)
+    assert "duplicate weights (1): model.layers.0.mlp.experts.gate_up_proj in model.safetensors (also " \
+           "model.layers.0.mlp.experts.3.up_proj.weight in model.safetensors)" in str(e.value)
