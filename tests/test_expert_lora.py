@@ -8,10 +8,18 @@ import torch
 
 import minimoe
 from minimoe import optim
-from minimoe.lora import ResizableLoRAExpert
+from minimoe.lora import ResizableLoRAExpert, kaiming_rows
 from minimoe.moe import Groups, StackedLinear
 
 AdamW = getattr(minimoe, "AdamW", torch.optim.AdamW)
+
+# every optimizer the slices support: factory, state tensors shaped like the parameter, bytes of scalar state
+OPTIMIZERS = {
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), 2, 4),
+    "adamw-foreach": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True), 2, 4),
+    "adamw-fused": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), 2, 4),
+    "sgd-momentum": (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), 1, 0),
+}
 
 
 def _model(preset="tiny-olmoe", seed=0, **kw):
@@ -125,51 +133,94 @@ def test_prune_equals_a_model_built_with_the_pruned_layout():
         assert torch.equal(model(ids).logits, direct(ids).logits)
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
-    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
-], ids=["adamw", "adamw-foreach", "adamw-fused", "sgd-momentum"])
-def test_grow_then_shrink_round_trip_is_exact(make_opt):
-    model = _model()
-    model.add_expert_lora(rank=4, alpha=8)
-    opt = make_opt(model.adapter_parameters())
-    _train_steps(model, opt, n=3)
+def _snapshot(model, opt):
+    """Parameters by name, optimizer state by parameter name (cloned), param-group layout, state bytes."""
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
              for n, p in model.named_parameters() if p in opt.state}
-    layout = [list(map(id, g["params"])) for g in opt.param_groups]
+    return params, state, [list(map(id, g["params"])) for g in opt.param_groups], optim.state_bytes(opt)
 
-    model.grow_expert_lora({0: {2: 4, 3: 6}, 1: {7: 5}}, optimizer=opt)
-    model.prune_expert_lora({1: []}, optimizer=opt)
-    model.shrink_expert_lora({0: {2: 4, 3: 6}, 1: {7: 5}}, optimizer=opt)
 
+def _assert_restored(model, opt, snapshot):
+    params, state, layout, nbytes = snapshot
     assert [list(map(id, g["params"])) for g in opt.param_groups] == layout
+    assert optim.state_bytes(opt) == nbytes and len(opt.state) == len(state)
     now = dict(model.named_parameters())
     assert set(now) == set(params)
     for n, p in now.items():
         assert torch.equal(p, params[n]), n
-        if n in state:
-            for k, v in state[n].items():
-                assert torch.equal(opt.state[p][k], v) if torch.is_tensor(v) else opt.state[p][k] == v
+        assert (n in state) == (p in opt.state), n
+        for k, v in state.get(n, {}).items():
+            assert torch.equal(opt.state[p][k], v) if torch.is_tensor(v) else opt.state[p][k] == v
 
 
-def test_partial_shrink_slices_rows_and_their_moments():
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_grow_then_shrink_round_trip_is_exact(kind):
+    model = _model()
+    model.add_expert_lora(rank=4, alpha=8)
+    opt = OPTIMIZERS[kind][0](model.adapter_parameters())
+    _train_steps(model, opt, n=3)
+    snapshot = _snapshot(model, opt)
+    model.grow_expert_lora({0: {2: 4, 3: 6}, 1: {7: 5}}, optimizer=opt)
+    model.shrink_expert_lora({0: {2: 4, 3: 6}, 1: {7: 5}}, optimizer=opt)
+    _assert_restored(model, opt, snapshot)
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_grow_a_pruned_expert_then_prune_it_round_trip_is_exact(kind):
+    """A pruned expert (rank 0) grows, its new rows take an optimizer step (and gain state), then it is
+    pruned again: parameters, optimizer state (tensors and bytes) and outputs are what they were."""
+    model = _model()
+    model.add_expert_lora(rank=4, alpha=8)
+    opt = OPTIMIZERS[kind][0](model.adapter_parameters())
+    model.prune_expert_lora({1: [5]}, optimizer=opt)
+    _train_steps(model, opt, n=3)
+    ids = _ids()
+    with torch.no_grad():
+        logits = model(ids).logits
+    snapshot = _snapshot(model, opt)
+    model.grow_expert_lora({1: {5: 4}}, optimizer=opt, generator=torch.Generator().manual_seed(0))
+    assert model.expert_lora_ranks()[1][5] == 4
+    new = [p for m in model.expert_lora_modules()[1].values() for p in (*m.lora[5].A, *m.lora[5].B)]
+    assert len(new) == 4  # A and B of gate_proj and up_proj
+    for p in model.parameters():
+        p.grad = None
+    for p in new:  # only the new rows step: every other parameter and its state stays as it was
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+    opt.step()
+    assert all(p in opt.state for p in new) and optim.state_bytes(opt) > snapshot[3]
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, logits)  # the grown expert now changes the output
+    model.prune_expert_lora({1: [5]}, optimizer=opt)
+    _assert_restored(model, opt, snapshot)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_partial_shrink_slices_rows_and_their_moments(kind):
     model = _model()
     model.add_expert_lora(rank=6, alpha=12, targets=("up_proj",))
-    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    opt = OPTIMIZERS[kind][0](model.adapter_parameters())
     _train_steps(model, opt, n=2)
     layer = model.layers[0].mlp.experts.up_proj
     a, b = layer.lora[3].A[0], layer.lora[3].B[0]
     a_state, b_state = {k: v.clone() for k, v in opt.state[a].items()}, {k: v.clone() for k, v in opt.state[b].items()}
+    before = optim.state_bytes(opt)
     layer.shrink({3: 2}, optimizer=opt)
     a2, b2 = layer.lora[3].A[0], layer.lora[3].B[0]
     assert a2.shape == (4, 64) and b2.shape == (32, 4)
-    assert torch.equal(a2, a[:4]) and torch.equal(opt.state[a2]["exp_avg_sq"], a_state["exp_avg_sq"][:4])
-    assert torch.equal(opt.state[b2]["exp_avg"], b_state["exp_avg"][:, :4])
-    assert torch.equal(opt.state[a2]["step"], a_state["step"])
+    assert torch.equal(a2, a[:4]) and torch.equal(b2, b[:, :4])
+    assert opt.state[a2].keys() == a_state.keys() and opt.state[b2].keys() == b_state.keys()
+    for k, v in a_state.items():  # moments sliced bit for bit, AdamW's step kept
+        assert torch.equal(opt.state[a2][k], v[:4] if v.shape == a.shape else v), k
+    for k, v in b_state.items():
+        assert torch.equal(opt.state[b2][k], v[:, :4] if v.shape == b.shape else v), k
+    assert before - optim.state_bytes(opt) == OPTIMIZERS[kind][1] * 2 * (64 + 32) * 4
     assert a not in opt.state and all(p is not a for g in opt.param_groups for p in g["params"])
+    sliced = a2.detach().clone()
+    _train_steps(model, opt, n=1)  # the sliced tensor keeps training (it is the one in the optimizer)
+    assert layer.lora[3].A[0] is a2 and not torch.equal(a2, sliced)
 
 
 def test_new_rows_are_orthogonal_and_kaiming_scaled():
@@ -181,23 +232,30 @@ def test_new_rows_are_orthogonal_and_kaiming_scaled():
         layer.grow({0: 8}, generator=g)
     A = layer.lora_A_of(0)
     assert A.shape == (32, 256)
+    g = torch.Generator().manual_seed(5)  # the same draws, before projection
+    draws = [kaiming_rows(8, 256, g) for _ in range(3)]
+    bound = 1 / math.sqrt(256)
     for c in range(1, 4):
-        new, old = A[8 * c: 8 * (c + 1)], A[: 8 * c]
+        new, old, draw = A[8 * c: 8 * (c + 1)], A[: 8 * c], draws[c - 1]
         assert (new @ old.T).abs().max().item() < 1e-5  # orthogonal to every earlier row (fp32)
-    # Kaiming-uniform U(-1/√in, 1/√in): E|row|² = in · bound²/3 = 1/3
-    norms = A.norm(dim=1)
-    assert abs(norms.pow(2).mean().item() - 1 / 3) < 0.03
+        # the draw is Kaiming-uniform U(-1/√in, 1/√in) ...
+        assert draw.abs().max() <= bound and draw.abs().max() > 0.99 * bound
+        # ... and each new row is that draw's component orthogonal to the old rows, rescaled to its norm
+        q, _ = torch.linalg.qr(old.double().T)
+        projected = draw.double() - (draw.double() @ q) @ q.T
+        torch.testing.assert_close(new.norm(dim=1), draw.norm(dim=1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(new.double() / new.double().norm(dim=1, keepdim=True),
+                                   projected / projected.norm(dim=1, keepdim=True), rtol=0, atol=1e-6)
+    # Kaiming scale to sampling precision: E|row|² = in · bound²/3 = 1/3, sd of the mean of 24 rows ≈ 0.004
+    assert abs(A[8:].norm(dim=1).pow(2).mean().item() - 1 / 3) < 0.012
     assert torch.equal(layer.lora_B_of(0), torch.zeros(64, 32))
     with pytest.raises(ValueError, match="min\\(in, out\\) = 64"):
         layer.grow({1: 60})
 
 
-@pytest.mark.parametrize("kind", ["adamw", "adamw-foreach", "adamw-fused", "sgd-momentum"])
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
 def test_first_update_of_grown_rows_equals_a_fresh_parameters(kind):
-    make = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-            "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
-            "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
-            "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9)}[kind]
+    make = OPTIMIZERS[kind][0]
     model = _model()
     model.add_expert_lora(rank=4, alpha=8)
     opt = make(model.adapter_parameters())
@@ -221,18 +279,21 @@ def test_first_update_of_grown_rows_equals_a_fresh_parameters(kind):
         assert torch.allclose(update, ref_update, rtol=1e-6, atol=1e-9)
 
 
-def test_kept_moments_bit_identical_across_prune_and_grow():
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_kept_moments_bit_identical_across_prune_and_grow(kind):
+    make, moments, scalar_bytes = OPTIMIZERS[kind]
     model = _model()
     model.add_expert_lora(rank=4, alpha=8)
-    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    opt = make(model.adapter_parameters())
     _train_steps(model, opt, n=2)
     layer = model.layers[1].mlp.experts.up_proj
     kept = {e: {k: v.clone() for k, v in opt.state[layer.lora[e].A[0]].items()} for e in (0, 4, 6)}
+    assert all(len(st) == moments + (scalar_bytes > 0) for st in kept.values())
     before = optim.state_bytes(opt)
     model.prune_expert_lora({1: [1, 2, 3]}, optimizer=opt)
     freed = before - optim.state_bytes(opt)
-    # 3 experts × 2 targets × (A + B) × (exp_avg + exp_avg_sq) fp32 + a step scalar per tensor
-    assert freed == 3 * 2 * (4 * (64 + 32) * 2 * 4 + 2 * 4)
+    # 3 experts × 2 targets × (A + B) × moments fp32, + a step scalar per tensor (AdamW)
+    assert freed == 3 * 2 * (4 * (64 + 32) * moments * 4 + 2 * scalar_bytes)
     model.grow_expert_lora({1: {0: 4}}, optimizer=opt)
     for e, st in kept.items():
         for k, v in st.items():
@@ -242,7 +303,8 @@ def test_kept_moments_bit_identical_across_prune_and_grow():
 def test_training_survives_random_prune_grow_events_and_every_parameter_moves():
     model = _model("tiny-qwen2-moe")
     model.add_expert_lora(rank=4, alpha=8)
-    opt = AdamW(model.adapter_parameters(), lr=1e-2)
+    # no weight decay: a parameter whose gradient is always zero (an orphan in the graph) must not move
+    opt = AdamW(model.adapter_parameters(), lr=1e-2, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.05 * s))
     rng = random.Random(0)
     gen = torch.Generator().manual_seed(0)
@@ -264,8 +326,12 @@ def test_training_survives_random_prune_grow_events_and_every_parameter_moves():
         else:
             model.grow_expert_lora({layer: {rng.randrange(8): 4}}, optimizer=opt, generator=gen)
     snapshot = {id(p): p.detach().clone() for p in model.adapter_parameters()}
+    got_gradient = {id(p): False for p in model.adapter_parameters()}
     for _ in range(6):
         model(ids, labels=ids).loss.backward()
+        for p in model.adapter_parameters():
+            assert p.grad is not None
+            got_gradient[id(p)] |= bool(p.grad.abs().sum() > 0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -273,14 +339,18 @@ def test_training_survives_random_prune_grow_events_and_every_parameter_moves():
     assert last < first - 0.2
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / (1 + 0.05 * 36))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == set(snapshot)
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert id(p) in in_opt, f"{name} is orphaned from the optimizer"
+            assert got_gradient[id(p)], f"{name} never received a gradient"
             assert not torch.equal(p.detach(), snapshot[id(p)]), f"{name} did not train"
 
 
+@pytest.mark.parametrize("skip_pruned_fraction", [0.0, 2.0], ids=["skip-rank-0", "pack-rank-0"])
 @pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])
-def test_grouped_and_loop_lora_paths_agree_with_heterogeneous_ranks(preset):
+def test_grouped_and_loop_lora_paths_agree_with_heterogeneous_ranks(preset, skip_pruned_fraction, monkeypatch):
+    monkeypatch.setattr(ResizableLoRAExpert, "skip_pruned_fraction", skip_pruned_fraction)
     model = _model(preset)
     model.add_expert_lora(rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"))
     model.grow_expert_lora({0: {1: 12, 2: 3}})

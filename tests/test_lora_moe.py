@@ -9,6 +9,14 @@ from minimoe import optim
 from minimoe.lora_moe import PrunableLoRAMoE
 from minimoe.moe import routing_token_mask
 
+# factory, state tensors shaped like the parameter (moments), bytes of scalar state per parameter
+OPTIMIZERS = {
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-3), 2, 4),
+    "adamw-foreach": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), 2, 4),
+    "adamw-fused": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), 2, 4),
+    "sgd-momentum": (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), 1, 0),
+}
+
 
 def _module(E=8, k=2, r=4, renormalize=True, seed=0, in_f=16, out_f=24):
     torch.manual_seed(seed)
@@ -115,16 +123,19 @@ def test_model_sums_module_losses_and_reports_them_separately():
 
 def test_pruning_unused_experts_keeps_outputs_identical():
     """With top-k weights renormalised over the chosen k, dropping experts that no token chose leaves
-    every output unchanged: the ratios of the survivors' probabilities do not depend on the normaliser."""
-    m = _module(E=8, k=1)
-    x = torch.randn(4, 16)
+    every output unchanged: the ratios of the survivors' probabilities do not depend on the normaliser.
+    k = 2, so the renormalised weights are not all 1 and a wrong normaliser changes the output."""
+    m = _module(E=12, k=2)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = m(x)
-        used = set(m.route(x)[2].reshape(-1).tolist())
-        keep = sorted(used | {max(set(range(8)) - used)})  # the used ones plus one unused
+        _, weights, chosen = m.route(x)
+        used = set(chosen.reshape(-1).tolist())
+        keep = sorted(used | {max(set(range(12)) - used)})  # the used ones plus one unused
         m.prune_experts(keep)
         after = m(x)
-    assert len(used) <= 4 and m.num_experts == len(keep)
+    assert weights.min() < 0.9  # both chosen experts carry weight
+    assert len(keep) < 12 and m.num_experts == len(keep) and m.top_k == 2
     assert torch.allclose(before, after, atol=1e-6)
     assert m.expert_ids.tolist() == keep
 
@@ -143,11 +154,13 @@ def test_without_renormalisation_pruning_rescales_survivor_weights_by_the_lost_m
     assert torch.allclose(delta_after, delta_before / kept_mass, atol=1e-5)
 
 
-def test_prune_slices_parameters_optimizer_state_and_clamps_top_k():
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_prune_slices_parameters_optimizer_state_and_clamps_top_k(kind):
+    make, moments, scalar_bytes = OPTIMIZERS[kind]
     torch.manual_seed(0)
     model = minimoe.CausalLM(minimoe.preset("tiny-qwen3")).train()
     model.add_lora_moe(num_experts=4, top_k=3, rank=2, targets=("q_proj", "o_proj"))
-    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-3)
+    opt = make(model.adapter_parameters())
     ids = torch.randint(0, 256, (2, 8))
     for _ in range(2):
         out = model(ids, labels=ids)
@@ -156,18 +169,23 @@ def test_prune_slices_parameters_optimizer_state_and_clamps_top_k():
         opt.zero_grad(set_to_none=True)
     name = "layers.1.self_attn.q_proj"
     m = model.lora_moe_modules()[name]
-    A_before, exp_avg_A, router_before = m.lora_A.detach().clone(), opt.state[m.lora_A]["exp_avg"].clone(), \
-        m.router.weight.detach().clone()
+    params = {"A": m.lora_A, "B": m.lora_B, "router": m.router.weight}
+    values = {k: p.detach().clone() for k, p in params.items()}
+    states = {k: {s: v.clone() for s, v in opt.state[p].items()} for k, p in params.items()}
+    assert all(len(st) == moments + (scalar_bytes > 0) for st in states.values())
     params_before, state_before, bytes_before = model.num_adapter_parameters(), optim.state_numel(opt), \
         optim.state_bytes(opt)
     model.prune_lora_moe({name: [3, 1]}, optimizer=opt)
     removed = 2 * (2 * (m.in_features + m.out_features) + m.in_features)  # 2 experts: A, B, router row
     assert model.num_adapter_parameters() == params_before - removed
     assert sum(p.numel() for p in model.adapter_parameters()) == model.num_adapter_parameters()
-    assert optim.state_numel(opt) == state_before - 2 * removed
-    assert bytes_before - optim.state_bytes(opt) == 2 * removed * 4
-    assert torch.equal(m.lora_A, A_before[[1, 3]]) and torch.equal(m.router.weight, router_before[[1, 3]])
-    assert torch.equal(opt.state[m.lora_A]["exp_avg"], exp_avg_A[[1, 3]])
+    assert optim.state_numel(opt) == state_before - moments * removed
+    assert bytes_before - optim.state_bytes(opt) == moments * removed * 4
+    for k, p in {"A": m.lora_A, "B": m.lora_B, "router": m.router.weight}.items():
+        assert torch.equal(p, values[k][[1, 3]]), k
+        assert opt.state[p].keys() == states[k].keys()
+        for s, v in states[k].items():  # kept experts' moments bit for bit, AdamW's step kept
+            assert torch.equal(opt.state[p][s], v[[1, 3]] if v.shape == values[k].shape else v), (k, s)
     assert m.top_k == 2 and m.expert_ids.tolist() == [1, 3]
     model.prune_lora_moe({name: [0]}, optimizer=opt)
     assert m.top_k == 1 and m.expert_ids.tolist() == [1]
