@@ -80,6 +80,8 @@ ROUTES = {
     "transformers+PEFT LoRA r=8 gate+up (grouped_mm experts)": ("transformers", "grouped_mm", "peft-lora", "moe"),
     "minimoe expert LoRA uniform r=16": ("minimoe", "auto", "expert-lora-r16", "moe"),
     "minimoe expert LoRA heterogeneous r in {0,8,16}": ("minimoe", "auto", "expert-lora-hetero", "moe"),
+    "minimoe expert LoRA r=16, 3/4 of experts pruned": ("minimoe", "auto", "expert-lora-r16-pruned", "moe"),
+    "minimoe expert LoRA r=16, 3/4 pruned, no skip": ("minimoe", "auto", "expert-lora-r16-pruned-noskip", "moe"),
     "minimoe LoRA-MoE E=8 top-2 r=8 (dense)": ("minimoe", "auto", "lora-moe", "dense"),
     "minimoe LoRA-MoE after pruning to E=4 (dense)": ("minimoe", "auto", "lora-moe-pruned", "dense"),
 }
@@ -110,8 +112,15 @@ def _setup(route: str, directory: Path, device: str, dtype: torch.dtype):
         model.set_experts_implementation(impl)
         g = torch.Generator().manual_seed(0)
         if setup.startswith("expert-lora"):
-            rank = 16 if setup == "expert-lora-r16" else 8
+            rank = 16 if setup.startswith("expert-lora-r16") else 8
             model.add_expert_lora(rank=rank, alpha=2 * rank, generator=g)
+            if setup.startswith("expert-lora-r16-pruned"):  # what EPnG leaves after many events
+                E = model.config.num_experts
+                model.prune_expert_lora({layer: [e for e in range(E) if e % 4] for layer in model.config.moe_layers})
+                if setup.endswith("noskip"):  # the same layout with pruned experts packed as zero rows
+                    for m in model.modules():
+                        if hasattr(m, "skip_pruned_fraction"):
+                            m.skip_pruned_fraction = 2.0
             if setup == "expert-lora-hetero":  # even experts grown to 16, every fourth pruned, rest at 8
                 E = model.config.num_experts
                 for layer in model.config.moe_layers:
