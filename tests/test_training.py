@@ -562,3 +562,47 @@ def test_trainer_feeds_statistics_only_the_counted_tokens(tmp_path, stats_tokens
     for layer in trainer.model.config.moe_layers:
         assert trainer.policy.stats.tokens[layer] == expected
         assert trainer.policy.stats.counts[layer].sum() == expected * trainer.model.config.num_experts_per_tok
+
+
+@pytest.mark.parametrize("score", ["token", "gate"])
+def test_esft_scores_equal_a_hand_computation_from_the_routing(score):
+    from minimoe.policies.esft import ESFT
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-olmoe", vocab_size=-(-tok.vocab_size // 16) * 16))
+    pairs = [(f"q{i} " * (i + 1), f"answer {i}") for i in range(6)]
+    data = Dataset.build(pairs, tok, 64, False, 0)
+    policy = ESFT(ESFT.Config(score=score, sample_batches=2))
+    scores = policy.score(model, Context(dataset=data, batch_size=3))
+    data2 = Dataset.build(pairs, tok, 64, False, 0)
+    first = Dataset.build(pairs, tok, 64, False, 0).next_batch(3).input_ids
+    assert torch.equal(data.next_batch(3).input_ids, first)  # scoring left the data order where it was
+    sums = {}
+    with torch.no_grad():
+        for _ in range(2):
+            b = data2.next_batch(3)
+            out = model.eval()(b.input_ids, attention_mask=b.attention_mask, output_router=True)
+            response = (b.labels != -100).reshape(-1)
+            for route in out.router:
+                s = torch.zeros(route.probs.shape[-1])
+                for t in torch.nonzero(response).flatten().tolist():  # every top-k slot of a response token
+                    for k in range(route.experts.shape[1]):
+                        e = int(route.experts[t, k])
+                        s[e] += float(route.weights[t, k]) if score == "gate" else 1.0
+                sums[route.layer] = sums.get(route.layer, 0) + s
+    for layer, s in sums.items():
+        assert torch.allclose(scores[layer], s / s.sum(), atol=1e-6)
+        assert abs(float(scores[layer].sum()) - 1) < 1e-6
+    assert policy.config.top_p == (0.1 if score == "gate" else 0.2)  # the ESFT paper's value per score
+
+
+def test_gradient_checkpointing_through_train_py_trains_the_same(tmp_path):
+    common = ["--policy", "dmep", "--steps", "4", "--dmep-prune-step", "3", "--dmep-log-interval", "1"]
+    assert _run(tmp_path, "plain", *common)[0] == 0
+    assert _run(tmp_path, "ckpt", *common, "--gradient-checkpointing")[0] == 0
+    a, b = _lines(tmp_path / "plain/metrics.jsonl"), _lines(tmp_path / "ckpt/metrics.jsonl")
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-5)
+    ea = [e for e in _lines(tmp_path / "plain/events.jsonl") if e["event"] == "dmep_prune"]
+    eb = [e for e in _lines(tmp_path / "ckpt/events.jsonl") if e["event"] == "dmep_prune"]
+    assert ea[0]["counts"] == eb[0]["counts"] and ea[0]["survivors"] == eb[0]["survivors"]  # counted once
