@@ -41,7 +41,9 @@ HELP = {
     "seed": "seed for data order, adapter init and the tiny model", "save_every": "also checkpoint every N steps",
     "stop_at": "stop and checkpoint after this step of the schedule (continue later with --resume)",
     "log_every": "progress-bar refresh interval in steps", "gradient_checkpointing": "activation checkpointing",
-    "device": "cpu, cuda or cuda:N (default: cuda if available)", "overwrite": "replace an existing run directory",
+    "device": "cpu, cuda or cuda:N (default: cuda if available)",
+    "dtype": "dtype of the frozen base weights: bfloat16 halves their memory (lora, epng, dmep only; adapters "
+             "and their optimizer state stay fp32)", "overwrite": "replace an existing run directory",
     "eval_limit": "tiny-arith test problems scored before and after training (0: off)",
     "resume": "continue the run in this directory (layout, weights, optimizer, data position, RNG); "
               "its saved arguments apply unless given again",
@@ -52,7 +54,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-CHOICES = {"stats_tokens": ("response", "all")}
+CHOICES = {"stats_tokens": ("response", "all"), "dtype": ("float32", "bfloat16")}
 
 
 def _add_field(group, flag: str, dest: str, f: dataclasses.Field, help_text: str, choices=None) -> None:

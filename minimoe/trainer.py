@@ -37,6 +37,9 @@ from .policies import Context, Policy, make_policy
 from .tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class TrainingError(RuntimeError):
     """The run cannot continue (bad arguments, non-finite loss, existing run directory)."""
 
@@ -65,6 +68,7 @@ class TrainConfig:
     log_every: int = 1  # progress-bar refresh interval
     gradient_checkpointing: bool = False
     device: str = ""  # default: cuda if available, else cpu
+    dtype: str = "float32"  # base weights: float32, or bfloat16 (adapter policies; adapters stay fp32)
     overwrite: bool = False  # replace an existing run directory
     eval_limit: int = 100  # with --data tiny-arith: test problems scored before and after training
     resume: str = ""  # continue the run in this directory
@@ -78,8 +82,8 @@ def default_model(policy: str) -> str:
     return "tiny-qwen3" if policy == "dmep" else "tiny-olmoe"
 
 
-def load_model_and_tokenizer(name: str, device: str, seed: int,
-                             base_dir: Path | None = None) -> tuple[CausalLM, Tokenizer]:
+def load_model_and_tokenizer(name: str, device: str, seed: int, base_dir: Path | None = None,
+                             dtype: torch.dtype = torch.float32) -> tuple[CausalLM, Tokenizer]:
     """A checkpoint directory or Hub id, or a tiny preset with random weights and a byte tokenizer.
     A preset model is also written to ``base_dir`` (Hub layout), so exports and eval have a base on disk."""
     if name in PRESETS and not Path(name).exists():
@@ -87,11 +91,11 @@ def load_model_and_tokenizer(name: str, device: str, seed: int,
         vocab = -(-tok.vocab_size // 16) * 16
         config = preset(name, vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         torch.manual_seed(seed)
-        model = CausalLM(config).to(device)
+        model = CausalLM(config).to(device=device, dtype=dtype)
         if base_dir is not None:
             model.config = model.config.replace(name_or_path=str(base_dir))
         return model, tok
-    return from_pretrained(name, dtype=torch.float32, device=device), load_tokenizer(name)
+    return from_pretrained(name, dtype=dtype, device=device), load_tokenizer(name)
 
 
 def write_preset_base(model: CausalLM, state: dict, tok: Tokenizer, base_dir: Path) -> None:
@@ -129,6 +133,12 @@ class Trainer:
             raise TrainingError(f"--device {self.device}: CUDA is not available on this machine")
         if c.stats_tokens not in ("response", "all"):
             raise TrainingError(f"stats_tokens {c.stats_tokens!r}: choose response or all")
+        if c.dtype not in DTYPES:
+            raise TrainingError(f"--dtype {c.dtype!r}: choose from {', '.join(DTYPES)}")
+        if c.dtype != "float32" and c.policy in ("full", "esft"):
+            # AdamW updates of bf16 weights round most small steps away; these policies train base weights
+            raise TrainingError(f"--dtype {c.dtype} with --policy {c.policy}: the trained weights would be "
+                                "bf16 without fp32 master copies; use --dtype float32 (bf16 autocast runs on CUDA)")
         if c.resume:
             self.run_dir = Path(c.resume)
         else:
@@ -141,7 +151,8 @@ class Trainer:
         pairs = load_pairs(c.data, c.seed)
         self.policy: Policy = make_policy(c.policy, c.policy_options)
         torch.manual_seed(c.seed)
-        self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed, self.run_dir / "base")
+        self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed, self.run_dir / "base",
+                                                        DTYPES[c.dtype])
         preset_base = None  # a preset's random base, kept (tiny) until the run directory may be written
         if not c.resume and c.model in PRESETS and not Path(c.model).exists():
             preset_base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -15,5 +15,10 @@ def test_readme_examples_run():
 
 
 def test_readme_test_command_is_what_ci_runs():
-    ci = (README.parent / ".ci" / "run").read_text()
-    assert "python -m pytest -q" in README.read_text() and "python -m pytest -q" in ci
+    """The command under "The two commands" that runs the tests is the last command .ci/run runs."""
+    section = README.read_text().split("## The two commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in section.splitlines() if line.strip()]
+    assert len(commands) == 2 and commands[0].startswith("python train.py")
+    ci = [line.strip() for line in (README.parent / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-1] == commands[1]

@@ -606,3 +606,27 @@ def test_gradient_checkpointing_through_train_py_trains_the_same(tmp_path):
     ea = [e for e in _lines(tmp_path / "plain/events.jsonl") if e["event"] == "dmep_prune"]
     eb = [e for e in _lines(tmp_path / "ckpt/events.jsonl") if e["event"] == "dmep_prune"]
     assert ea[0]["counts"] == eb[0]["counts"] and ea[0]["survivors"] == eb[0]["survivors"]  # counted once
+
+
+@pytest.mark.parametrize("policy", ["lora", "epng", "dmep"])
+def test_bf16_base_trains_fp32_adapters(tmp_path, policy):
+    extra = ["--epng-warmup", "2", "--epng-interval", "2"] if policy == "epng" else []
+    c = train.resolve(["--policy", policy, "--model", "tiny-qwen3" if policy == "dmep" else "tiny-olmoe",
+                       "--dtype", "bfloat16", "--steps", "4", "--batch-size", "4", "--eval-limit", "0",
+                       "--out", str(tmp_path / policy), *extra])
+    trainer = Trainer(c, show_progress=False)
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert base and all(p.dtype == torch.bfloat16 for p in base.values())
+    trainable = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    summary = trainer.train()
+    assert math.isfinite(summary["final_loss"])
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if n in base)
+    assert all(v.dtype == torch.float32 for st in trainer.optimizer.state.values() for v in st.values()
+               if torch.is_tensor(v) and v.dim())
+
+
+def test_bf16_refused_where_base_weights_train(tmp_path, capsys):
+    rc, _ = _run(tmp_path, "f", "--policy", "full", "--dtype", "bfloat16", "--steps", "1")
+    assert rc == 2 and "--dtype bfloat16 with --policy full" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
