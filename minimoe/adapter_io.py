@@ -51,10 +51,25 @@ def _selected_experts_cls():
     return SelectedExperts
 
 
-def fingerprint(model) -> str:
-    """A short hash of the base model: its config (less the dtype) and, per base tensor, name, shape, sum
-    and 64 evenly strided values, all taken after rounding to bfloat16, so fp32 and bf16 loads of one
-    checkpoint agree while a different checkpoint (or permuted rows) does not."""
+FINGERPRINT_VERSION = 2
+
+
+def fingerprint(model, version: int = FINGERPRINT_VERSION) -> str:
+    """A short hash of the base model.
+
+    Version 2: its config (less the dtype) and, per base tensor, name, shape, sum and 64 evenly strided
+    values, all taken after rounding to bfloat16, so fp32 and bf16 loads of one checkpoint agree while a
+    different checkpoint (or permuted rows) does not. (A float16 load rounds differently and does not
+    agree.) Version 1 (adapters saved before ``fingerprint_version`` was recorded): the full config and,
+    per tensor, name, shape, fp64 sum and first 8 values."""
+    if version == 1:
+        h = hashlib.sha256(json.dumps(model.config.to_hf_config(), sort_keys=True).encode())
+        for name, t in model.state_dict().items():
+            if not _ADAPTER_KEY.search(name):
+                t = t.detach()
+                head = t.flatten()[:8].double().cpu().tolist()
+                h.update(f"{name}|{tuple(t.shape)}|{t.double().sum().item():.6e}|{head}".encode())
+        return h.hexdigest()[:16]
     hf = {k: v for k, v in model.config.to_hf_config().items() if k not in ("dtype", "torch_dtype")}
     h = hashlib.sha256(json.dumps(hf, sort_keys=True).encode())
     for name, t in model.state_dict().items():
@@ -71,7 +86,8 @@ def fingerprint(model) -> str:
 def adapter_config(model) -> dict:
     """What ``save_adapter`` records, per module, plus the base model's identity."""
     cfg = {"format": FORMAT, "version": 1, "base_model": model.config.name_or_path,
-           "base_fingerprint": fingerprint(model), "base_model_type": model.config.model_type,
+           "base_fingerprint": fingerprint(model), "fingerprint_version": FINGERPRINT_VERSION,
+           "base_dtype": str(model.dtype).replace("torch.", ""), "base_model_type": model.config.model_type,
            "expert_lora": {}, "lora": {}, "lora_moe": {}, "esft": {}}
     selected_cls = _selected_experts_cls()
     for name, m in model.named_modules():
@@ -211,12 +227,16 @@ def load_adapter(model, directory, check_base: bool = True):
     Everything is checked (base, modules, config against tensors) before the model changes."""
     cfg, tensors = read_adapter(directory)
     if check_base:
-        fp = fingerprint(model)
+        fp = fingerprint(model, cfg.get("fingerprint_version") or 1)
         if fp != cfg["base_fingerprint"]:
+            dtype, saved = str(model.dtype).replace("torch.", ""), cfg.get("base_dtype")
+            hint = (f" (the adapter was saved on a {saved} base and this one is {dtype}: fingerprints agree "
+                    "only across float32/bfloat16 loads)" if saved and dtype != saved and
+                    "float16" in (dtype, saved) else "")
             raise AdapterError(
                 f"{directory} was saved on base {cfg['base_model']!r} ({cfg['base_model_type']}, fingerprint "
                 f"{cfg['base_fingerprint']}); this model is {model.config.name_or_path!r} "
-                f"({model.config.model_type}, fingerprint {fp}): its config or weights differ. Pass "
+                f"({model.config.model_type}, fingerprint {fp}): its config or weights differ{hint}. Pass "
                 "check_base=False (--no-check-base) to load it anyway.")
     modules = dict(model.named_modules())
     _check_targets(cfg, modules, Path(directory))

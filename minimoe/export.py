@@ -113,7 +113,8 @@ def write_hub_checkpoint(model, state: dict[str, torch.Tensor], out: Path, sourc
         eos = list(c.eos_token_id)
         (out / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": c.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
-             "pad_token_id": c.pad_token_id}, indent=1))
+             "pad_token_id": c.generation_pad_token_id if c.generation_pad_token_id is not None else c.pad_token_id},
+            indent=1))
 
 
 def export_merged(model, directory, overwrite: bool = False) -> Path:

@@ -408,6 +408,7 @@ class ResizableLoRAExpert(StackedLinear):
             self.lora[e] = _ExpertChunks()
             for r in sizes:
                 self._append(e, torch.zeros(r, self.in_features))
+        self._packing = None  # also when the layout has no chunk at all
 
     def _check_experts(self, experts) -> list[int]:
         experts = [int(e) for e in experts]

@@ -129,8 +129,12 @@ class Trainer:
             device = torch.device(self.device)
         except RuntimeError:
             raise TrainingError(f"--device {self.device!r}: not a device (cpu, cuda, cuda:N)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise TrainingError(f"--device {self.device}: minimoe trains on cpu or cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError(f"--device {self.device}: CUDA is not available on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainingError(f"--device {self.device}: this machine has {torch.cuda.device_count()} GPU(s)")
         if c.stats_tokens not in ("response", "all"):
             raise TrainingError(f"stats_tokens {c.stats_tokens!r}: choose response or all")
         if c.dtype not in DTYPES:

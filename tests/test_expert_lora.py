@@ -467,3 +467,20 @@ def test_loop_and_grouped_paths_give_every_adapter_a_gradient():
     assert all(g is not None for g in grads["loop"].values()) and all(g is not None for g in grads["grouped_mm"].values())
     for n, g in grads["loop"].items():
         assert torch.allclose(g, grads["grouped_mm"][n], atol=1e-6), n
+
+
+def test_an_empty_chunk_layout_after_a_forward_leaves_the_base():
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-olmoe"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        base = model.eval()(ids).logits
+    model.add_expert_lora(rank=4, alpha=8)
+    for m in model.expert_lora_modules()[0].values():
+        torch.nn.init.normal_(m.lora[0].B[0])
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, base)
+        for layer in model.expert_lora_modules().values():
+            for m in layer.values():
+                m.set_chunk_layout([[] for _ in range(m.num_experts)])  # the cached packing must go too
+        assert torch.equal(model(ids).logits, base)

@@ -384,3 +384,38 @@ def test_an_adapter_finds_its_base_after_the_project_moves(hf_checkpoint, tmp_pa
     assert adapter_base_model(adapter) == str(moved / "weights" / "base")
     assert main(["--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0  # no --model: found it
     assert (_hf_logits(tmp_path / "m") - _logits(model)).abs().max() < 1e-4
+
+
+def test_adapters_saved_with_the_first_fingerprint_still_load(hf_checkpoint, tmp_path):
+    from minimoe.adapter_io import fingerprint
+
+    _, directory = hf_checkpoint("olmoe")
+    model = _epng_like(directory)
+    path = minimoe.save_adapter(model, tmp_path / "a")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["fingerprint_version"] == 2 and cfg["base_dtype"] == "float32"
+    # an adapter written before fingerprint_version existed carries a version-1 fingerprint
+    base = minimoe.from_pretrained(directory)
+    del cfg["fingerprint_version"], cfg["base_dtype"]
+    cfg["base_fingerprint"] = fingerprint(base, version=1)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    assert torch.equal(_logits(base.load_adapter(path)), _logits(model))
+    _, clip = hf_checkpoint("olmoe-clip")
+    with pytest.raises(AdapterError, match="fingerprint"):  # and still tells bases apart
+        minimoe.from_pretrained(clip).load_adapter(path)
+
+
+def test_a_float16_base_is_explained_not_just_refused(hf_checkpoint, tmp_path):
+    _, directory = hf_checkpoint("olmoe")
+    path = minimoe.save_adapter(_epng_like(directory), tmp_path / "a")
+    with pytest.raises(AdapterError, match="saved on a float32 base and this one is float16"):
+        minimoe.from_pretrained(directory, dtype=torch.float16).load_adapter(path)
+    assert minimoe.from_pretrained(directory, dtype=torch.float16).load_adapter(path, check_base=False)
+
+
+def test_a_written_generation_config_keeps_the_generate_pad_id(tmp_path):
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3"))
+    model.config = model.config.replace(generation_pad_token_id=5, eos_token_id=(7,))
+    out = minimoe.export_merged(model, tmp_path / "m")
+    assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 5
+    assert json.loads((out / "config.json").read_text()).get("pad_token_id") is None  # not the embedding's

@@ -99,7 +99,7 @@ class ESFT(Policy):
             raise ValueError(f"esft: targets {list(c.targets)}: each must be one of the experts' gate_proj, "
                              "up_proj, down_proj")
         if not 0 <= c.top_p <= 1:
-            raise ValueError(f"esft: top_p must be in (0, 1] (0: the paper's value for the score), got {c.top_p}")
+            raise ValueError(f"esft: top_p must be in [0, 1] (0: the paper's value for the score), got {c.top_p}")
         if c.top_p == 0:
             self.config = dataclasses.replace(c, top_p=0.1 if c.score == "gate" else 0.2)
         self.selection: dict[int, list[int]] | None = None
