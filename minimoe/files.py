@@ -35,8 +35,11 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, flag: str = "ove
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
+        mode = 0o666 & ~_umask()
         for f in tmp.rglob("*"):
             if f.is_file():
+                # safetensors writes 0600 files: give them the permissions any other file would get
+                os.chmod(f, mode | (f.stat().st_mode & 0o111))
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
     except BaseException:

@@ -419,3 +419,17 @@ def test_a_written_generation_config_keeps_the_generate_pad_id(tmp_path):
     out = minimoe.export_merged(model, tmp_path / "m")
     assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 5
     assert json.loads((out / "config.json").read_text()).get("pad_token_id") is None  # not the embedding's
+
+
+def test_written_files_get_ordinary_permissions(hf_checkpoint, tmp_path):
+    import os
+    import stat
+
+    _, directory = hf_checkpoint("olmoe")
+    umask = os.umask(0o022)
+    try:
+        path = minimoe.save_adapter(_epng_like(directory), tmp_path / "a")
+    finally:
+        os.umask(umask)
+    for f in path.iterdir():  # safetensors alone would leave adapter.safetensors at 0600
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
