@@ -9,12 +9,14 @@ One step = forward with loss, backward, AdamW step over what the route trains; "
 part before the optimizer. Routes: full fine-tuning, LoRA on the experts' gate+up (minimoe, and
 transformers + PEFT), minimoe with heterogeneous per-expert ranks next to uniform r_max, and a
 LoRA-MoE (DMEP) step before and after pruning half its experts.
-transformers is needed only for its routes (``pip install minimoe[test]``); without it they are skipped.
+transformers and peft are needed only for their routes, whose code is ``tests/reference_routes.py``
+(minimoe itself never imports them; ``pip install -e '.[test]'``); without them those routes are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -132,17 +134,18 @@ def _setup(route: str, directory: Path, device: str, dtype: torch.dtype):
                 model.prune_lora_moe({name: [0, 2, 4, 6] for name in model.lora_moe_modules()})
         params = model.adapter_parameters() if setup != "full" else list(model.parameters())
         return model.train(), params
-    from transformers import AutoModelForCausalLM
+    return _reference_routes().setup(setup, impl, directory, device, dtype)
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
-    model.set_experts_implementation(impl)
-    if setup == "peft-lora":
-        from peft import LoraConfig, get_peft_model
 
-        # what a PEFT user writes for LoRA on gate+up; PEFT rewrites it to gate_up_proj at rank 16
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=["gate_proj", "up_proj"]))
-    return model.train(), [p for p in model.parameters() if p.requires_grad]
+# transformers/PEFT routes: reference code kept with the tests (minimoe never imports those libraries)
+REFERENCE_ROUTES = Path(__file__).resolve().parents[1] / "tests" / "reference_routes.py"
+
+
+def _reference_routes():
+    spec = importlib.util.spec_from_file_location("reference_routes", REFERENCE_ROUTES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _worker(args) -> dict:
@@ -186,12 +189,9 @@ def _worker(args) -> dict:
                 trainable=sum(p.numel() for p in params), loss=float(out.loss))
 
 
-def _have_transformers() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _have_reference() -> bool:
+    """Whether the transformers routes can run: the libraries installed and the reference file present."""
+    return all(importlib.util.find_spec(m) is not None for m in ("transformers", "peft")) and REFERENCE_ROUTES.is_file()
 
 
 def main(argv=None) -> int:
@@ -220,8 +220,9 @@ def main(argv=None) -> int:
     unknown = [r for r in routes if r not in ROUTES]
     if unknown:
         p.error(f"unknown --routes {unknown}; choose from {list(ROUTES)}")
-    if not _have_transformers():
-        print("transformers is not installed: its routes are skipped (pip install 'minimoe[test]')")
+    if not _have_reference():
+        print(f"transformers/peft not installed or {REFERENCE_ROUTES} absent: their routes are skipped "
+              "(in a clone of the repository: pip install -e '.[test]')")
         routes = [r for r in routes if ROUTES[r][0] == "minimoe"]
 
     shapes = SHAPES[args.shape]
