@@ -29,7 +29,7 @@ from minimoe.evaluation import (
     task_rows,
     write_results,
 )
-from minimoe.files import atomic_dir
+from minimoe.files import atomic_dir, check_destination
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +93,10 @@ def default_out(args) -> Path:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or default_out(args)
-    if out.exists() and not args.overwrite:  # say so before spending the evaluation, not after it
-        print(f"error: {out} already exists; pass --overwrite to replace it, or --out DIR", file=sys.stderr)
+    try:
+        check_destination(out, args.overwrite, flag="--overwrite (or --out DIR)")  # before the evaluation
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     dec = Decoding(args.max_new_tokens, args.n, args.temperature, args.top_p, args.batch_size, args.seed)
     try:

@@ -89,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_argument_group(f"{name} options", cls.__doc__.strip().splitlines()[0] if cls.__doc__ else None)
         for f in fields:
             _add_field(group, f"--{name}-{f.name.replace('_', '-')}", f"{name}.{f.name}", f,
-                       getattr(cls, "HELP", {}).get(f.name, f.name.replace("_", " ")),
-                       getattr(cls, "CHOICES", {}).get(f.name))
+                       f.metadata.get("help", f.name.replace("_", " ")), f.metadata.get("choices"))
     return p
 
 

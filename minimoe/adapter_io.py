@@ -192,12 +192,12 @@ def adapter_base_model(directory) -> str:
     ``--adapter`` load it onto."""
     directory = Path(directory)
     try:
-        base = json.loads((directory / CONFIG).read_text()).get("base_model")
+        cfg = json.loads((directory / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise AdapterError(f"{directory} is not a readable minimoe adapter ({type(e).__name__}: {e})") from None
+    base, relative = cfg.get("base_model"), cfg.get("base_model_relative")
     if not base:
         raise AdapterError(f"{directory / CONFIG} records no base_model; pass --model")
-    relative = json.loads((directory / CONFIG).read_text()).get("base_model_relative")
     if not Path(base).is_dir() and relative and (directory / relative).is_dir():
         return str(os.path.normpath(directory / relative))  # the project was moved since the adapter was saved
     return base

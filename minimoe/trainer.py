@@ -82,11 +82,17 @@ def default_model(policy: str) -> str:
     return "tiny-qwen3" if policy == "dmep" else "tiny-olmoe"
 
 
+def is_preset(name: str) -> bool:
+    """A tiny preset name (random weights), unless a directory of that name exists."""
+    return name in PRESETS and not Path(name).exists()
+
+
 def load_model_and_tokenizer(name: str, device: str, seed: int, base_dir: Path | None = None,
                              dtype: torch.dtype = torch.float32) -> tuple[CausalLM, Tokenizer]:
     """A checkpoint directory or Hub id, or a tiny preset with random weights and a byte tokenizer.
-    A preset model is also written to ``base_dir`` (Hub layout), so exports and eval have a base on disk."""
-    if name in PRESETS and not Path(name).exists():
+    A preset model is named after ``base_dir``, where the trainer writes it (``write_preset_base``) so
+    exports and eval have a base on disk."""
+    if is_preset(name):
         tok = byte_tokenizer()
         vocab = -(-tok.vocab_size // 16) * 16
         config = preset(name, vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -150,7 +156,7 @@ class Trainer:
             self._check_run_dir()
         c.model = c.model or default_model(c.policy)
         # bad input fails here, before anything on disk changes
-        if not (c.model in PRESETS and not Path(c.model).exists()):
+        if not is_preset(c.model):
             resolve(c.model)
         pairs = load_pairs(c.data, c.seed)
         self.policy: Policy = make_policy(c.policy, c.policy_options)
@@ -158,7 +164,7 @@ class Trainer:
         self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed, self.run_dir / "base",
                                                         DTYPES[c.dtype])
         preset_base = None  # a preset's random base, kept (tiny) until the run directory may be written
-        if not c.resume and c.model in PRESETS and not Path(c.model).exists():
+        if not c.resume and is_preset(c.model):
             preset_base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.gradient_checkpointing = c.gradient_checkpointing
         self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)

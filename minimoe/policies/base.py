@@ -10,6 +10,11 @@ import torch
 from torch import nn
 
 
+def option(default, help: str, choices: tuple | None = None):
+    """A policy option: its default (the paper's) and the ``--help`` text train.py shows for it."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class Context:
     """What a policy may need from the trainer at setup time."""

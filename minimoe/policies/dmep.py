@@ -15,38 +15,29 @@ from dataclasses import dataclass
 import torch
 
 from ..stats import drift, gini, normalized_entropy
-from .base import Context, Policy
+from .base import Context, Policy, option
 
 
 class DMEP(Policy):
     name = "dmep"
 
-    HELP = {
-        "num_experts": "LoRA experts E per adapted linear", "top_k": "experts chosen per token by each module's router",
-        "rank": "LoRA rank of every expert", "lora_alpha": "LoRA alpha (scaling alpha/r)",
-        "lb_coef": "load-balancing loss coefficient during exploration (off after pruning)",
-        "tau": "utilisation threshold: experts with a smaller share of hard top-k choices are pruned",
-        "k_min": "minimum surviving experts per module (and never fewer than top_k)",
-        "prune_step": "step of the one-shot pruning; 0 = the end of the first epoch",
-        "drift_threshold": "if > 0, prune as soon as every module's routing drift (L1 between consecutive "
-                           "count distributions) is below it",
-        "log_interval": "steps between Gini / entropy / drift measurements in events.jsonl",
-        "targets": "linears that get a LoRA-MoE (dense linears only: on an MoE base, attention and shared expert)",
-    }
-
     @dataclass
     class Config:
-        num_experts: int = 8  # E per module
-        top_k: int = 2
-        rank: int = 8
-        lora_alpha: float = 16.0
-        lb_coef: float = 0.01  # load-balancing loss coefficient during exploration
-        tau: float = 0.1  # utilisation threshold τ
-        k_min: int = 2  # minimum survivors per module
-        prune_step: int = 0  # 0 = end of the first epoch
-        drift_threshold: float = 0.0  # > 0: prune as soon as every module's drift is below it
-        log_interval: int = 10  # steps between Gini / entropy / drift measurements
-        targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        num_experts: int = option(8, "LoRA experts E per adapted linear")
+        top_k: int = option(2, "experts chosen per token by each module's router")
+        rank: int = option(8, "LoRA rank of every expert")
+        lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)")
+        lb_coef: float = option(0.01, "load-balancing loss coefficient during exploration (off after pruning)")
+        tau: float = option(0.1, "utilisation threshold τ: experts with a smaller share of hard top-k choices "
+                                 "are pruned")
+        k_min: int = option(2, "minimum surviving experts per module (and never fewer than top_k)")
+        prune_step: int = option(0, "step of the one-shot pruning; 0 = the end of the first epoch")
+        drift_threshold: float = option(0.0, "if > 0, prune as soon as every module's routing drift (L1 between "
+                                             "consecutive count distributions) is below it")
+        log_interval: int = option(10, "steps between Gini / entropy / drift measurements in events.jsonl")
+        targets: tuple[str, ...] = option(
+            ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            "linears that get a LoRA-MoE (dense linears only: on an MoE base, attention and shared expert)")
 
     def __init__(self, config=None):
         super().__init__(config)

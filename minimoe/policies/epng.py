@@ -14,33 +14,26 @@ import math
 from dataclasses import dataclass
 
 from ..stats import RoutingStats
-from .base import Context, Policy
+from .base import Context, Policy, option
 
 
 class EPnG(Policy):
     name = "epng"
     needs_router = True
 
-    HELP = {
-        "alpha": "pruning ratio: share of the experts that still have an adapter pruned at each event",
-        "beta": "growth ratio: share of the experts (most important first) that receive freed rank",
-        "warmup": "T_w: no prune/grow event before this step",
-        "interval": "T_p: a prune/grow event every T_p steps from T_w on",
-        "decay": "lambda: accumulated router importance is multiplied by this after each event",
-        "rank": "initial LoRA rank r of every adapted expert", "lora_alpha": "LoRA alpha (scaling alpha/r, fixed)",
-        "targets": "expert projections that get LoRA (gate_proj, up_proj, down_proj)",
-    }
-
     @dataclass
     class Config:
-        alpha: float = 0.2  # pruning ratio α
-        beta: float = 0.2  # growth ratio β
-        warmup: int = 100  # T_w: no event before this step
-        interval: int = 50  # T_p: an event every T_p steps after warm-up
-        decay: float = 0.2  # λ: importance statistics are multiplied by λ after each event
-        rank: int = 8  # initial LoRA rank r
-        lora_alpha: float = 16.0
-        targets: tuple[str, ...] = ("gate_proj", "up_proj")
+        alpha: float = option(0.2, "pruning ratio α: share of the experts that still have an adapter pruned "
+                                   "at each event")
+        beta: float = option(0.2, "growth ratio β: share of the experts (most important first) that receive "
+                                  "freed rank")
+        warmup: int = option(100, "T_w: no prune/grow event before this step")
+        interval: int = option(50, "T_p: a prune/grow event every T_p steps from T_w on")
+        decay: float = option(0.2, "λ: accumulated router importance is multiplied by this after each event")
+        rank: int = option(8, "initial LoRA rank r of every adapted expert")
+        lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r, fixed)")
+        targets: tuple[str, ...] = option(("gate_proj", "up_proj"),
+                                          "expert projections that get LoRA (gate_proj, up_proj, down_proj)")
 
     def __init__(self, config=None):
         super().__init__(config)

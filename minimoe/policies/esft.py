@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..moe import Groups, StackedLinear, grouped_linear
-from .base import Context, Policy
+from .base import Context, Policy, option
 
 
 class SelectedExperts(StackedLinear):
@@ -70,24 +70,17 @@ def top_p_selection(scores: torch.Tensor, top_p: float) -> list[int]:
 class ESFT(Policy):
     name = "esft"
 
-    HELP = {
-        "score": "expert score: token (share of top-k slots) or gate (sum of routing weights)",
-        "top_p": "per layer, experts by descending score until their cumulative score reaches top_p; "
-                 "0 = the ESFT paper's value (0.2 for token, 0.1 for gate)",
-        "normalize": "layer (scores normalised per layer, the paper) or global (each expert over layers, "
-                     "the reference code)",
-        "sample_batches": "training batches scored before training starts",
-        "targets": "expert projections trained in full for the selected experts",
-    }
-    CHOICES = {"score": ("token", "gate"), "normalize": ("layer", "global")}
-
     @dataclass
     class Config:
-        score: str = "token"  # "token" (selection ratio) or "gate" (sum of routing weights)
-        top_p: float = 0.0  # cumulative score per layer; 0 = the ESFT paper's: 0.2 for token, 0.1 for gate
-        normalize: str = "layer"  # "layer" (paper) or "global" (reference code: per expert over layers)
-        sample_batches: int = 32  # training batches scored before training starts
-        targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+        score: str = option("token", "expert score: token (share of top-k slots) or gate (sum of routing "
+                                     "weights)", choices=("token", "gate"))
+        top_p: float = option(0.0, "per layer, experts by descending score until their cumulative score "
+                                   "reaches top_p; 0 = the ESFT paper's value (0.2 for token, 0.1 for gate)")
+        normalize: str = option("layer", "layer (scores normalised per layer, the paper) or global (each "
+                                         "expert over layers, the reference code)", choices=("layer", "global"))
+        sample_batches: int = option(32, "training batches scored before training starts")
+        targets: tuple[str, ...] = option(("gate_proj", "up_proj", "down_proj"),
+                                          "expert projections trained in full for the selected experts")
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Context, Policy
+from .base import Context, Policy, option
 
 
 class LoRA(Policy):
@@ -12,18 +12,14 @@ class LoRA(Policy):
 
     name = "lora"
 
-    HELP = {
-        "rank": "LoRA rank", "lora_alpha": "LoRA alpha (scaling alpha/r)",
-        "targets": "expert projections that get LoRA (gate_proj, up_proj, down_proj)",
-        "dense_targets": "dense linears that get LoRALinear too (e.g. q_proj v_proj; on a dense model: required)",
-    }
-
     @dataclass
     class Config:
-        rank: int = 8  # EPnG App. A.2
-        lora_alpha: float = 16.0
-        targets: tuple[str, ...] = ("gate_proj", "up_proj")  # expert projections (EPnG: up + gate)
-        dense_targets: tuple[str, ...] = ()  # e.g. ("q_proj", "v_proj"): LoRALinear on dense linears
+        rank: int = option(8, "LoRA rank (EPnG App. A.2)")
+        lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)")
+        targets: tuple[str, ...] = option(("gate_proj", "up_proj"),
+                                          "expert projections that get LoRA (gate_proj, up_proj, down_proj)")
+        dense_targets: tuple[str, ...] = option((), "dense linears that get LoRALinear too (e.g. q_proj v_proj; "
+                                                    "on a dense model: required)")
 
     def setup(self, model, ctx: Context) -> None:
         g = self.generator
