@@ -15,7 +15,7 @@ Compute (shape legend: R routed rows sorted by expert, E experts, E_a adapted ex
 r_pad = max rank rounded up to 8): chunks are packed each step into ``A_pad [E, r_pad, in]`` /
 ``Bᵀ_pad [E, r_pad, out]`` (zero rows where an expert has fewer ranks; a few MB) by one ``index_copy``,
 then two grouped matmuls give the delta ``(R, out)``; gradients flow back through the packing. Once
-enough experts have rank 0 (``SKIP_PRUNED_FRACTION``) their rows skip the LoRA matmuls: only the E_a
+enough experts have rank 0 (``skip_pruned_fraction``) their rows skip the LoRA matmuls: only the E_a
 adapted experts are packed and their rows are partitioned to the front (``_delta_skip``). The loop
 path (reference, CPU fallback) skips experts of rank 0 always.
 """
@@ -31,9 +31,6 @@ from torch import nn
 
 from . import optim
 from .moe import Groups, StackedLinear, _compute_dtype, grouped_linear, use_grouped_mm
-
-# From this fraction of rank-0 experts on, the grouped path skips their rows (see ResizableLoRAExpert).
-SKIP_PRUNED_FRACTION = 0.5
 
 
 def kaiming_rows(rows: int, in_features: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -168,7 +165,7 @@ class _Packing:
 class ResizableLoRAExpert(StackedLinear):
     """Per-expert LoRA on one projection of a layer's stacked experts; every expert has its own rank.
 
-    ``skip_pruned_fraction`` (default ``SKIP_PRUNED_FRACTION`` = 0.5): on the grouped path, the rows of
+    ``skip_pruned_fraction`` (default 0.5): on the grouped path, the rows of
     rank-0 experts skip the LoRA matmuls once at least this fraction of the experts has rank 0; below
     it, rank-0 experts are packed as zero rows and their rows run through the matmuls. Why a threshold:
     skipping needs a partition of the rows (a gather of x forward, a scatter of its gradient backward,
@@ -181,7 +178,7 @@ class ResizableLoRAExpert(StackedLinear):
     metadata), never device data. Set the attribute above 1 to never skip, to 0 to skip always.
     """
 
-    skip_pruned_fraction: float = SKIP_PRUNED_FRACTION
+    skip_pruned_fraction: float = 0.5  # from this fraction of rank-0 experts on, their rows skip
 
     def __init__(self, base: StackedLinear, rank: int, alpha: float, ranks: list[int] | None = None,
                  generator: torch.Generator | None = None):

@@ -484,3 +484,9 @@ def test_an_empty_chunk_layout_after_a_forward_leaves_the_base():
             for m in layer.values():
                 m.set_chunk_layout([[] for _ in range(m.num_experts)])  # the cached packing must go too
         assert torch.equal(model(ids).logits, base)
+        # the delta itself (forward skips it when no chunk is left): a stale cached plan would still
+        # list adapted experts and fail to pack them
+        m = model.expert_lora_modules()[0]["gate_proj"]
+        groups = Groups.from_counts(torch.full((m.num_experts,), 2), "grouped_mm")
+        x = torch.randn(2 * m.num_experts, m.in_features)
+        assert torch.equal(m.lora_delta(x, groups), torch.zeros(x.shape[0], m.out_features))
