@@ -26,6 +26,14 @@ def _logits(model, ids=IDS):
         return model.eval()(ids).logits
 
 
+def _adapter_copy(path, dst, cfg: dict):
+    """The adapter at ``path`` copied to ``dst`` with ``cfg`` as its adapter_config.json."""
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    (dst / "adapter.safetensors").write_bytes((path / "adapter.safetensors").read_bytes())
+    return dst
+
+
 def _epng_like(directory, targets=("gate_proj", "up_proj"), dense=()):
     """A loaded base with expert LoRA resized like EPnG events (grown, pruned, shrunk) and trained."""
     model = minimoe.from_pretrained(directory)
@@ -172,10 +180,7 @@ def test_wrong_base_shape_mismatch_truncated_file_and_existing_destination(hf_ch
 
     cfg = json.loads((path / "adapter_config.json").read_text())
     cfg["expert_lora"]["layers.0.mlp.experts.gate_proj"]["ranks"][0] = 6
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text(json.dumps(cfg))
-    (bad / "adapter.safetensors").write_bytes((path / "adapter.safetensors").read_bytes())
+    bad = _adapter_copy(path, tmp_path / "bad", cfg)
     with pytest.raises(AdapterError, match=r"disagrees with its adapter_config.json.*lora_A.0: \(4, 64\) in the file, \(6, 64\)"):
         minimoe.from_pretrained(directory).load_adapter(bad)
 
@@ -229,10 +234,7 @@ def test_fingerprint_agrees_across_dtypes_and_a_failed_load_changes_nothing(hf_c
     # every check runs before the model changes: a bad file leaves a plain, still-usable base
     cfg = json.loads((path / "adapter_config.json").read_text())
     cfg["expert_lora"]["layers.1.mlp.experts.up_proj"]["ranks"][3] = 7
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text(json.dumps(cfg))
-    (bad / "adapter.safetensors").write_bytes((path / "adapter.safetensors").read_bytes())
+    bad = _adapter_copy(path, tmp_path / "bad", cfg)
     base = minimoe.from_pretrained(directory)
     with pytest.raises(AdapterError, match="disagrees with its adapter_config.json"):
         base.load_adapter(bad)
