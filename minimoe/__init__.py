@@ -7,7 +7,8 @@ from .hf import CheckpointError, from_pretrained
 from .lora import LoRALinear, ResizableLoRAExpert
 from .lora_moe import PrunableLoRAMoE
 from .model import CausalLM, ModelOutput
-from .moe import RouterOutput
+from .routing import RouterOutput
+from .stats import RoutingStats
 from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterError", "export_merged", "export_peft", "save_adapter",
     "CausalLM", "CheckpointError", "KVCache", "LoRALinear", "ModelConfig", "ModelOutput", "PRESETS",
-    "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput",
+    "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput", "RoutingStats",
     "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "preset",
 ]
 

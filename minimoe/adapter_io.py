@@ -4,7 +4,7 @@
 
     expert LoRA   {module}.lora_A.{e} [r_e, in], {module}.lora_B.{e} [out, r_e]   (experts with r_e > 0)
     LoRA          {module}.lora_A [r, in], {module}.lora_B [out, r]
-    LoRA-MoE      {module}.lora_A [E', r, in], .lora_B [E', out, r], .router.weight [E', in], .counts [E']
+    LoRA-MoE      {module}.lora_A [E', r, in], .lora_B [E', out, r], .router.weight [E', in]
     ESFT          {module}.trained [n_selected, out, in]
 
 The config records per module the kind, rank(s), alpha and scaling, the per-expert ranks (EPnG), the
@@ -118,7 +118,7 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
         elif isinstance(m, (LoRALinear, PrunableLoRAMoE)):
             out[f"{name}.lora_A"], out[f"{name}.lora_B"] = m.lora_A, m.lora_B
             if isinstance(m, PrunableLoRAMoE):
-                out[f"{name}.router.weight"], out[f"{name}.counts"] = m.router.weight, m.counts
+                out[f"{name}.router.weight"] = m.router.weight
         elif isinstance(m, selected_cls):
             out[f"{name}.trained"] = m.trained
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
@@ -155,7 +155,7 @@ def _expected_shapes(model, cfg: dict) -> dict[str, tuple]:
     for name, spec in cfg["lora_moe"].items():
         m, E, r = modules[name], len(spec["expert_ids"]), spec["rank"]
         shapes.update({f"{name}.lora_A": (E, r, m.in_features), f"{name}.lora_B": (E, m.out_features, r),
-                       f"{name}.router.weight": (E, m.in_features), f"{name}.counts": (E,)})
+                       f"{name}.router.weight": (E, m.in_features)})
     for name, spec in cfg["esft"].items():
         m = modules[name]
         shapes[f"{name}.trained"] = (len(spec["selected"]), m.out_features, m.in_features)
@@ -242,6 +242,8 @@ def load_adapter(model, directory, check_base: bool = True):
     _check_targets(cfg, modules, Path(directory))
     shapes = _expected_shapes(model, cfg)
     file = Path(directory) / WEIGHTS
+    for name in cfg["lora_moe"]:  # hard counts, saved before routing statistics left the modules: not needed
+        tensors.pop(f"{name}.counts", None)
     missing = [k for k in shapes if k not in tensors]
     unexpected = [k for k in tensors if k not in shapes]
     wrong = [f"{k}: {tuple(tensors[k].shape)} in the file, {shapes[k]} by the config"
@@ -282,7 +284,6 @@ def load_adapter(model, directory, check_base: bool = True):
             m.lora_B.copy_(tensors[f"{name}.lora_B"])
             if name in cfg["lora_moe"]:
                 m.router.weight.copy_(tensors[f"{name}.router.weight"])
-                m.counts.copy_(tensors[f"{name}.counts"])
         for name in cfg["esft"]:
             modules[name].trained.copy_(tensors[f"{name}.trained"])
     return model

@@ -191,11 +191,6 @@ class AdapterMixin:
 
         return load_adapter(self, directory, check_base)
 
-    def adapter_aux_loss(self) -> torch.Tensor | None:
-        """Sum of the LoRA-MoE load-balancing losses of the last training forward (None if none)."""
-        losses = [m.aux_loss for m in self.lora_moe_modules().values() if m.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else None
-
     # --- description -------------------------------------------------------------------------
     def adapter_summary(self) -> str:
         """A table of what is attached: per layer the adapted experts and their ranks, per LoRA-MoE

@@ -148,6 +148,9 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Load weights, optimizer and scheduler (layout must already be applied); returns state.pt."""
     weights = load_file(str(ckpt / "model.safetensors"))
     current = model.state_dict()
+    # written before routing statistics left the modules: LoRA-MoE hard counts were a buffer ``{module}.counts``
+    legacy_counts = {k[:-len(".counts")]: weights.pop(k) for k in list(weights)
+                     if k.endswith(".counts") and k not in current}
     problems = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
                 for k, v in weights.items() if k in current and current[k].shape != v.shape]
     unknown = [k for k in weights if k not in current]
@@ -161,4 +164,19 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(opt["scheduler"])
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     set_rng_state(state["rng"])
+    if legacy_counts:
+        state["legacy_counts"] = legacy_counts
     return state
+
+
+def routing_stats_state(state: dict) -> dict:
+    """The run's ``RoutingStats`` state from a loaded state.pt. Checkpoints written before the statistics
+    were one object kept them in two places: EPnG's in its policy state, LoRA-MoE counts in the modules."""
+    if "stats" in state:
+        return state["stats"]
+    if "stats" in state.get("policy", {}):
+        return state["policy"]["stats"]
+    counts = state.get("legacy_counts", {})
+    return {"importance": {k: torch.zeros_like(v) for k, v in counts.items()}, "counts": counts,
+            "gate": {k: torch.zeros_like(v) for k, v in counts.items()},
+            "tokens": {k: 0.0 for k in counts}, "int_keys": [False] * len(counts)}

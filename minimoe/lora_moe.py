@@ -6,11 +6,13 @@
 renormalised over the chosen k (a switch, ``renormalize``). Shape legend: N tokens, E experts of this
 module, K top-k, r rank; ``lora_A [E, r, in]``, ``lora_B [E, out, r]``, ``router.weight [E, in]``.
 
-The module keeps hard top-k counts (fp32, real tokens only, training forwards only — see
-``moe.collecting_statistics``) and, while ``lb_enabled``, its load-balancing loss
-``E · Σ_i f_i · P_i`` (f_i: fraction of tokens whose top-k includes i; P_i: mean router probability).
-``prune_experts(keep)`` slices A, B, the router rows and the counts physically, with their optimizer
-state; ``expert_ids`` remembers the original index of each survivor.
+While ``lb_enabled``, a training forward computes the module's load-balancing loss ``E · Σ_i f_i · P_i``
+(f_i: fraction of real tokens whose top-k includes i; P_i: mean router probability; ``routing.LoadBalancingLoss``)
+and hands it, with its routing, to the forward's collector (``routing.emit_route``): the model returns the
+routes as ``out.adapter_router`` and the summed losses as ``out.adapter_aux_loss``. Hard counts and every
+other statistic are kept by ``stats.RoutingStats`` from those routes, not by the module.
+``prune_experts(keep)`` slices A, B and the router rows physically, with their optimizer state;
+``expert_ids`` remembers the original index of each survivor.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from torch import nn
 
 from . import optim
 from .lora import kaiming_rows
-from .moe import Dispatch, _compute_dtype, collecting_statistics, current_token_mask, grouped_linear
+from .moe import Dispatch, _compute_dtype, grouped_linear
+from .routing import LoadBalancingLoss, RouterOutput, current_token_mask, emit_route
 
 
 class PrunableLoRAMoE(nn.Linear):
@@ -42,9 +45,7 @@ class PrunableLoRAMoE(nn.Linear):
             torch.stack([kaiming_rows(rank, self.in_features, generator) for _ in range(num_experts)]).to(device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, device=device))
         self.register_buffer("expert_ids", torch.arange(num_experts, device=device))
-        self.register_buffer("counts", torch.zeros(num_experts, device=device))
         self.lb_enabled = True
-        self.track_counts = True
         self.implementation = "auto"
         self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last training forward
 
@@ -64,50 +65,40 @@ class PrunableLoRAMoE(nn.Linear):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x (N, in)`` → fp32 probs ``(N, E)``, chosen weights ``(N, K)``, chosen experts ``(N, K)``."""
+        r = self._route(x)
+        return r.probs, r.weights, r.experts
+
+    def _route(self, x: torch.Tensor) -> RouterOutput:
         dtype = _compute_dtype(x, self.router.weight)  # a bf16 base without autocast: bf16 like the input
         logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return probs, weights, experts
+        return RouterOutput(None, logits, probs, experts, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         xf = x.reshape(-1, self.in_features)  # (N, in)
-        probs, weights, experts = self.route(xf)
-        dispatch = Dispatch.build(experts, self.num_experts, self.implementation)
+        route = self._route(xf)
+        dispatch = Dispatch.build(route.experts, self.num_experts, self.implementation)
         dtype = _compute_dtype(x, self.lora_A)
         h = grouped_linear(dispatch.gather(xf).to(dtype), self.lora_A.to(dtype), dispatch.groups)  # (R, r)
         ys = grouped_linear(h, self.lora_B.to(dtype), dispatch.groups)  # (R, out)
-        delta = dispatch.combine(ys, weights)  # (N, out)
+        delta = dispatch.combine(ys, route.weights)  # (N, out)
         y = y + (self.scaling * delta).view(*x.shape[:-1], self.out_features).to(y.dtype)
-        self._statistics(probs, experts)
-        return y
-
-    def _apply(self, fn, recurse=True):
-        """``.to(bfloat16)`` / ``.half()`` move the counts but keep them fp32 (exact beyond 256 tokens)."""
-        super()._apply(fn, recurse)
-        if self.counts.dtype != torch.float32:
-            self.counts = self.counts.float()
-        return self
-
-    def _statistics(self, probs: torch.Tensor, experts: torch.Tensor) -> None:
-        """Hard counts and the load-balancing loss over real tokens (the model's routing token mask)."""
-        mask = current_token_mask()
-        m = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.to(probs.device).float()
-        chosen = torch.zeros_like(probs).scatter_(1, experts, 1.0)  # (N, E) 1 where i ∈ topk
-        if self.track_counts and collecting_statistics(self):
-            self.counts += (chosen * m[:, None]).sum(0).detach()
+        # computed in every training forward, also when activation checkpointing recomputes this one: the
+        # recomputation must run the same operations as the forward it replays
         self.aux_loss = None
         if self.lb_enabled and self.training:
-            tokens = m.sum().clamp_min(1.0)
-            f = (chosen * m[:, None]).sum(0) / tokens  # fraction of tokens whose top-k includes i
-            P = (probs * m[:, None]).sum(0) / tokens  # mean router probability
-            self.aux_loss = self.num_experts * torch.sum(f * P)
+            lb = LoadBalancingLoss(self.num_experts, self.top_k, current_token_mask())
+            lb.add_routing(route.probs, route.experts)
+            self.aux_loss = lb.value()
+        emit_route(self, route, self.aux_loss)
+        return y
 
     def prune_experts(self, keep, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Keep only experts at positions ``keep`` (current indices): A, B, router rows, counts and
+        """Keep only experts at positions ``keep`` (current indices): A, B, router rows and their
         optimizer state are sliced; ``top_k`` is clamped to the survivors."""
         keep = torch.as_tensor(sorted({int(k) for k in keep}), dtype=torch.long)
         if len(keep) == 0 or keep[0] < 0 or keep[-1] >= self.num_experts:
@@ -116,7 +107,5 @@ class PrunableLoRAMoE(nn.Linear):
         self.lora_A = optim.slice_param(optimizer, self.lora_A, keep, 0)
         self.lora_B = optim.slice_param(optimizer, self.lora_B, keep, 0)
         self.router.weight = optim.slice_param(optimizer, self.router.weight, keep, 0)
-        device = self.counts.device
-        self.counts = self.counts[keep.to(device)]
-        self.expert_ids = self.expert_ids[keep.to(device)]
+        self.expert_ids = self.expert_ids[keep.to(self.expert_ids.device)]
         self.top_k = min(self.top_k, len(keep))

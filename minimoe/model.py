@@ -18,16 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import AdapterMixin
 from .config import ModelConfig
-from .moe import (
-    IMPLEMENTATIONS,
-    MLP,
-    LoadBalancingLoss,
-    RouterOutput,
-    SparseMoeBlock,
-    StackedLinear,
-    TopKRouter,
-    routing_token_mask,
-)
+from .moe import IMPLEMENTATIONS, MLP, SparseMoeBlock, StackedLinear, TopKRouter
+from .routing import LoadBalancingLoss, RouterOutput, collecting_routes, routing_token_mask
 
 
 def _masked_layer(layer, token_mask, *args):
@@ -169,9 +161,11 @@ class ModelOutput:
         loss: shifted causal-LM cross-entropy (fp32) when labels were given; never includes aux_loss.
         aux_loss: router load-balancing loss (transformers' formula) for MoE models, else None.
             Add ``config.router_aux_loss_coef * aux_loss`` yourself if you train with it.
-        router: per MoE layer routing (``RouterOutput``) when ``output_router=True``.
+        router: per MoE layer routing (``RouterOutput``, unit = layer index) when ``output_router=True``.
         adapter_aux_loss: sum of the LoRA-MoE load-balancing losses (training forwards with LoRA-MoE
             whose loss is on), else None. Also never added to ``loss``.
+        adapter_router: per LoRA-MoE module routing (unit = module path) of a training forward, when
+            ``output_router=True`` (empty in eval or under no_grad: statistics come from training forwards).
     """
 
     logits: torch.Tensor
@@ -179,6 +173,7 @@ class ModelOutput:
     aux_loss: torch.Tensor | None = None
     router: list[RouterOutput] | None = None
     adapter_aux_loss: torch.Tensor | None = None
+    adapter_router: list[RouterOutput] | None = None
 
 
 class CausalLM(AdapterMixin, nn.Module):
@@ -259,8 +254,8 @@ class CausalLM(AdapterMixin, nn.Module):
             kv_cache: a ``generate.KVCache`` to read and extend.
             output_router: return per-MoE-layer routing in ``out.router``.
             logits_to_keep: if > 0, compute logits for the last n positions only.
-            token_mask: ``(B, T)``, which tokens count for adapter routing statistics (LoRA-MoE counts
-                and load-balancing loss); default: the real tokens of ``attention_mask``.
+            token_mask: ``(B, T)``, which tokens count for the LoRA-MoE load-balancing loss (and, by the
+                caller's choice, for routing statistics); default: the real tokens of ``attention_mask``.
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -279,7 +274,7 @@ class CausalLM(AdapterMixin, nn.Module):
             lb = LoadBalancingLoss(self.config.num_experts, self.config.num_experts_per_tok, lb_mask)
         if token_mask is None and attention_mask is not None:
             token_mask = attention_mask[:, -T:]
-        with routing_token_mask(token_mask):
+        with routing_token_mask(token_mask), collecting_routes() as collector:
             for layer in self.layers:
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     x, route = checkpoint(_masked_layer, layer, token_mask, x, cos, sin, mask, kv_cache,
@@ -302,8 +297,9 @@ class CausalLM(AdapterMixin, nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return ModelOutput(logits, loss, lb.value() if lb is not None else None,
-                           routes if output_router else None, self.adapter_aux_loss() if self.training else None)
+        adapter_aux = torch.stack(collector.aux_losses).sum() if collector.aux_losses else None
+        return ModelOutput(logits, loss, lb.value() if lb is not None else None, routes if output_router else None,
+                           adapter_aux, collector.named_routes(self) if output_router else None)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """KV-cache generation; see ``minimoe.generate.generate`` for the arguments."""

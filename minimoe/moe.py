@@ -14,8 +14,6 @@ reference path (it needs the row counts on the host, the grouped path does not).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .routing import RouterOutput
 
 IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
 
@@ -120,32 +119,6 @@ class Dispatch:
         return (out.view(N, self.top_k, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 
 
-# Which tokens count for routing statistics in the current forward (flattened (B·T,) 0/1 mask, or
-# None = all). Set by CausalLM.forward; read by modules that keep statistics (LoRA-MoE counts).
-_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("minimoe_token_mask", default=None)
-
-
-@contextlib.contextmanager
-def routing_token_mask(mask: torch.Tensor | None):
-    token = _TOKEN_MASK.set(None if mask is None else mask.reshape(-1))
-    try:
-        yield
-    finally:
-        _TOKEN_MASK.reset(token)
-
-
-def current_token_mask() -> torch.Tensor | None:
-    return _TOKEN_MASK.get()
-
-
-def collecting_statistics(module: nn.Module) -> bool:
-    """Statistics are updated in training forwards only: not in eval, not under no_grad, and not when
-    activation checkpointing recomputes a forward inside backward."""
-    if not (module.training and torch.is_grad_enabled()):
-        return False
-    return torch._C._current_graph_task_id() == -1
-
-
 class StackedLinear(nn.Module):
     """Bias-free linear maps of E experts stacked as one ``weight [E, out, in]``.
 
@@ -184,25 +157,6 @@ class Experts(nn.Module):
         xs = dispatch.gather(x)  # (R, H) rows in expert order
         h = F.silu(self.gate_proj(xs, groups)) * self.up_proj(xs, groups)  # (R, I)
         return dispatch.combine(self.down_proj(h, groups), weights)  # (N, H)
-
-
-@dataclass
-class RouterOutput:
-    """Routing of one MoE layer for the batch (tokens flattened, ``N = B·T``).
-
-    Attributes:
-        layer: decoder layer index.
-        logits: ``(N, E)`` raw router logits (model dtype, in the graph).
-        probs: ``(N, E)`` fp32 softmax over all experts.
-        experts: ``(N, K)`` chosen expert ids.
-        weights: ``(N, K)`` routing weights applied to the chosen experts (model dtype).
-    """
-
-    layer: int
-    logits: torch.Tensor
-    probs: torch.Tensor
-    experts: torch.Tensor
-    weights: torch.Tensor
 
 
 class TopKRouter(nn.Module):
@@ -257,30 +211,3 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.view(shape), route
-
-
-class LoadBalancingLoss:
-    """Streaming form of transformers' ``load_balancing_loss_func`` over the MoE layers.
-
-    ``aux = E · Σ_e f_e · P̄_e`` with ``f_e`` the fraction of (real) token-slots routed to e
-    (Σ_e f_e = K) and ``P̄_e`` its mean router probability, both pooled over all MoE layers. As in
-    transformers, the softmax here runs in the logits' dtype and ignores ``norm_topk_prob``.
-    """
-
-    def __init__(self, num_experts: int, top_k: int, mask: torch.Tensor | None):
-        self.E, self.K = num_experts, top_k
-        self.mask = None if mask is None else mask.reshape(-1, 1).float()  # (N, 1)
-        self.slots = self.probs = self.tokens = 0
-
-    def add(self, logits: torch.Tensor) -> None:
-        probs = torch.softmax(logits, dim=-1)  # (N, E), in the logits' dtype as transformers does
-        chosen = torch.topk(probs, self.K, dim=-1).indices  # (N, K)
-        m = torch.ones(probs.shape[0], 1, device=probs.device) if self.mask is None else self.mask
-        slots = torch.zeros(self.E, device=probs.device).scatter_add_(
-            0, chosen.reshape(-1), m.expand(-1, self.K).reshape(-1))
-        self.slots = self.slots + slots
-        self.probs = self.probs + (probs.float() * m).sum(0)
-        self.tokens = self.tokens + m.sum()
-
-    def value(self) -> torch.Tensor:
-        return self.E * torch.sum((self.slots / self.tokens) * (self.probs / self.tokens))

@@ -1,22 +1,32 @@
-"""Streaming routing statistics: soft importance, hard counts, Gini, normalised entropy, drift.
+"""Routing statistics: the one object every policy reads its decisions from.
 
-One ``RoutingStats`` holds, per *unit* (a decoder-layer index for routed experts, a module path for a
-LoRA-MoE), fp32 running sums over real tokens:
+``RoutingStats`` keeps, per *unit* (a decoder-layer index for an MoE layer's router, a module path for a
+LoRA-MoE's), running sums over the real tokens of training forwards, on the model's device (no host sync
+while training):
 
 * ``importance`` — Σ of the full softmax router probabilities (EPnG's p̄ = importance / tokens);
-* ``counts`` — hard top-k choices per expert;
+* ``counts`` — hard top-k choices per expert (DMEP's utilisation; ESFT's token-selection score);
+* ``gate`` — Σ of the routing weights given to chosen experts (ESFT's gate score);
 * ``tokens`` — how many tokens contributed.
 
-``decay(λ)`` multiplies all three by λ (EPnG: "decay gate statistics" after each event), so the mean
-keeps its value but history weighs λ against new tokens. Feed it only training forwards, at
-micro-batch granularity; decide only at optimizer-step boundaries.
+It is fed the routes of a forward (``observe(out, mask)``: ``out.router`` and ``out.adapter_router``), at
+micro-batch granularity. ``sync()`` is the one place the sums are reduced across processes: with several
+processes, updates wait in a local buffer until ``sync()`` all-reduces them (one collective, every rank
+must call it at the same point: the trainer does, before every decision point); in one process it does
+nothing. ``snapshot()`` returns host copies of everything a decision needs. Decide only at optimizer-step
+boundaries. ``decay(λ)`` multiplies all sums by λ (EPnG: "decay gate statistics" after each event), so a
+mean keeps its value but history weighs λ against new tokens; ``keep(unit, index)`` follows a pruning of a
+unit's experts. Also here: Gini, normalised entropy and drift of a count vector (DMEP §III).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+FIELDS = ("importance", "counts", "gate")
 
 
 def gini(counts: torch.Tensor) -> float:
@@ -46,42 +56,132 @@ def drift(previous: torch.Tensor, current: torch.Tensor) -> float:
     return float((p / p.sum() - c / c.sum()).abs().sum())
 
 
+def _distributed_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@dataclass
+class UnitSnapshot:
+    """Host copies of one unit's sums (fp32 vectors of length E, tokens a float)."""
+
+    importance: torch.Tensor
+    counts: torch.Tensor
+    gate: torch.Tensor
+    tokens: float
+
+    @property
+    def mean_importance(self) -> torch.Tensor:
+        """EPnG's p̄: mean full-softmax probability per expert (zeros if no token was seen)."""
+        return self.importance / self.tokens if self.tokens > 0 else torch.zeros_like(self.importance)
+
+    @property
+    def utilization(self) -> torch.Tensor:
+        """DMEP's u_i = c_i / Σ_j c_j (fp64)."""
+        c = self.counts.double()
+        return c / c.sum().clamp_min(1e-12)
+
+
 class RoutingStats:
-    """Per-unit fp32 running sums of router probabilities, hard counts and token counts."""
+    """Per-unit running sums of router probabilities, hard counts, gate weights and tokens (see module doc)."""
 
     def __init__(self):
-        self.importance: dict = {}
+        self.importance: dict = {}  # unit -> (E,) fp32, reduced over processes up to the last sync()
         self.counts: dict = {}
-        self.tokens: dict = {}
+        self.gate: dict = {}
+        self.tokens: dict = {}  # unit -> () fp64
+        self._pending: dict = {}  # several processes: unit -> [importance, counts, gate, tokens] since sync()
 
-    def update(self, unit, probs: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add one routing output: ``probs (N, E)`` full softmax, ``experts (N, K)`` chosen ids,
-        ``mask (N,)`` 1 for tokens that count (None = all)."""
+    # --- feeding ----------------------------------------------------------------------------------
+    def update(self, unit, probs: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor | None = None,
+               weights: torch.Tensor | None = None) -> None:
+        """Add one routing: ``probs (N, E)`` full softmax, ``experts (N, K)`` chosen ids, ``mask (N,)`` 1 for
+        tokens that count (None = all), ``weights (N, K)`` the chosen experts' routing weights."""
         probs = probs.detach().float()
-        E = probs.shape[-1]
-        m = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.reshape(-1).to(probs.device).float()
-        imp = (probs * m[:, None]).sum(0).cpu()
-        hard = torch.zeros(E, device=probs.device).scatter_add_(
-            0, experts.reshape(-1), m.repeat_interleave(experts.shape[-1])).cpu()
-        self.importance[unit] = self.importance.get(unit, torch.zeros(E)) + imp
-        self.counts[unit] = self.counts.get(unit, torch.zeros(E)) + hard
-        self.tokens[unit] = self.tokens.get(unit, 0.0) + float(m.sum())
+        E, device = probs.shape[-1], probs.device
+        m = torch.ones(probs.shape[0], device=device) if mask is None else mask.reshape(-1).to(device).float()
+        flat = experts.reshape(-1)
+        imp = (probs * m[:, None]).sum(0)
+        hard = torch.zeros(E, device=device).scatter_add_(0, flat, m.repeat_interleave(experts.shape[-1]))
+        gate = torch.zeros(E, device=device)
+        if weights is not None:
+            gate.scatter_add_(0, flat, (weights.detach().float() * m[:, None]).reshape(-1))
+        add = [imp, hard, gate, m.sum().double()]
+        if _distributed_world() > 1:
+            pending = self._pending.get(unit)
+            self._pending[unit] = add if pending is None else [a + b for a, b in zip(pending, add)]
+        else:
+            self._add(unit, add)
+
+    def observe(self, out, mask: torch.Tensor | None = None) -> None:
+        """Add every route of a forward (``out.router`` and ``out.adapter_router``); ``mask (B, T)``."""
+        mask = None if mask is None else mask.reshape(-1)
+        for route in [*(out.router or []), *(getattr(out, "adapter_router", None) or [])]:
+            self.update(route.unit, route.probs, route.experts, mask, route.weights)
+
+    def _add(self, unit, add: list[torch.Tensor]) -> None:
+        E, device = add[0].shape[0], add[0].device
+        for name, value in zip(FIELDS, add):
+            table = getattr(self, name)
+            table[unit] = table[unit].to(device) + value if unit in table else torch.zeros(E, device=device) + value
+        self.tokens[unit] = self.tokens[unit].to(device) + add[3] if unit in self.tokens else add[3]
+
+    def sync(self) -> None:
+        """All-reduce (sum) what every process added since the last sync and fold it into the totals: a
+        collective that every rank calls at the same point. Nothing to do in one process."""
+        if not self._pending:
+            return
+        import torch.distributed as dist
+
+        units = sorted(self._pending, key=lambda u: (isinstance(u, str), str(u)))
+        parts = [v for u in units for v in self._pending[u]]
+        flat = torch.cat([p.double().reshape(-1) for p in parts])
+        dist.all_reduce(flat)
+        offset = 0
+        for unit in units:
+            reduced = []
+            for p in self._pending[unit]:
+                reduced.append(flat[offset:offset + p.numel()].view(p.shape).to(p.dtype))
+                offset += p.numel()
+            self._add(unit, reduced)
+        self._pending = {}
+
+    # --- reading and changing -----------------------------------------------------------------------
+    def units(self) -> list:
+        return list(self.importance)
+
+    def snapshot(self) -> dict:
+        """``{unit: UnitSnapshot}``: host copies of every unit's sums, as of the last ``sync()``."""
+        return {u: UnitSnapshot(self.importance[u].cpu(), self.counts[u].cpu(), self.gate[u].cpu(),
+                                float(self.tokens[u])) for u in self.importance}
 
     def mean_importance(self, unit) -> torch.Tensor:
-        """EPnG's expert importance p̄ for ``unit`` (zeros if nothing was seen)."""
-        t = self.tokens.get(unit, 0.0)
-        return self.importance[unit] / t if t > 0 else torch.zeros_like(self.importance.get(unit, torch.zeros(0)))
+        """EPnG's expert importance p̄ for ``unit`` (host fp32; zeros if nothing was seen)."""
+        if unit not in self.importance:
+            return torch.zeros(0)
+        t = float(self.tokens[unit])
+        imp = self.importance[unit].cpu()
+        return imp / t if t > 0 else torch.zeros_like(imp)
 
     def decay(self, factor: float) -> None:
         for unit in self.importance:
-            self.importance[unit] = self.importance[unit] * factor
-            self.counts[unit] = self.counts[unit] * factor
+            for name in FIELDS:
+                getattr(self, name)[unit] = getattr(self, name)[unit] * factor
             self.tokens[unit] = self.tokens[unit] * factor
 
+    def keep(self, unit, index) -> None:
+        """Keep only the experts at positions ``index`` of ``unit`` (after its experts were pruned)."""
+        if unit not in self.importance:
+            return
+        for name in FIELDS:
+            table = getattr(self, name)
+            table[unit] = table[unit][torch.as_tensor(index, dtype=torch.long, device=table[unit].device)]
+
     def state_dict(self) -> dict:
-        return {"importance": {str(k): v.clone() for k, v in self.importance.items()},
-                "counts": {str(k): v.clone() for k, v in self.counts.items()},
-                "tokens": {str(k): v for k, v in self.tokens.items()},
+        """Host copies, in the format of state.pt (call ``sync()`` first with several processes)."""
+        return {**{name: {str(k): v.detach().cpu().clone() for k, v in getattr(self, name).items()} for name in FIELDS},
+                "tokens": {str(k): float(v) for k, v in self.tokens.items()},
                 "int_keys": [isinstance(k, int) for k in self.importance]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -89,4 +189,8 @@ class RoutingStats:
         convert = {k: (int(k) if is_int else k) for k, is_int in zip(keys, state["int_keys"])}
         self.importance = {convert[k]: v.clone() for k, v in state["importance"].items()}
         self.counts = {convert[k]: v.clone() for k, v in state["counts"].items()}
-        self.tokens = {convert[k]: v for k, v in state["tokens"].items()}
+        # written before gate sums were kept: zeros (only ESFT's gate score reads them, before training)
+        self.gate = {convert[k]: v.clone() for k, v in state.get("gate", {}).items()} or \
+            {u: torch.zeros_like(v) for u, v in self.importance.items()}
+        self.tokens = {convert[k]: torch.tensor(float(v), dtype=torch.float64) for k, v in state["tokens"].items()}
+        self._pending = {}

@@ -34,6 +34,7 @@ from .files import write_text_atomic
 from .hf import from_pretrained, resolve
 from .model import CausalLM
 from .policies import Context, Policy, make_policy
+from .stats import RoutingStats
 from .tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 
 
@@ -179,7 +180,9 @@ class Trainer:
                 raise TrainingError(f"--resume {self.run_dir}: the run used policy {info['policy']}, not {c.policy}")
             state = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
             self.policy.load_state_dict(state["policy"])
-        ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed)
+        self.stats = RoutingStats()
+        ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed, self._say,
+                      self.stats)
         self.policy.setup(self.model, ctx)
         if c.resume:
             ckpt.apply_layout(self.model, info["layout"])
@@ -198,6 +201,7 @@ class Trainer:
         self.scheduler = cosine_schedule(self.optimizer, c.steps, c.warmup_ratio)
         if c.resume:
             state = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+            self.stats.load_state_dict(ckpt.routing_stats_state(state))
             self.data.load_state_dict(state["data"])
             self.step = info["step"]
             # the saved lr was computed under the saved --steps; a new --steps takes effect from this step
@@ -237,14 +241,19 @@ class Trainer:
         self._append("events.jsonl", record)
         line = self.policy.event_line(record)
         if line:
-            from tqdm.auto import tqdm
+            self._say(line)
 
-            tqdm.write(line)  # above the progress bar, not through it
+    def _say(self, line: str) -> None:
+        """A line for the user, above the progress bar (not through it)."""
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
 
     def save(self) -> Path:
         info = {"step": self.step, "policy": self.config.policy, "args": dataclasses.asdict(self.config),
                 "data": self.data.state_dict(), "trainable": self.model.num_parameters(trainable_only=True)}
-        state = {"policy": self.policy.state_dict(), "data": self.data.state_dict()}
+        self.stats.sync()
+        state = {"policy": self.policy.state_dict(), "stats": self.stats.state_dict(), "data": self.data.state_dict()}
         return ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, info, state)
 
     def _on_sigint(self, signum, frame) -> None:
@@ -288,6 +297,8 @@ class Trainer:
             if not torch.isfinite(loss_value):
                 self._stop_non_finite(f"loss ({loss_value.item()}) at step {self.step + 1}, micro-batch {micro}")
             objective.backward()
+            if self.policy.needs_router:
+                self.stats.observe(out, mask)
             self.policy.observe(out, mask)
             total += out.loss.item() * weight if targets[micro] else 0.0
             tokens += int(batch.attention_mask.sum())
@@ -302,6 +313,7 @@ class Trainer:
         self.scheduler.step()
         opt.zero_grad(set_to_none=True)
         self.step += 1
+        self.stats.sync()  # several processes: every rank decides on the same, reduced, statistics
         for event in self.policy.after_step(self.step, model, opt):
             self._event(event)
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,

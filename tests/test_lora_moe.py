@@ -7,7 +7,8 @@ from torch import nn
 import minimoe
 from minimoe import optim
 from minimoe.lora_moe import PrunableLoRAMoE
-from minimoe.moe import routing_token_mask
+from minimoe.routing import collecting_routes, routing_token_mask
+from minimoe.stats import RoutingStats
 
 # factory, state tensors shaped like the parameter (moments), bytes of scalar state per parameter
 OPTIMIZERS = {
@@ -55,21 +56,30 @@ def test_hard_counts_use_real_tokens_in_training_forwards_only():
     m = _module()
     x = torch.randn(2, 5, 16)
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    stats = RoutingStats()
+
+    def forward():
+        with routing_token_mask(mask), collecting_routes() as collector:
+            m(x)
+        for _, route in collector.routes:  # what the model returns as out.adapter_router
+            stats.update("m", route.probs, route.experts, mask, route.weights)
+
     m.train()
-    with routing_token_mask(mask):
-        m(x)
+    forward()
     _, _, chosen = m.route(x.reshape(-1, 16))
     expected = torch.zeros(8)
     for n, real in enumerate(mask.reshape(-1).tolist()):
         if real:
             expected[chosen[n]] += 1
-    assert m.counts.dtype == torch.float32 and torch.equal(m.counts, expected)
-    assert m.counts.sum() == 7 * 2
+    counts = stats.counts["m"]
+    assert counts.dtype == torch.float32 and torch.equal(counts, expected)
+    assert counts.sum() == 7 * 2
     m.eval()
-    m(x)
+    forward()
     with torch.no_grad():
-        m.train()(x)
-    assert torch.equal(m.counts, expected)  # neither eval nor no_grad forwards count
+        m.train()
+        forward()
+    assert torch.equal(stats.counts["m"], expected)  # neither eval nor no_grad forwards count
 
 
 def test_counts_not_doubled_by_activation_checkpoint_recomputation():
@@ -79,12 +89,12 @@ def test_counts_not_doubled_by_activation_checkpoint_recomputation():
     ids = torch.randint(0, 256, (2, 9))
     totals = []
     for flag in (False, True):
-        for m in model.lora_moe_modules().values():
-            m.counts.zero_()
+        stats = RoutingStats()
         model.gradient_checkpointing = flag
-        out = model.train()(ids, labels=ids)
+        out = model.train()(ids, labels=ids, output_router=True)
         out.loss.backward()
-        totals.append(torch.stack([m.counts for m in model.lora_moe_modules().values()]))
+        stats.observe(out)
+        totals.append(torch.stack([stats.counts[n] for n in model.lora_moe_modules()]))
     assert torch.equal(totals[0], totals[1]) and totals[0].sum() == 3 * 18 * 2
 
 
@@ -212,9 +222,12 @@ def test_model_passes_the_token_mask_to_lora_moe_counts(name):
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     token_mask = torch.zeros(2, 8, dtype=torch.long)
     token_mask[:, 4:] = 1
-    model.train()(ids, attention_mask=torch.ones_like(ids), token_mask=token_mask)
-    for m in model.lora_moe_modules().values():
-        assert m.counts.sum() == 2 * 4 * 2  # rows x masked-in tokens x top_k
+    out = model.train()(ids, attention_mask=torch.ones_like(ids), token_mask=token_mask, output_router=True)
+    stats = RoutingStats()
+    stats.observe(out, token_mask)
+    assert [r.unit for r in out.adapter_router] == list(model.lora_moe_modules())
+    for name in model.lora_moe_modules():
+        assert stats.counts[name].sum() == 2 * 4 * 2  # rows x masked-in tokens x top_k
 
 
 def test_lora_moe_runs_on_a_bf16_base_without_autocast():
@@ -224,7 +237,9 @@ def test_lora_moe_runs_on_a_bf16_base_without_autocast():
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     logits = model.eval()(ids).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    assert all(m.counts.dtype == torch.float32 for m in model.to(torch.bfloat16).lora_moe_modules().values())
+    stats = RoutingStats()
+    stats.observe(model.train()(ids, output_router=True))
+    assert all(stats.counts[n].dtype == torch.float32 for n in model.lora_moe_modules())
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-olmoe"])

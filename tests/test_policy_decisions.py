@@ -39,7 +39,7 @@ def test_epng_event_decays_the_statistics_by_lambda():
     policy.setup(model, Context())
     opt = torch.optim.AdamW(policy.trainable_parameters(model), lr=1e-3)
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
-    policy.observe(model(ids, output_router=True), None)
+    policy.stats.observe(model(ids, output_router=True), None)
     before = {l: (policy.stats.importance[l].clone(), policy.stats.counts[l].clone(), policy.stats.tokens[l])
               for l in policy.stats.importance}
     (event,) = policy.after_step(1, model, opt)

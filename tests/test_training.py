@@ -85,7 +85,7 @@ def test_epng_importance_is_the_mean_full_softmax_and_decays():
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, 6:] = 0
     out = model(ids, output_router=True)
-    policy.observe(out, mask)
+    policy.stats.observe(out, mask)
     real = mask.reshape(-1).bool()
     for route in out.router:
         expected = torch.softmax(route.logits.float(), -1)[real].mean(0)  # over all experts, real tokens
@@ -94,7 +94,7 @@ def test_epng_importance_is_the_mean_full_softmax_and_decays():
     policy.stats.decay(0.5)
     ids2 = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
     out2 = model(ids2, output_router=True)
-    policy.observe(out2, None)
+    policy.stats.observe(out2, None)
     for route in out2.router:
         second = torch.softmax(route.logits.float(), -1).sum(0)
         expected = (0.5 * first[route.layer] + second) / (0.5 * 16 + 20)
@@ -175,11 +175,11 @@ def test_dmep_logged_metrics_are_the_interval_counts(tmp_path):
     trainer = Trainer(c, show_progress=False)
     trainer.train_step()
     trainer.train_step()
-    m = trainer.model.lora_moe_modules()["layers.0.self_attn.v_proj"]
-    first = m.counts.clone()
+    name = "layers.0.self_attn.v_proj"
+    first = trainer.stats.counts[name].clone()
     trainer.train_step()
     trainer.train_step()
-    second = m.counts - first
+    second = trainer.stats.counts[name] - first
     logs = [e for e in _lines(Path(c.out) / "events.jsonl") if e["event"] == "routing"]
     got = logs[1]["modules"]["layers.0.self_attn.v_proj"]
     assert got["gini"] == pytest.approx(gini(second)) and got["entropy"] == pytest.approx(normalized_entropy(second))

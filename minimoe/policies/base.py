@@ -4,10 +4,12 @@ at optimizer-step boundaries through the model's own methods (it never edits ten
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..stats import RoutingStats
 
 
 def option(default, help: str, choices: tuple | None = None):
@@ -25,7 +27,8 @@ class Context:
     total_steps: int = 1
     device: str = "cpu"
     seed: int = 0
-    log: object = print
+    log: object = print  # one line for the user (the trainer's: above the progress bar, rank 0 only)
+    stats: RoutingStats = field(default_factory=RoutingStats)  # the run's routing statistics (see stats.py)
 
 
 class Policy:
@@ -38,7 +41,7 @@ class Policy:
     class Config:
         pass
 
-    needs_router = False  # whether the forward must return per-MoE-layer routing
+    needs_router = False  # whether training forwards return their routing, for the routing statistics
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
@@ -56,7 +59,9 @@ class Policy:
 
     def observe(self, out, mask) -> None:
         """Called after every training forward (micro-batch) with the model output and the ``(B, T)``
-        mask of tokens that count for statistics (real, and by default response, tokens)."""
+        mask of tokens that count for statistics (real, and by default response, tokens). The routing
+        statistics are already fed by then (``ctx.stats``, when ``needs_router``): this hook is for
+        anything else a policy wants to see."""
 
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
         """Called after optimizer step ``step`` (1-based, grads zeroed). Returns event records."""

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..stats import drift, gini, normalized_entropy
+from ..stats import RoutingStats, drift, gini, normalized_entropy
 from .base import Context, Policy, option
 
 
 class DMEP(Policy):
     name = "dmep"
+    needs_router = True  # the hard counts come from the LoRA-MoE routes of training forwards
 
     @dataclass
     class Config:
@@ -46,9 +47,12 @@ class DMEP(Policy):
         self.snapshot: dict[str, torch.Tensor] = {}  # counts at the last log, per module
         self.previous: dict[str, torch.Tensor] = {}  # counts of the previous interval, per module
         self.last: dict = {}
+        self.stats = RoutingStats()
+        self.log = print
 
     def setup(self, model, ctx: Context) -> None:
         c = self.config
+        self.stats, self.log = ctx.stats, ctx.log
         model.add_lora_moe(c.num_experts, c.top_k, c.rank, c.lora_alpha, c.targets, generator=self.generator)
         self.prune_step = c.prune_step or ctx.steps_per_epoch
         if self.pruned_at is not None:  # resumed after pruning: the LB loss stays off
@@ -67,13 +71,18 @@ class DMEP(Policy):
         """Gini, normalised entropy and drift of every module's counts over the last interval."""
         out = {}
         for name, m in model.lora_moe_modules().items():
-            counts = m.counts.detach().cpu().double()
+            counts = self._counts(name, m).double()
             interval = counts - self.snapshot.get(name, torch.zeros_like(counts))
             d = drift(self.previous[name], interval) if name in self.previous else float("nan")
             out[name] = {"gini": gini(interval), "entropy": normalized_entropy(interval), "drift": d,
                          "experts": m.num_experts}
             self.previous[name], self.snapshot[name] = interval, counts
         return out
+
+    def _counts(self, name: str, m) -> torch.Tensor:
+        """The module's hard top-k counts so far (host fp32; zeros before its first training forward)."""
+        counts = self.stats.counts.get(name)
+        return counts.detach().cpu() if counts is not None else torch.zeros(m.num_experts)
 
     def survivors(self, counts: torch.Tensor, top_k: int) -> tuple[list[int], bool]:
         """Experts with u_i ≥ τ, topped up with the most used until max(k_min, top_k) remain.
@@ -104,7 +113,7 @@ class DMEP(Policy):
         plan, clamped, survivors, counts = {}, [], {}, {}
         before = model.num_adapter_parameters()
         for name, m in model.lora_moe_modules().items():
-            counts[name] = m.counts.detach().cpu()
+            counts[name] = self._counts(name, m)
             keep, was_clamped = self.survivors(counts[name], m.top_k)
             plan[name] = keep
             survivors[name] = [int(m.expert_ids[i]) for i in keep]
@@ -114,11 +123,13 @@ class DMEP(Policy):
             if was_clamped:
                 clamped.append(name)
         model.prune_lora_moe(plan, optimizer=optimizer)
+        for name, keep in plan.items():  # the statistics follow the slicing
+            self.stats.keep(name, keep)
         for m in model.lora_moe_modules().values():
             m.lb_enabled = False
         self.pruned_at = step
         if clamped:
-            print(f"dmep: tau={self.config.tau} would leave fewer than max(k_min={self.config.k_min}, top_k) "
+            self.log(f"dmep: tau={self.config.tau} would leave fewer than max(k_min={self.config.k_min}, top_k) "
                   f"experts in {len(clamped)} module(s); kept the most used ones instead: {', '.join(clamped)}")
         return {"event": "dmep_prune", "step": step, "policy": self.name, "survivors": survivors,
                 "clamped": clamped, "params_before": before, "params_after": model.num_adapter_parameters(),

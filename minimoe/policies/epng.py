@@ -47,6 +47,7 @@ class EPnG(Policy):
 
     def setup(self, model, ctx: Context) -> None:
         c = self.config
+        self.stats = ctx.stats  # the run's routing statistics: importance of MoE layer units
         model.add_expert_lora(c.rank, c.lora_alpha, c.targets, generator=self.generator)
         if self.budget is None:
             self.budget = model.num_adapter_parameters()
@@ -54,15 +55,14 @@ class EPnG(Policy):
     def trainable_parameters(self, model):
         return model.adapter_parameters()
 
-    def observe(self, out, mask) -> None:
-        mask = mask.reshape(-1) if mask is not None else None
-        for route in out.router:
-            self.stats.update(route.layer, route.probs, route.experts, mask)
+    def layer_importance(self) -> dict[int, list[float]]:
+        """``{layer: [p̄ of each expert]}`` over every MoE layer seen (as of the last statistics sync)."""
+        snapshot = self.stats.snapshot()
+        return {l: snapshot[l].mean_importance.tolist() for l in sorted(u for u in snapshot if isinstance(u, int))}
 
     def importance(self) -> dict[tuple[int, int], float]:
         """``{(layer, expert): p̄}`` over every MoE layer seen."""
-        return {(layer, e): float(v) for layer in sorted(self.stats.importance)
-                for e, v in enumerate(self.stats.mean_importance(layer))}
+        return {(l, e): v for l, p in self.layer_importance().items() for e, v in enumerate(p)}
 
     def after_step(self, step, model, optimizer) -> list[dict]:
         c = self.config
@@ -73,7 +73,8 @@ class EPnG(Policy):
     def event(self, step, model, optimizer) -> dict:
         c = self.config
         ranks = model.expert_lora_ranks()
-        importance = self.importance()
+        per_layer = self.layer_importance()
+        importance = {(l, e): v for l, p in per_layer.items() for e, v in enumerate(p)}
         alive = [(l, e) for l, r in ranks.items() for e in range(len(r)) if r[e] > 0]
         # ascending importance; ties broken by (layer, expert) so every run decides the same way
         order = sorted(alive, key=lambda le: (importance.get(le, 0.0), le))
@@ -123,7 +124,7 @@ class EPnG(Policy):
             "params_after": after, "unspent": self.budget - after,
             "experts_with_adapter": sum(int((r > 0).sum()) for r in model.expert_lora_ranks().values()),
             "ranks": {str(l): r.tolist() for l, r in model.expert_lora_ranks().items()},
-            "importance": {str(l): self.stats.mean_importance(l).tolist() for l in sorted(self.stats.importance)},
+            "importance": {str(l): p for l, p in per_layer.items()},
         }
         self.stats.decay(c.decay)
         return record
@@ -137,9 +138,8 @@ class EPnG(Policy):
                 f"parameters {event['params_after']:,} of budget {event['budget']:,}")
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "stats": self.stats.state_dict(), "budget": self.budget}
+        return {**super().state_dict(), "budget": self.budget}  # the statistics are the trainer's to save
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.stats.load_state_dict(state["stats"])
         self.budget = state["budget"]

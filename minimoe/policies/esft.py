@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..moe import Groups, StackedLinear, grouped_linear
+from ..stats import RoutingStats
 from .base import Context, Policy, option
 
 
@@ -106,21 +107,18 @@ class ESFT(Policy):
         saved = data.state_dict()
         was_training = model.training
         model.eval()
-        sums: dict[int, torch.Tensor] = {}
+        stats = RoutingStats()  # its own: the scoring pass is not training
         try:
             for _ in range(self.config.sample_batches):
                 batch = data.next_batch(ctx.batch_size).to(ctx.device)
                 out = model(batch.input_ids, attention_mask=batch.attention_mask, output_router=True)
-                m = batch.loss_mask.reshape(-1).float()
-                for route in out.router:
-                    E = route.probs.shape[-1]
-                    w = route.weights.float() if self.config.score == "gate" else torch.ones_like(route.weights.float())
-                    s = torch.zeros(E, device=w.device).scatter_add_(0, route.experts.reshape(-1),
-                                                                      (w * m[:, None]).reshape(-1))
-                    sums[route.layer] = sums.get(route.layer, torch.zeros(E)) + s.cpu()
+                stats.observe(out, batch.loss_mask)
+            stats.sync()  # several processes: every rank scored its own batches
         finally:
             data.load_state_dict(saved)
             model.train(was_training)
+        table = stats.gate if self.config.score == "gate" else stats.counts  # gate weights, or top-k slots
+        sums = {layer: table[layer].cpu() for layer in stats.units() if isinstance(layer, int)}
         return normalize_scores(sums, self.config.normalize)
 
     def setup(self, model, ctx: Context) -> None:

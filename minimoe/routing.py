@@ -1,0 +1,159 @@
+"""What one forward says about routing: the records every statistic and every load-balancing loss is read from.
+
+Two kinds of router produce a ``RouterOutput``:
+
+* the router of an MoE layer (``unit`` = the decoder-layer index), returned by the model as ``out.router``;
+* the router of an adapter that routes tokens itself (a LoRA-MoE, ``unit`` = its module path), handed to the
+  forward's ``RouteCollector`` and returned as ``out.adapter_router``.
+
+Which tokens count (padding and, in training, prompt tokens masked) is the forward's *token mask*, set by
+the model for the duration of a forward (``routing_token_mask``). Accumulating over micro-batches and
+steps, reducing across processes and deciding are not done here but in ``stats.RoutingStats``, which
+reads these records. The load-balancing losses are computed per forward, in the graph, by
+``LoadBalancingLoss`` from the same quantities (``f_i``: share of tokens whose top-k holds i; ``P_i``: mean
+router probability of i).
+
+Shape legend: N tokens of the forward (B·T flattened), E experts of the router, K top-k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    """The routing of one router for the batch (tokens flattened, ``N = B·T``).
+
+    Attributes:
+        unit: decoder-layer index (an MoE layer's router) or module path (a LoRA-MoE's router); the key of
+            the unit's statistics.
+        logits: ``(N, E)`` raw router logits (compute dtype, in the graph).
+        probs: ``(N, E)`` fp32 softmax over all experts.
+        experts: ``(N, K)`` chosen expert ids.
+        weights: ``(N, K)`` routing weights applied to the chosen experts.
+    """
+
+    unit: int | str | None
+    logits: torch.Tensor
+    probs: torch.Tensor
+    experts: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def layer(self) -> int | str | None:
+        """The unit (the name it had when only MoE layers routed)."""
+        return self.unit
+
+
+# --- the token mask of the current forward ----------------------------------------------------------
+# Which tokens count for routing statistics in the current forward (flattened (B·T,) 0/1 mask, or
+# None = all). Set by CausalLM.forward; read by modules that compute a load-balancing loss.
+_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("minimoe_token_mask", default=None)
+
+
+@contextlib.contextmanager
+def routing_token_mask(mask: torch.Tensor | None):
+    token = _TOKEN_MASK.set(None if mask is None else mask.reshape(-1))
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(token)
+
+
+def current_token_mask() -> torch.Tensor | None:
+    return _TOKEN_MASK.get()
+
+
+def collecting_statistics(module: nn.Module) -> bool:
+    """Statistics are taken from training forwards only: not in eval, not under no_grad, and not when
+    activation checkpointing recomputes a forward inside backward."""
+    if not (module.training and torch.is_grad_enabled()):
+        return False
+    return torch._C._current_graph_task_id() == -1
+
+
+# --- routes of adapters, collected per forward ---------------------------------------------------------
+@dataclass
+class RouteCollector:
+    """What the routing adapters of one forward handed in: their routes (training forwards only, see
+    ``collecting_statistics``) and their load-balancing losses (in the graph)."""
+
+    routes: list[tuple[nn.Module, RouterOutput]] = dataclasses.field(default_factory=list)
+    aux_losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    def named_routes(self, model: nn.Module) -> list[RouterOutput]:
+        """The routes with ``unit`` set to each module's path in ``model``."""
+        if not self.routes:
+            return []
+        names = {id(m): n for n, m in model.named_modules()}
+        return [dataclasses.replace(route, unit=names[id(m)]) for m, route in self.routes]
+
+
+_COLLECTOR: contextvars.ContextVar[RouteCollector | None] = contextvars.ContextVar("minimoe_routes", default=None)
+
+
+@contextlib.contextmanager
+def collecting_routes():
+    """``with collecting_routes() as collector:`` — routing adapters called inside hand their routing and
+    load-balancing loss to ``collector``. Recomputation under activation checkpointing runs inside backward,
+    outside this block, so it is never collected twice."""
+    collector = RouteCollector()
+    token = _COLLECTOR.set(collector)
+    try:
+        yield collector
+    finally:
+        _COLLECTOR.reset(token)
+
+
+def emit_route(module: nn.Module, route: RouterOutput, aux_loss: torch.Tensor | None = None) -> None:
+    """Called by a routing adapter in its forward: hand ``route`` (if statistics are being taken) and its
+    load-balancing loss to the current forward's collector, if any."""
+    collector = _COLLECTOR.get()
+    if collector is None:
+        return
+    if aux_loss is not None:
+        collector.aux_losses.append(aux_loss)
+    if collecting_statistics(module):
+        collector.routes.append((module, route))
+
+
+# --- load balancing ---------------------------------------------------------------------------------
+class LoadBalancingLoss:
+    """``aux = E · Σ_e f_e · P̄_e``, streamed over one or several routers of the same width E.
+
+    ``f_e``: fraction of (real) token-slots routed to e (Σ_e f_e = K); ``P̄_e``: mean router probability of
+    e; both pooled over what was added. The model's MoE loss adds every MoE layer through ``add(logits)``:
+    transformers' ``load_balancing_loss_func`` (softmax in the logits' dtype, top-k recomputed from it,
+    ``norm_topk_prob`` ignored). A LoRA-MoE adds its own routing (``add_routing``) and is its own pool
+    (DMEP's per-module loss).
+    """
+
+    def __init__(self, num_experts: int, top_k: int, mask: torch.Tensor | None):
+        self.E, self.K = num_experts, top_k
+        self.mask = None if mask is None else mask.reshape(-1, 1).float()  # (N, 1)
+        self.slots = self.probs = self.tokens = 0
+
+    def add(self, logits: torch.Tensor) -> None:
+        probs = torch.softmax(logits, dim=-1)  # (N, E), in the logits' dtype as transformers does
+        self.add_routing(probs, torch.topk(probs, self.K, dim=-1).indices)
+
+    def add_routing(self, probs: torch.Tensor, experts: torch.Tensor) -> None:
+        """``probs (N, E)`` router probabilities (in the graph), ``experts (N, K)`` the chosen ones."""
+        K = experts.shape[-1]
+        m = torch.ones(probs.shape[0], 1, device=probs.device) if self.mask is None else self.mask.to(probs.device)
+        slots = torch.zeros(self.E, device=probs.device).scatter_add_(
+            0, experts.reshape(-1), m.expand(-1, K).reshape(-1))
+        self.slots = self.slots + slots
+        self.probs = self.probs + (probs.float() * m).sum(0)
+        self.tokens = self.tokens + m.sum()
+
+    def value(self) -> torch.Tensor:
+        tokens = self.tokens.clamp_min(1.0)  # no real token: 0, not NaN
+        return self.E * torch.sum((self.slots / tokens) * (self.probs / tokens))
