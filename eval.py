@@ -2,11 +2,13 @@
 
     python eval.py --adapter runs/epng/adapter --task tiny-arith   # base model read from the adapter
     python eval.py --model weights/olmoe-math --task gsm8k --data gsm8k_test.jsonl --limit 200
-    python eval.py --model Qwen/Qwen1.5-MoE-A2.7B --task humaneval --data HumanEval.jsonl --n 10 --temperature 0.7 --k 1 10
+    python eval.py --model Qwen/Qwen1.5-MoE-A2.7B --task humaneval --data HumanEval.jsonl --n 10 \\
+        --temperature 0.7 --k 1 10
     python eval.py --task humaneval --data HumanEval.jsonl --completions other_tool_samples.jsonl   # no model
 
-Tasks: gsm8k, math, mc (ScienceQA/OpenBookQA/ARC/BoolQ-style, --mc-mode loglik|letter), humaneval, mbpp
-(pass@k, programs run in a sandboxed subprocess), perplexity, tiny-arith (built-in test split).
+The tasks (listed below) are the objects of minimoe.tasks' registry: this command asks the chosen one
+for its rows, prompts, grader, metric and way of scoring (generation, option log-likelihood, perplexity),
+and adds its own options (mc: --mc-mode loglik|letter). Code tasks run programs in a sandboxed subprocess.
 Writes OUT/summary.json (scores and the decoding settings) and OUT/samples.jsonl (one line per sample).
 """
 
@@ -17,29 +19,28 @@ import json
 import sys
 from pathlib import Path
 
-from minimoe.evaluation import (
-    TASKS,
-    Decoding,
-    generate_all,
-    grade,
-    mc_loglik,
-    perplexity,
-    read_rows,
-    task_prompt,
-    task_rows,
-    write_results,
-)
+from minimoe.evaluation import Decoding, grade, read_rows, run_task, task_rows, write_results
 from minimoe.files import atomic_dir, check_destination
+from minimoe.tasks import TASKS, Task, get_task
+
+
+def task_list() -> str:
+    """The end of --help: each registered task with its one-line description."""
+    width = max(map(len, TASKS))
+    return "tasks:\n" + "\n".join(f"  {name:<{width}}  {task.description}" for name, task in TASKS.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line; --task's choices, the task list and the tasks' own options come from the registry
+    (built at each call, so a task registered after import is offered too)."""
+    p = argparse.ArgumentParser(description=__doc__, epilog=task_list(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Hub id or checkpoint directory (base model or merged export); "
                    "with --adapter, defaults to the base the adapter records")
     p.add_argument("--adapter", help="a minimoe adapter directory to load onto --model")
     p.add_argument("--no-check-base", action="store_true",
                    help="load --adapter even if --model is not the base it was saved on")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=list(TASKS), help="the benchmark (tasks: below)")
     p.add_argument("--data", help="the task's JSONL file (text file for perplexity)")
     p.add_argument("--limit", type=int, help="score only the first N problems")
     p.add_argument("--out", type=Path, help="output directory (default runs/eval/<what>/<task>, <what> the run "
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
-    p.add_argument("--mc-mode", choices=["loglik", "letter"], default="loglik", help="multiple-choice scoring")
+    for task in TASKS.values():
+        task.add_arguments(p)  # mc: --mc-mode
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program (default 10)")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -100,17 +102,16 @@ def main(argv=None) -> int:
         return 2
     dec = Decoding(args.max_new_tokens, args.n, args.temperature, args.top_p, args.batch_size, args.seed)
     try:
-        rows = task_rows(args.task, args.data, args.limit)
+        task = get_task(args.task).configure(args)
+        rows = task_rows(task, args.data, args.limit)
         if args.completions:
-            if args.task == "perplexity" or (args.task == "mc" and args.mc_mode != "letter"):
-                raise ValueError(f"--completions cannot score {args.task} by log-likelihood "
-                                 "(use --mc-mode letter for multiple choice)")
-            summary, records = grade(args.task, rows, load_completions(args.completions, rows), args.k,
+            task.check_completions()
+            summary, records = grade(task, rows, load_completions(args.completions, rows), args.k,
                                      args.timeout, args.memory_mb)
             summary.update(task=args.task, completions=str(args.completions))
             dec = None
         else:
-            summary, records = run_model(args, rows, dec)
+            summary, records = run_model(args, task, rows, dec)
         with atomic_dir(out, args.overwrite, flag="--overwrite") as tmp:
             write_results(tmp, summary, records, dec)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
@@ -121,7 +122,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_model(args, rows, dec: Decoding) -> tuple[dict, list[dict]]:
+def run_model(args, task: Task, rows, dec: Decoding) -> tuple[dict, list[dict]]:
+    """Load --model (and --adapter) and score it on the task the way the task is scored."""
     import torch
 
     import minimoe
@@ -138,13 +140,7 @@ def run_model(args, rows, dec: Decoding) -> tuple[dict, list[dict]]:
         model.load_adapter(args.adapter, check_base=not args.no_check_base)
     model.eval()
     tok = minimoe.load_tokenizer(args.model)
-    if args.task == "perplexity":
-        summary, records = perplexity(model, tok, rows)
-    elif args.task == "mc" and args.mc_mode == "loglik":
-        summary, records = mc_loglik(model, tok, rows)
-    else:
-        completions = generate_all(model, tok, [task_prompt(args.task, r, tok) for r in rows], dec)
-        summary, records = grade(args.task, rows, completions, args.k, args.timeout, args.memory_mb)
+    summary, records = run_task(task, model, tok, rows, dec, args.k, args.timeout, args.memory_mb)
     summary.update(task=args.task, model=args.model, adapter=args.adapter, data=args.data)
     return summary, records
 

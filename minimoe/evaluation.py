@@ -1,14 +1,11 @@
 """Task runners behind ``eval.py``: generate (batched, KV cache) or score log-likelihoods, then grade.
 
-Tasks and metrics (the papers'):
-    gsm8k       exact match of the final number (``question``/``answer`` rows)
-    math        exact match of the normalised ``\\boxed{}`` answer (``problem``/``solution`` rows)
-    mc          multiple choice (``question``, ``choices``, ``answer`` index or letter), by option
-                log-likelihood (``--mc-mode loglik``) or by generated letter (``letter``)
-    humaneval   pass@k (``task_id``, ``prompt``, ``test``, ``entry_point``), programs run in a sandbox
-    mbpp        pass@k (``task_id``, ``text``, ``test_list``[, ``test_setup_code``])
-    perplexity  exp(mean token NLL) over a JSONL (``text`` or prompt/response) or plain-text file
-    tiny-arith  GSM8K exact match on the built-in test split
+The tasks and their metrics (gsm8k, math, mc, humaneval, mbpp, perplexity, tiny-arith) are listed in
+:mod:`minimoe.tasks`, one object per task in its registry: where its rows come from, its prompt, its
+grader, its summary metric and which runner scores it (``Task.scoring``). This module holds what the tasks
+share (decoding settings, batched generation, option log-likelihoods, perplexity, the grading loop, the
+result files) and the functions ``train.py`` and ``eval.py`` call with a task's name, which look the task
+up in the registry. It imports :mod:`minimoe.tasks`, never the other way round.
 Every run records its decoding settings; per-sample records go to ``samples.jsonl``.
 """
 
@@ -16,22 +13,35 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .data import prompt_text, tiny_arith_split
-from .sandbox import humaneval_program, mbpp_program, run_program
-from .scoring import extract_choice, gsm8k_correct, math_correct, pass_at_k
+from .data import prompt_text
+from .tasks import CODE_STOPS, GENERATE, OPTION_LOGLIK, PERPLEXITY, Task, get_task, read_rows
+from .tasks import TASKS as _REGISTRY
 
-TASKS = ("gsm8k", "math", "mc", "humaneval", "mbpp", "perplexity", "tiny-arith")
-CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
+__all__ = ["CODE_STOPS", "Decoding", "clean_code", "generate_all", "grade", "mc_loglik", "option_loglik",
+           "perplexity", "read_rows", "run_task", "task_prompt", "task_rows", "write_results"]
+
+
+def __getattr__(name: str):
+    # TASKS: the registered names, read at each access so a task registered later is among them
+    if name == "TASKS":
+        return tuple(_REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _task(task: str | Task) -> Task:
+    """A task object from its name (through the registry), or the object itself (e.g. a configured one)."""
+    return task if isinstance(task, Task) else get_task(task)
 
 
 @dataclass
 class Decoding:
+    """The sampling settings of a run, written into its summary.json so a score says how it was produced."""
+
     max_new_tokens: int = 256
     n: int = 1  # samples per problem (pass@k needs n >= k)
     temperature: float = 0.0  # 0 = greedy
@@ -40,50 +50,27 @@ class Decoding:
     seed: int = 0
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    rows = []
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+def task_rows(task: str | Task, data: str | None, limit: int | None) -> list[dict]:
+    """The problems of a task (``Task.rows``: a built-in split, or ``--data``), the first ``limit`` if given.
 
-
-def task_rows(task: str, data: str | None, limit: int | None) -> list[dict]:
-    """The problems of a task: the built-in split for tiny-arith, else ``--data``."""
-    if task == "tiny-arith":
-        rows = [{"question": q, "answer": a} for q, a in tiny_arith_split("test")]
-    elif data is None:
-        raise ValueError(f"task {task} needs --data FILE (no benchmark data is downloaded)")
-    elif task == "perplexity" and not str(data).endswith(".jsonl"):
-        rows = [{"text": Path(data).read_text(encoding="utf-8")}]
-    else:
-        rows = read_rows(data)
+    Args:
+        task: a registered task's name, or a task object.
+        data: the ``--data`` path, or None.
+        limit: score only the first ``limit`` problems (None or 0: all).
+    """
+    rows = _task(task).rows(data)
     return rows[:limit] if limit else rows
 
 
-def task_prompt(task: str, row: dict, tok) -> str:
-    if task in ("gsm8k", "tiny-arith"):
-        return prompt_text(tok, row["question"])
-    if task == "math":
-        return prompt_text(tok, row["problem"])
-    if task == "humaneval":
-        return row["prompt"]
-    if task == "mbpp":
-        tests = "\n".join(row.get("test_list", []))
-        return prompt_text(tok, f"{row['text']}\nYour code should pass these tests:\n{tests}")
-    if task == "mc":
-        letters = "ABCDEFGHIJ"
-        options = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(row["choices"]))
-        return prompt_text(tok, f"{row['question']}\n{options}\nAnswer with the letter of the correct option.")
-    raise ValueError(task)
+def task_prompt(task: str | Task, row: dict, tok) -> str:
+    """The prompt the model continues for ``row`` (``Task.prompt``).
+
+    Args:
+        task: a registered task's name, or a task object.
+        row: one problem of :func:`task_rows`.
+        tok: the model's tokenizer (prompts are formatted the way training formats them).
+    """
+    return _task(task).prompt(row, tok)
 
 
 @torch.no_grad()
@@ -109,53 +96,71 @@ def generate_all(model, tok, prompts: list[str], dec: Decoding, progress: bool =
     return out
 
 
-def clean_code(task: str, completion: str) -> str:
-    """The program text of a completion: a fenced block's content when there is one (any info string:
-    ```python, ```py, ```Python, ```), else for HumanEval the text up to the first stop sequence."""
-    block = re.search(r"```[^\n]*\n(.*?)(?:```|$)", completion, re.S)
-    if block:
-        return block.group(1)
-    if task == "mbpp":
-        return completion
-    cut = min([completion.find(s) for s in CODE_STOPS if s in completion] or [len(completion)])
-    return completion[:cut]
+def clean_code(task: str | Task, completion: str) -> str:
+    """The program text of a code task's completion (``CodeTask.code``): a fenced block's content when there
+    is one (any info string: ```python, ```py, ```Python, ```), else for HumanEval the text up to the first
+    stop sequence (MBPP keeps the whole completion)."""
+    return _task(task).code(completion)
 
 
-def grade(task: str, rows: list[dict], completions: list[list[str]], ks=(1, 10), timeout: float = 10.0,
+def grade(task: str | Task, rows: list[dict], completions: list[list[str]], ks=(1, 10), timeout: float = 10.0,
           memory_mb: int = 1024) -> tuple[dict, list[dict]]:
-    """Score completions (``completions[i]`` are problem i's samples). Returns (summary, per-sample records)."""
+    """Score completions with the task's grader and summarise them with its metric.
+
+    Args:
+        task: a registered task's name, or a task object.
+        rows: the problems.
+        completions: ``completions[i]`` are problem i's samples.
+        ks: pass@k values (code tasks; those above the samples per problem are left out).
+        timeout: seconds per generated program (code tasks).
+        memory_mb: address-space limit per generated program (code tasks).
+
+    Returns:
+        (summary, per-sample records): ``{"problems": N, **metric}`` and, per sample, its index, sample
+        number, task_id and completion, then the task's grading fields (``correct`` last).
+    """
+    task = _task(task)
     records, per_problem = [], []
     for row, samples in zip(rows, completions):
         correct = []
         for j, c in enumerate(samples):
             rec = {"index": len(per_problem), "sample": j, "task_id": row.get("task_id"), "completion": c}
-            if task in ("gsm8k", "tiny-arith"):
-                ok = gsm8k_correct(c, str(row["answer"]))
-            elif task == "math":
-                ok = math_correct(c, row.get("answer") or row["solution"])
-            elif task == "mc":
-                want = row["answer"] if isinstance(row["answer"], str) else "ABCDEFGHIJ"[row["answer"]]
-                ok = extract_choice(c, "ABCDEFGHIJ"[:len(row["choices"])]) == want
-            else:
-                code = clean_code(task, c)
-                program = humaneval_program(row, code) if task == "humaneval" else mbpp_program(row, code)
-                result = run_program(program, timeout, memory_mb)
-                ok = result.passed
-                rec.update(status=result.status, detail=result.detail[-300:])
-            rec["correct"] = bool(ok)
-            correct.append(bool(ok))
+            fields = dict(task.grade_sample(row, c, timeout=timeout, memory_mb=memory_mb))
+            ok = bool(fields.pop("correct"))
+            rec.update(fields, correct=ok)
+            correct.append(ok)
             records.append(rec)
         per_problem.append(correct)
-    if task in ("humaneval", "mbpp"):
-        n = min(len(c) for c in per_problem)
-        scores = {f"pass@{k}": sum(pass_at_k(len(c), sum(c), k) for c in per_problem) / len(per_problem)
-                  for k in ks if k <= n}
-        if not scores:
-            raise ValueError(f"pass@k needs n >= k samples per problem; got n={n}, k={list(ks)}")
-    else:
-        # with n > 1 samples per problem: the mean over all samples (greedy n = 1 is the papers' setting)
-        scores = {"exact_match": sum(sum(c) / len(c) for c in per_problem) / len(per_problem)}
-    return {"problems": len(per_problem), **scores}, records
+    return {"problems": len(per_problem), **task.summarize(per_problem, ks)}, records
+
+
+def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(1, 10), timeout: float = 10.0,
+             memory_mb: int = 1024) -> tuple[dict, list[dict]]:
+    """Score a model on a task the way the task says (``Task.scoring``): generate and grade, compare the
+    options' log-likelihoods, or measure perplexity.
+
+    Args:
+        task: a registered task's name, or a (configured) task object.
+        model: the model, in eval mode.
+        tok: its tokenizer.
+        rows: the problems (:func:`task_rows`).
+        dec: decoding settings of generated answers.
+        ks: pass@k values (code tasks).
+        timeout: seconds per generated program (code tasks).
+        memory_mb: address-space limit per generated program (code tasks).
+
+    Returns:
+        (summary, per-sample records), as written by :func:`write_results`.
+    """
+    task = _task(task)
+    if task.scoring == PERPLEXITY:
+        return perplexity(model, tok, rows)
+    if task.scoring == OPTION_LOGLIK:
+        return mc_loglik(model, tok, rows)
+    if task.scoring != GENERATE:
+        raise ValueError(f"task {task.name}: unknown scoring {task.scoring!r}")
+    completions = generate_all(model, tok, [task.prompt(r, tok) for r in rows], dec)
+    return grade(task, rows, completions, ks, timeout, memory_mb)
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ import train  # noqa: E402
 HUMANEVAL = [
     {"task_id": "T/0", "entry_point": "add", "prompt": "def add(a, b):\n",
      "test": "def check(f):\n    assert f(2, 3) == 5\n"},
-    {"task_id": "T/1", "entry_point": "neg", "prompt": "def neg(a):\n", "test": "def check(f):\n    assert f(2) == -2\n"},
+    {"task_id": "T/1", "entry_point": "neg", "prompt": "def neg(a):\n",
+     "test": "def check(f):\n    assert f(2) == -2\n"},
 ]
 
 
@@ -168,3 +169,66 @@ def test_default_out_is_per_thing_evaluated_and_checked_before_evaluating(tmp_pa
     monkeypatch.setattr(evaluate, "run_model", lambda *a: pytest.fail("evaluated into an existing directory"))
     assert evaluate.main(["--adapter", str(run / "adapter"), "--task", "tiny-arith"]) == 2
     assert "runs/eval/myrun/tiny-arith already exists; pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.fixture
+def reverse_task():
+    """A toy benchmark, registered for one test: adding a task is a subclass and one register() call."""
+    from minimoe.tasks import TASKS, Task, register
+
+    class Reverse(Task):
+        def prompt(self, row, tok):
+            return f"Reverse: {row['text']}"
+
+        def correct(self, row, completion):
+            return completion.strip() == row["text"][::-1]
+
+    task = register(Reverse("reverse", "reverse a string (text rows), exact match"))
+    try:
+        yield task
+    finally:
+        del TASKS["reverse"]
+
+
+def test_a_registered_task_is_scored_by_eval_py(tmp_path, reverse_task, capsys):
+    from minimoe.evaluation import TASKS, task_prompt
+    from minimoe.tasks import register
+
+    assert "reverse" in TASKS and task_prompt("reverse", {"text": "ab"}, None) == "Reverse: ab"
+    assert "reverse a string" in evaluate.build_parser().format_help()
+    with pytest.raises(ValueError, match="already registered"):
+        register(reverse_task)
+    data = _jsonl(tmp_path / "rev.jsonl", [{"text": "abc"}, {"text": "moe"}])
+    comp = _jsonl(tmp_path / "c.jsonl", [{"index": 0, "completion": "cba\n"}, {"index": 1, "completion": "moe"}])
+    assert evaluate.main(["--task", "reverse", "--data", str(data), "--completions", str(comp),
+                          "--out", str(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r/summary.json").read_text())
+    assert summary == {"problems": 2, "exact_match": 0.5, "task": "reverse", "completions": str(comp)}
+    records = [json.loads(line) for line in (tmp_path / "r/samples.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["completion"], r["correct"]) for r in records] == [(0, "cba\n", True), (1, "moe", False)]
+    # tasks scored by log-likelihood say so; multiple choice in letter mode grades completions
+    mc = _jsonl(tmp_path / "mc.jsonl", [{"question": "Sky?", "choices": ["blue", "green"], "answer": 0}])
+    letters = _jsonl(tmp_path / "l.jsonl", [{"index": 0, "completion": "The answer is (A)."}])
+    assert evaluate.main(["--task", "mc", "--data", str(mc), "--completions", str(letters),
+                          "--out", str(tmp_path / "m")]) == 2
+    assert "use --mc-mode letter" in capsys.readouterr().err
+    assert evaluate.main(["--task", "mc", "--data", str(mc), "--completions", str(letters), "--mc-mode", "letter",
+                          "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m/summary.json").read_text())["exact_match"] == 1.0
+    assert evaluate.main(["--task", "perplexity", "--data", str(mc), "--completions", str(letters),
+                          "--out", str(tmp_path / "p")]) == 2
+    assert "cannot score perplexity" in capsys.readouterr().err
+
+
+def test_the_registry_holds_the_builtin_tasks_in_order():
+    """What eval.py offers; also checks that a test's toy task was taken out again."""
+    from minimoe import evaluation, tasks
+
+    names = ("gsm8k", "math", "mc", "humaneval", "mbpp", "perplexity", "tiny-arith")
+    assert evaluation.TASKS == names and tuple(tasks.TASKS) == names
+    assert all(tasks.TASKS[n].name == n and tasks.TASKS[n].description for n in names)
+    scoring = {n: t.scoring for n, t in tasks.TASKS.items()}
+    assert scoring == dict.fromkeys(names, tasks.GENERATE) | {"mc": tasks.OPTION_LOGLIK,
+                                                              "perplexity": tasks.PERPLEXITY}
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        evaluation.task_rows("nope", None, None)

@@ -1,0 +1,340 @@
+"""The benchmarks of ``eval.py``, one object per task, in a registry that ``eval.py`` and
+:mod:`minimoe.evaluation` look tasks up in by name.
+
+Tasks and metrics (the papers'):
+    gsm8k       exact match of the final number (``question``/``answer`` rows)
+    math        exact match of the normalised ``\\boxed{}`` answer (``problem``/``solution`` rows)
+    mc          multiple choice (``question``, ``choices``, ``answer`` index or letter), by option
+                log-likelihood (``--mc-mode loglik``) or by generated letter (``letter``)
+    humaneval   pass@k (``task_id``, ``prompt``, ``test``, ``entry_point``), programs run in a sandbox
+    mbpp        pass@k (``task_id``, ``text``, ``test_list``[, ``test_setup_code``])
+    perplexity  exp(mean token NLL) over a JSONL (``text`` or prompt/response) or plain-text file
+    tiny-arith  GSM8K exact match on the built-in test split
+
+Everything that differs between benchmarks (where the rows come from, the prompt, the grader, the
+summary metric, and whether the model generates, scores options or is measured by perplexity) is a
+method of its :class:`Task`, so the runners dispatch on none of the names and adding a benchmark is one
+subclass and one :func:`register` call::
+
+    class Reverse(Task):
+        def prompt(self, row, tok):
+            return row["text"]
+
+        def correct(self, row, completion):
+            return completion.strip() == row["text"][::-1]
+
+    register(Reverse("reverse", "reverse a string (text rows), exact match"))
+
+This module imports no model code and never :mod:`minimoe.evaluation` (which imports it), so there is
+no import cycle: what runs a model (generation, log-likelihoods, perplexity) stays there, and a task
+only names which of those scores it (:attr:`Task.scoring`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from .data import prompt_text, tiny_arith_split
+from .sandbox import humaneval_program, mbpp_program, run_program
+from .scoring import extract_choice, gsm8k_correct, math_correct, pass_at_k
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+# How a task is scored with a model (Task.scoring): the runners of minimoe.evaluation behind each.
+GENERATE = "generate"  # sample completions, then grade each one (the only kind --completions can score)
+OPTION_LOGLIK = "option-loglik"  # the log-likelihood of each option (mc rows: question, choices, answer)
+PERPLEXITY = "perplexity"  # exp(mean token NLL) of the documents
+
+LETTERS = "ABCDEFGHIJ"  # option letters of multiple choice
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSONL file; a missing, malformed or empty file is an error naming it.
+
+    Args:
+        path: the JSONL file (one object per line; blank lines are skipped).
+    """
+    rows = []
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark: its rows, prompts, grader, summary metric and how a model is scored on it.
+
+    The defaults are those of a generated-answer, exact-match benchmark read from ``--data``: a subclass
+    defines :meth:`prompt` and :meth:`correct` and overrides the rest only where it differs. Instances are
+    frozen (the registry's objects are shared); an option of the command line reaches a task through
+    :meth:`add_arguments` and :meth:`configure`, which returns a configured copy.
+
+    Args:
+        name: the ``--task`` name and registry key.
+        description: one line for ``eval.py --help`` (metric and row fields).
+    """
+
+    name: str
+    description: str
+
+    @property
+    def scoring(self) -> str:
+        """How a model is scored: ``GENERATE`` (then :meth:`grade_sample`), ``OPTION_LOGLIK`` or ``PERPLEXITY``."""
+        return GENERATE
+
+    def rows(self, data: str | None) -> list[dict]:
+        """The problems, from the ``--data`` JSONL file, which is required: no benchmark data is downloaded.
+
+        Args:
+            data: the ``--data`` path, or None when it was not given.
+        """
+        if data is None:
+            raise ValueError(f"task {self.name} needs --data FILE (no benchmark data is downloaded)")
+        return read_rows(data)
+
+    def prompt(self, row: dict, tok: Tokenizer) -> str:
+        """The text the model continues for ``row`` (formatted the way training formats prompts)."""
+        raise NotImplementedError(f"task {self.name} defines no prompt()")
+
+    def correct(self, row: dict, completion: str) -> bool:
+        """Whether ``completion`` answers ``row`` (what the default :meth:`grade_sample` records)."""
+        raise NotImplementedError(f"task {self.name} defines no correct()")
+
+    def grade_sample(self, row: dict, completion: str, *, timeout: float = 10.0, memory_mb: int = 1024) -> dict:
+        """The grading fields of one sample's record: ``correct`` and any others (code adds ``status`` and
+        ``detail``), in the order they are written to ``samples.jsonl`` (``correct`` always last).
+
+        Args:
+            row: the problem.
+            completion: one generated (or ``--completions``) sample for it.
+            timeout: seconds a generated program may run (code tasks).
+            memory_mb: address-space limit of a generated program (code tasks).
+        """
+        return {"correct": self.correct(row, completion)}
+
+    def summarize(self, per_problem: list[list[bool]], ks=(1, 10)) -> dict:
+        """The metric over problems from each problem's per-sample correctness: exact match, which with
+        n > 1 samples per problem is the mean over all samples (greedy n = 1 is the papers' setting).
+
+        Args:
+            per_problem: ``per_problem[i][j]``: whether sample j of problem i is correct.
+            ks: the pass@k values asked for (unused by exact match).
+        """
+        return {"exact_match": sum(sum(c) / len(c) for c in per_problem) / len(per_problem)}
+
+    def check_completions(self) -> None:
+        """Raise ValueError if completions from another tool cannot be scored: only generated answers can
+        be graded without the model, log-likelihoods and perplexity need it."""
+        if self.scoring != GENERATE:
+            raise ValueError(f"--completions cannot score {self.name} by log-likelihood")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add the task's own command-line options to ``eval.py``'s parser (none by default)."""
+
+    def configure(self, args: argparse.Namespace) -> Task:
+        """This task with its options of :meth:`add_arguments` taken from ``args`` (itself by default)."""
+        return self
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add a benchmark to the registry: ``eval.py --task`` (choices and help) and the functions of
+    :mod:`minimoe.evaluation` find it by name. A name is registered once (no silent replacement).
+
+    Args:
+        task: the task object; returned, so registration can sit where the object is made.
+    """
+    if not isinstance(task, Task):
+        raise TypeError(f"register() takes a Task, got {type(task).__name__}")
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name``; an unknown name is a ValueError listing the known ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})") from None
+
+
+class GSM8K(Task):
+    """Exact match of the final number (``question``/``answer`` rows; the answer a solution or a number)."""
+
+    def prompt(self, row, tok):
+        return prompt_text(tok, row["question"])
+
+    def correct(self, row, completion):
+        return gsm8k_correct(completion, str(row["answer"]))
+
+
+class TinyArith(GSM8K):
+    """GSM8K-style grading on the built-in test split (``--data`` is not needed, and not read)."""
+
+    def rows(self, data):
+        return [{"question": q, "answer": a} for q, a in tiny_arith_split("test")]
+
+
+class Math(Task):
+    """Exact match of the normalised last ``\\boxed{}`` against the row's ``answer`` or its solution's box."""
+
+    def prompt(self, row, tok):
+        return prompt_text(tok, row["problem"])
+
+    def correct(self, row, completion):
+        return math_correct(completion, row.get("answer") or row["solution"])
+
+
+@dataclass(frozen=True)
+class MultipleChoice(Task):
+    """Multiple choice scored by option log-likelihood (``mode="loglik"``: the model is not asked to write
+    anything) or by the letter it generates (``"letter"``: a prompt listing the options, then graded).
+
+    The mode is the task's own option ``--mc-mode``: :meth:`add_arguments` declares it and
+    :meth:`configure` returns the task in the chosen mode. The registered object keeps the default mode;
+    grading a completion does not depend on the mode (a completion is always a letter answer).
+
+    Args:
+        mode: ``"loglik"`` or ``"letter"``.
+    """
+
+    mode: str = "loglik"
+    MODES: ClassVar[tuple[str, ...]] = ("loglik", "letter")
+
+    def __post_init__(self):
+        if self.mode not in self.MODES:
+            raise ValueError(f"multiple-choice mode {self.mode!r} is not one of {', '.join(self.MODES)}")
+
+    @property
+    def scoring(self):
+        return OPTION_LOGLIK if self.mode == "loglik" else GENERATE
+
+    def prompt(self, row, tok):
+        options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
+        return prompt_text(tok, f"{row['question']}\n{options}\nAnswer with the letter of the correct option.")
+
+    def correct(self, row, completion):
+        want = row["answer"] if isinstance(row["answer"], str) else LETTERS[row["answer"]]
+        return extract_choice(completion, LETTERS[:len(row["choices"])]) == want
+
+    def check_completions(self):
+        if self.scoring != GENERATE:
+            raise ValueError(f"--completions cannot score {self.name} by log-likelihood "
+                             "(use --mc-mode letter for multiple choice)")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--mc-mode", choices=self.MODES, default=self.mode,
+                            help=f"multiple-choice scoring (default {self.mode})")
+
+    def configure(self, args):
+        return replace(self, mode=getattr(args, "mc_mode", self.mode))
+
+
+@dataclass(frozen=True)
+class CodeTask(Task):
+    """Generated programs run against the problem's tests in a sandboxed child process; pass@k.
+
+    Args:
+        stops: without a fenced block, the completion is cut at the first of these (HumanEval's
+            completions continue a function body; MBPP's are whole programs and are kept whole).
+    """
+
+    stops: tuple[str, ...] = ()
+
+    def program(self, row: dict, code: str) -> str:
+        """The program to run: the problem's code around ``code``, then its tests."""
+        raise NotImplementedError(f"task {self.name} defines no program()")
+
+    def code(self, completion: str) -> str:
+        """The program text of a completion: a fenced block's content when there is one (any info string:
+        ```python, ```py, ```Python, ```), else the text up to the first of :attr:`stops`."""
+        block = re.search(r"```[^\n]*\n(.*?)(?:```|$)", completion, re.DOTALL)
+        if block:
+            return block.group(1)
+        cut = min([completion.find(s) for s in self.stops if s in completion] or [len(completion)])
+        return completion[:cut]
+
+    def grade_sample(self, row, completion, *, timeout=10.0, memory_mb=1024):
+        result = run_program(self.program(row, self.code(completion)), timeout, memory_mb)
+        return {"status": result.status, "detail": result.detail[-300:], "correct": result.passed}
+
+    def summarize(self, per_problem, ks=(1, 10)):
+        """Unbiased pass@k for each k <= n (the fewest samples of any problem); none is an error."""
+        n = min(len(c) for c in per_problem)
+        scores = {f"pass@{k}": sum(pass_at_k(len(c), sum(c), k) for c in per_problem) / len(per_problem)
+                  for k in ks if k <= n}
+        if not scores:
+            raise ValueError(f"pass@k needs n >= k samples per problem; got n={n}, k={list(ks)}")
+        return scores
+
+
+class HumanEval(CodeTask):
+    """The prompt is the function's signature and docstring; the program is prompt + body + ``check``."""
+
+    def prompt(self, row, tok):
+        return row["prompt"]
+
+    def program(self, row, code):
+        return humaneval_program(row, code)
+
+
+class MBPP(CodeTask):
+    """The prompt is the description and the asserts; the program is the code, setup, imports, asserts."""
+
+    def prompt(self, row, tok):
+        tests = "\n".join(row.get("test_list", []))
+        return prompt_text(tok, f"{row['text']}\nYour code should pass these tests:\n{tests}")
+
+    def program(self, row, code):
+        return mbpp_program(row, code)
+
+
+class Perplexity(Task):
+    """Perplexity of the documents: a JSONL file (``text`` or prompt/response rows) or any other file as
+    one plain-text document. Nothing is generated, so there are no prompts and nothing to grade."""
+
+    @property
+    def scoring(self):
+        return PERPLEXITY
+
+    def rows(self, data):
+        if data is not None and not str(data).endswith(".jsonl"):
+            return [{"text": Path(data).read_text(encoding="utf-8")}]
+        return super().rows(data)
+
+    def prompt(self, row, tok):
+        raise ValueError(f"task {self.name} is scored by perplexity: it has no prompts")
+
+    def grade_sample(self, row, completion, *, timeout=10.0, memory_mb=1024):
+        raise ValueError(f"task {self.name} is scored by perplexity: it has no completions to grade")
+
+
+register(GSM8K("gsm8k", "exact match of the final number (question/answer rows)"))
+register(Math("math", "exact match of the normalised \\boxed{} answer (problem/solution rows)"))
+register(MultipleChoice("mc", "multiple choice, ARC/ScienceQA-style (question, choices, answer index or letter); "
+                              "--mc-mode loglik|letter"))
+register(HumanEval("humaneval", "pass@k (task_id, prompt, test, entry_point), programs run in a sandbox",
+                   stops=CODE_STOPS))
+register(MBPP("mbpp", "pass@k (task_id, text, test_list[, test_setup_code]), programs run in a sandbox"))
+register(Perplexity("perplexity", "exp(mean token NLL) over a JSONL (text or prompt/response) or text file"))
+register(TinyArith("tiny-arith", "GSM8K exact match on the built-in test split (no --data)"))
