@@ -1,11 +1,14 @@
 """minimoe: fine-tune Mixture-of-Experts LMs with adapters that change shape while they train."""
 
-from .adapter_io import AdapterError, save_adapter
+from .adapter_base import Adapter, AdapterError
+from .adapter_io import save_adapter
 from .config import PRESETS, ModelConfig, preset
 from .generate import KVCache, generate
 from .hf import CheckpointError, from_pretrained
-from .lora import LoRALinear, ResizableLoRAExpert
+from .expert_lora import ResizableLoRAExpert
+from .lora import LoRALinear
 from .lora_moe import PrunableLoRAMoE
+from .selected_experts import SelectedExperts
 from .model import CausalLM, ModelOutput
 from .routing import RouterOutput
 from .stats import RoutingStats
@@ -14,7 +17,7 @@ from .tokenizer import Tokenizer, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterError", "export_merged", "export_peft", "save_adapter",
+    "Adapter", "AdapterError", "SelectedExperts", "export_merged", "export_peft", "save_adapter",
     "CausalLM", "CheckpointError", "KVCache", "LoRALinear", "ModelConfig", "ModelOutput", "PRESETS",
     "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput", "RoutingStats",
     "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "preset",

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from . import optim
-from .lora import LoRALinear, ResizableLoRAExpert
+from .adapter_base import adapters_of, replace_module
+from .expert_lora import ResizableLoRAExpert
+from .lora import LoRALinear
 from .lora_moe import PrunableLoRAMoE
 from .moe import SparseMoeBlock, StackedLinear
 
 EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
-ADAPTERS = (LoRALinear, ResizableLoRAExpert, PrunableLoRAMoE)
 
 
 def _plain_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -28,17 +29,12 @@ def _plain_linears(model: nn.Module) -> dict[str, nn.Linear]:
             if type(m) is nn.Linear and not name.endswith(("mlp.gate", "shared_expert_gate")) and name != "lm_head"}
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 class AdapterMixin:
     """Adapter methods of ``CausalLM``."""
 
     # --- attaching ---------------------------------------------------------------------------
     def _freeze_base(self) -> None:
-        adapter_ids = {id(p) for m in self.modules() if isinstance(m, ADAPTERS) for p in m.adapter_parameters()}
+        adapter_ids = {id(p) for m in adapters_of(self).values() for p in m.adapter_parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in adapter_ids)
 
@@ -58,7 +54,7 @@ class AdapterMixin:
         dense MLP, the shared expert). Returns the module names."""
         found = self._match_linears(targets, "add_lora")
         for name, linear in found.items():
-            _replace(self, name, LoRALinear(linear, rank, alpha, generator))
+            replace_module(self, name, LoRALinear(linear, rank, alpha, generator))
         self._freeze_base()
         return list(found)
 
@@ -96,7 +92,7 @@ class AdapterMixin:
         """``PrunableLoRAMoE`` (DMEP) on every dense linear whose name ends with a target."""
         found = self._match_linears(targets, "add_lora_moe")
         for name, linear in found.items():
-            _replace(self, name, PrunableLoRAMoE(linear, num_experts, top_k, rank, alpha, renormalize, generator))
+            replace_module(self, name, PrunableLoRAMoE(linear, num_experts, top_k, rank, alpha, renormalize, generator))
         self._freeze_base()
         return list(found)
 
@@ -117,10 +113,16 @@ class AdapterMixin:
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters of every adapter (LoRA A/B, LoRA-MoE routers), in module order."""
-        return [p for m in self.modules() if isinstance(m, ADAPTERS) for p in m.adapter_parameters()]
+        return [p for m in adapters_of(self).values() for p in m.adapter_parameters()]
 
     def num_adapter_parameters(self) -> int:
-        return sum(m.num_adapter_parameters() for m in self.modules() if isinstance(m, ADAPTERS))
+        return sum(m.num_adapter_parameters() for m in adapters_of(self).values())
+
+    def reset_adapter_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every adapter's own tensors, in module order, as attaching them would have (with the
+        same generator state): after a meta-device build, ``to_empty`` and loading the base weights."""
+        for m in adapters_of(self).values():
+            m.reset_adapter_parameters(generator)
 
     def expert_lora_ranks(self) -> dict[int, torch.Tensor]:
         """``{layer: LongTensor[num_experts]}`` (0 = no adapter). All targets of a layer share ranks
@@ -142,10 +144,15 @@ class AdapterMixin:
         return mods[layer]
 
     def prune_expert_lora(self, plan: dict[int, Iterable[int]], optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Remove the LoRA of the given experts (``{layer: [expert, ...]}``) on every adapted projection."""
+        """Remove the LoRA of the given experts (``{layer: [expert, ...]}``) on every adapted projection.
+        The whole plan is checked before anything changes."""
+        plan = {layer: list(experts) for layer, experts in plan.items()}
         for layer, experts in plan.items():
             for m in self._expert_targets(layer, "prune_expert_lora").values():
-                m.prune(list(experts), optimizer)
+                m.check_prune(experts)
+        for layer, experts in plan.items():
+            for m in self._expert_targets(layer, "prune_expert_lora").values():
+                m.prune(experts, optimizer)
 
     def grow_expert_lora(self, plan: dict[int, dict[int, int]], optimizer: torch.optim.Optimizer | None = None,
                          generator: torch.Generator | None = None) -> None:
@@ -177,11 +184,14 @@ class AdapterMixin:
                 m.shrink(dict(deltas), optimizer)
 
     def prune_lora_moe(self, plan: dict[str, Iterable[int]], optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Keep only the listed experts (current indices) of each LoRA-MoE module (``{path: [i, ...]}``)."""
+        """Keep only the listed experts (current indices) of each LoRA-MoE module (``{path: [i, ...]}``).
+        The whole plan is checked before anything changes."""
         mods = self.lora_moe_modules()
         unknown = [n for n in plan if n not in mods]
         if unknown:
             raise ValueError(f"prune_lora_moe: {unknown} are not LoRA-MoE modules; modules: {list(mods)}")
+        for name, keep in plan.items():
+            mods[name].check_prune(keep)
         for name, keep in plan.items():
             mods[name].prune_experts(keep, optimizer)
 

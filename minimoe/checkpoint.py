@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapter_base import Adapter, adapters_of, replace_module
 from .files import atomic_dir, previous_copy
-from .lora import ResizableLoRAExpert
-from .lora_moe import PrunableLoRAMoE
 
 CHECKPOINT = "checkpoint"
 
@@ -35,35 +34,44 @@ class CheckpointMismatch(ValueError):
 
 # --- adapter layout ---------------------------------------------------------------------------
 def adapter_layout(model) -> dict:
-    """Per-expert chunk sizes of every ResizableLoRAExpert and survivors of every LoRA-MoE."""
-    layout = {"expert_lora": {}, "lora_moe": {}}
-    for name, m in model.named_modules():
-        if isinstance(m, ResizableLoRAExpert):
-            layout["expert_lora"][name] = m.chunk_layout()
-        elif isinstance(m, PrunableLoRAMoE):
-            layout["lora_moe"][name] = {"expert_ids": m.expert_ids.tolist(), "top_k": m.top_k}
-    return layout
+    """Every adapter's ``spec()`` with its kind (the adapter files' spec: chunk sizes of expert LoRA,
+    survivors of LoRA-MoE, ESFT's selection, ...)."""
+    return {"adapters": {name: {"kind": m.kind, **m.spec()} for name, m in adapters_of(model).items()}}
+
+
+def _legacy_layout(model, layout: dict) -> dict:
+    """Layouts written before the adapter protocol: chunk sizes of expert LoRA and survivors of LoRA-MoE,
+    completed by the specs of the adapters the policy has just attached."""
+    modules = dict(model.named_modules())
+    specs = {}
+    for name, chunks in layout.get("expert_lora", {}).items():
+        m = modules.get(name)
+        base = m.spec() if isinstance(m, Adapter) else {}
+        specs[name] = {**base, "kind": "expert_lora", "chunks": chunks, "ranks": [sum(c) for c in chunks]}
+    for name, spec in layout.get("lora_moe", {}).items():
+        m = modules.get(name)
+        base = m.spec() if isinstance(m, Adapter) else {}
+        specs[name] = {**base, "kind": "lora_moe", **spec}
+    return {"adapters": specs}
 
 
 def apply_layout(model, layout: dict) -> None:
-    """Reshape freshly attached adapters to a saved layout (before loading the saved weights)."""
+    """Rebuild the adapters the policy attached to a saved layout (before loading the saved weights):
+    each is replaced by ``from_spec`` of the same kind on the same base."""
+    if "adapters" not in layout:
+        layout = _legacy_layout(model, layout)
     modules = dict(model.named_modules())
-    for name, chunks in layout.get("expert_lora", {}).items():
+    g = torch.Generator().manual_seed(0)  # the values are overwritten by the checkpoint's
+    for name, spec in layout["adapters"].items():
         m = modules.get(name)
-        if not isinstance(m, ResizableLoRAExpert):
-            raise CheckpointMismatch(f"checkpoint layout names expert LoRA {name}, which the model does not have")
-        m.set_chunk_layout(chunks)
-    for name, spec in layout.get("lora_moe", {}).items():
-        m = modules.get(name)
-        if not isinstance(m, PrunableLoRAMoE):
-            raise CheckpointMismatch(f"checkpoint layout names LoRA-MoE {name}, which the model does not have")
-        current = m.expert_ids.tolist()
-        missing = [i for i in spec["expert_ids"] if i not in current]
-        if missing:
-            raise CheckpointMismatch(f"{name}: saved experts {missing} are not in the model ({current})")
-        if spec["expert_ids"] != current:
-            m.prune_experts([current.index(i) for i in spec["expert_ids"]])
-        m.top_k = spec["top_k"]
+        if not isinstance(m, Adapter) or m.kind != spec["kind"]:
+            raise CheckpointMismatch(f"checkpoint layout names a {spec['kind']} adapter at {name}, which the model "
+                                     f"does not have ({type(m).__name__ if m is not None else 'no module'})")
+        spec, base = {k: v for k, v in spec.items() if k != "kind"}, m.base_module()
+        problem = type(m).check_spec(base, spec)
+        if problem:
+            raise CheckpointMismatch(f"checkpoint layout: the {m.kind} adapter at {name} {problem}")
+        replace_module(model, name, type(m).from_spec(base, spec, g))  # same base tensors, same requires_grad
 
 
 # --- optimizer state by name ------------------------------------------------------------------
@@ -148,9 +156,12 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Load weights, optimizer and scheduler (layout must already be applied); returns state.pt."""
     weights = load_file(str(ckpt / "model.safetensors"))
     current = model.state_dict()
-    # written before routing statistics left the modules: LoRA-MoE hard counts were a buffer ``{module}.counts``
-    legacy_counts = {k[:-len(".counts")]: weights.pop(k) for k in list(weights)
-                     if k.endswith(".counts") and k not in current}
+    # written before the adapter protocol: LoRA-MoE hard counts were a buffer ``{module}.counts`` (now the
+    # routing statistics'), survivors and ESFT's selection buffers ``.expert_ids`` / ``.selected`` (now layout)
+    legacy = [k for k in weights if k not in current and k.rsplit(".", 1)[-1] in ("counts", "expert_ids", "selected")]
+    legacy_counts = {k[:-len(".counts")]: weights.pop(k) for k in legacy if k.endswith(".counts")}
+    for k in legacy:
+        weights.pop(k, None)
     problems = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
                 for k, v in weights.items() if k in current and current[k].shape != v.shape]
     unknown = [k for k in weights if k not in current]

@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter_io import _ADAPTER_KEY, AdapterError, _selected_experts_cls, adapter_base_model
+from .adapter_base import AdapterError, adapters_of, base_state_dict
+from .adapter_io import adapter_base_model
 from .files import atomic_dir, check_destination
 from .hf import resolve, to_hub_state_dict
-from .lora import LoRALinear, ResizableLoRAExpert
-from .lora_moe import PrunableLoRAMoE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja")
@@ -41,28 +40,19 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """Base-named tensors with every mergeable adapter folded in (``W + s·B·A``, computed in fp32)."""
-    moe = [n for n, m in model.named_modules() if isinstance(m, PrunableLoRAMoE)]
-    if moe:
-        raise AdapterError(f"LoRA-MoE modules ({', '.join(moe[:3])}{' ...' if len(moe) > 3 else ''}) cannot be "
-                           "merged into dense weights: their routers choose experts per token. Save them in "
-                           "minimoe's native format with minimoe.save_adapter(model, dir) instead.")
-    state = {k: v for k, v in model.state_dict().items() if not _ADAPTER_KEY.search(k)}
-    selected_cls = _selected_experts_cls()
+    """Base-named tensors with every adapter folded in (``merged_weight()``: ``W + s·B·A`` computed in fp32,
+    ESFT's trained experts in place)."""
+    adapters = adapters_of(model)
+    unmergeable = [n for n, m in adapters.items() if not m.mergeable]
+    if unmergeable:
+        more = " ..." if len(unmergeable) > 3 else ""
+        raise AdapterError(f"LoRA-MoE modules ({', '.join(unmergeable[:3])}{more}) cannot be merged into dense "
+                           "weights: their routers choose experts per token. Save them in minimoe's native format "
+                           "with minimoe.save_adapter(model, dir) instead.")
+    state = base_state_dict(model)
     with torch.no_grad():
-        for name, m in model.named_modules():
-            key = f"{name}.weight"
-            if isinstance(m, LoRALinear):
-                w = m.weight.float() + m.scaling * (m.lora_B.float() @ m.lora_A.float())
-                state[key] = w.to(m.weight.dtype)
-            elif isinstance(m, ResizableLoRAExpert):
-                w = m.weight.float().clone()
-                for e in range(m.num_experts):
-                    if m.rank_of(e):
-                        w[e] += m.scaling * (m.lora_B_of(e).float() @ m.lora_A_of(e).float())
-                state[key] = w.to(m.weight.dtype)
-            elif isinstance(m, selected_cls):
-                state[key] = m.merged_weight().detach()
+        for name, m in adapters.items():
+            state[f"{name}.weight"] = m.merged_weight().detach()
     return state
 
 
@@ -146,12 +136,12 @@ def _peft_rank(dense: dict, experts: dict) -> int:
 
 def peft_tensors(model) -> tuple[dict[str, torch.Tensor], dict]:
     """PEFT adapter tensors and adapter_config.json for the model's LoRA (see the module docstring)."""
-    unsupported = [n for n, m in model.named_modules()
-                   if isinstance(m, (PrunableLoRAMoE, _selected_experts_cls()))]
+    adapters = adapters_of(model)
+    unsupported = [n for n, m in adapters.items() if m.kind not in ("lora", "expert_lora")]
     if unsupported:
         raise AdapterError(f"PEFT cannot represent {unsupported[0]} (LoRA-MoE routers / ESFT expert weights): "
                            "use minimoe.save_adapter, or export_merged where the adapter can be merged")
-    dense = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    dense = {n: m for n, m in adapters.items() if m.kind == "lora"}
     experts = model.expert_lora_modules()
     if not dense and not experts:
         raise AdapterError("the model has no LoRA to export")

@@ -22,15 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import optim
-from .lora import kaiming_rows
+from .adapter_base import Adapter, AdapterError, on_meta
+from .lora import check_scaling, kaiming_rows, plain_linear
 from .moe import Dispatch, _compute_dtype, grouped_linear
 from .routing import LoadBalancingLoss, RouterOutput, current_token_mask, emit_route
 
 
-class PrunableLoRAMoE(nn.Linear):
+class PrunableLoRAMoE(Adapter):
+    kind = "lora_moe"
+    base_type = nn.Linear
+    required = ("expert_ids", "top_k", "rank", "alpha", "renormalize", "lb_enabled")
+    mergeable = False  # its router picks experts per token: there is no single weight to fold into
+
     def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int, alpha: float,
                  renormalize: bool = True, generator: torch.Generator | None = None):
-        nn.Module.__init__(self)
+        super().__init__()
         if num_experts <= 0 or rank <= 0 or top_k <= 0:
             raise ValueError(f"LoRA-MoE needs positive num_experts, top_k and rank; got {num_experts}, {top_k}, {rank}")
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -40,14 +46,24 @@ class PrunableLoRAMoE(nn.Linear):
         self.renormalize = renormalize
         device = base.weight.device
         self.router = nn.Linear(self.in_features, num_experts, bias=False, device=device)
-        self.router.weight.data = kaiming_rows(num_experts, self.in_features, generator).to(device)
-        self.lora_A = nn.Parameter(
-            torch.stack([kaiming_rows(rank, self.in_features, generator) for _ in range(num_experts)]).to(device))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, device=device))
-        self.register_buffer("expert_ids", torch.arange(num_experts, device=device))
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, device=device))
+        # the original index of each surviving expert: layout (host metadata, like the ranks of expert LoRA),
+        # not a buffer: no device sync to read it, and a meta-device build keeps it through to_empty
+        self.expert_ids = torch.arange(num_experts)
         self.lb_enabled = True
         self.implementation = "auto"
         self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last training forward
+        if not on_meta(base.weight):
+            self.reset_adapter_parameters(generator)
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Router rows and A Kaiming-uniform (router first, then expert by expert), B zero."""
+        E = self.num_experts
+        self.router.weight.copy_(kaiming_rows(E, self.in_features, generator))
+        self.lora_A.copy_(torch.stack([kaiming_rows(self.rank, self.in_features, generator) for _ in range(E)]))
+        self.lora_B.zero_()
 
     @property
     def num_experts(self) -> int:
@@ -97,15 +113,55 @@ class PrunableLoRAMoE(nn.Linear):
         emit_route(self, route, self.aux_loss)
         return y
 
-    def prune_experts(self, keep, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Keep only experts at positions ``keep`` (current indices): A, B, router rows and their
-        optimizer state are sliced; ``top_k`` is clamped to the survivors."""
+    def check_prune(self, keep) -> torch.Tensor:
+        """``keep`` as sorted unique positions; raise, changing nothing, if it is not a valid survivor set."""
         keep = torch.as_tensor(sorted({int(k) for k in keep}), dtype=torch.long)
         if len(keep) == 0 or keep[0] < 0 or keep[-1] >= self.num_experts:
             raise ValueError(f"prune_experts: keep must be non-empty indices in 0..{self.num_experts - 1}, "
                              f"got {keep.tolist()}")
+        return keep
+
+    def prune_experts(self, keep, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Keep only experts at positions ``keep`` (current indices): A, B, router rows and their
+        optimizer state are sliced; ``top_k`` is clamped to the survivors."""
+        keep = self.check_prune(keep)
         self.lora_A = optim.slice_param(optimizer, self.lora_A, keep, 0)
         self.lora_B = optim.slice_param(optimizer, self.lora_B, keep, 0)
         self.router.weight = optim.slice_param(optimizer, self.router.weight, keep, 0)
-        self.expert_ids = self.expert_ids[keep.to(self.expert_ids.device)]
+        self.expert_ids = self.expert_ids[keep]
         self.top_k = min(self.top_k, len(keep))
+
+    # --- protocol (adapter_base) -------------------------------------------------------------------
+    def spec(self) -> dict:
+        return {"expert_ids": self.expert_ids.tolist(), "top_k": self.top_k, "rank": self.rank, "alpha": self.alpha,
+                "scaling": self.scaling, "renormalize": self.renormalize, "lb_enabled": self.lb_enabled}
+
+    @classmethod
+    def from_spec(cls, base, spec, generator=None) -> PrunableLoRAMoE:
+        m = cls(base, len(spec["expert_ids"]), spec["top_k"], spec["rank"], spec["alpha"], spec["renormalize"],
+                generator)
+        m.expert_ids = torch.tensor(spec["expert_ids"], dtype=torch.long)
+        m.lb_enabled = spec["lb_enabled"]
+        return m
+
+    @classmethod
+    def check_spec(cls, base, spec) -> str | None:
+        if not spec["expert_ids"]:
+            return "keeps no expert"
+        return check_scaling(spec)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "router.weight": self.router.weight}
+
+    @classmethod
+    def expected_shapes(cls, base, spec) -> dict[str, tuple[int, ...]]:
+        E, r = len(spec["expert_ids"]), spec["rank"]
+        return {"lora_A": (E, r, base.in_features), "lora_B": (E, base.out_features, r),
+                "router.weight": (E, base.in_features)}
+
+    def merged_weight(self) -> torch.Tensor:
+        raise AdapterError("a LoRA-MoE cannot be merged into dense weights: its router chooses experts per token; "
+                           "save it in minimoe's native format with minimoe.save_adapter(model, dir) instead")
+
+    def base_module(self) -> nn.Linear:
+        return plain_linear(self.weight, self.bias)

@@ -8,7 +8,8 @@ import torch
 
 import minimoe
 from minimoe import optim
-from minimoe.lora import ResizableLoRAExpert, kaiming_rows
+from minimoe.expert_lora import ResizableLoRAExpert
+from minimoe.lora import kaiming_rows
 from minimoe.moe import Groups, StackedLinear
 
 AdamW = getattr(minimoe, "AdamW", torch.optim.AdamW)

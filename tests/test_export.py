@@ -180,6 +180,10 @@ def test_wrong_base_shape_mismatch_truncated_file_and_existing_destination(hf_ch
 
     cfg = json.loads((path / "adapter_config.json").read_text())
     cfg["expert_lora"]["layers.0.mlp.experts.gate_proj"]["ranks"][0] = 6
+    inconsistent = _adapter_copy(path, tmp_path / "inconsistent", cfg)  # ranks edited, chunks not
+    with pytest.raises(AdapterError, match=r"gate_proj chunks \[\[4\], .* do not add up to the ranks \[6, "):
+        minimoe.from_pretrained(directory).load_adapter(inconsistent)
+    cfg["expert_lora"]["layers.0.mlp.experts.gate_proj"]["chunks"][0] = [6]
     bad = _adapter_copy(path, tmp_path / "bad", cfg)
     with pytest.raises(AdapterError, match=r"disagrees with its adapter_config.json.*lora_A.0: \(4, 64\) in the file, \(6, 64\)"):
         minimoe.from_pretrained(directory).load_adapter(bad)
@@ -234,6 +238,7 @@ def test_fingerprint_agrees_across_dtypes_and_a_failed_load_changes_nothing(hf_c
     # every check runs before the model changes: a bad file leaves a plain, still-usable base
     cfg = json.loads((path / "adapter_config.json").read_text())
     cfg["expert_lora"]["layers.1.mlp.experts.up_proj"]["ranks"][3] = 7
+    cfg["expert_lora"]["layers.1.mlp.experts.up_proj"]["chunks"][3] = [7]
     bad = _adapter_copy(path, tmp_path / "bad", cfg)
     base = minimoe.from_pretrained(directory)
     with pytest.raises(AdapterError, match="disagrees with its adapter_config.json"):

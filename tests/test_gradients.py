@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import minimoe
-from minimoe.lora import ResizableLoRAExpert
+from minimoe.expert_lora import ResizableLoRAExpert
 from minimoe.moe import Groups, StackedLinear
 
 

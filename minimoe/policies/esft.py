@@ -6,11 +6,8 @@
         expert's score divided by its sum over layers, ``scores / scores.sum(axis=0)``)
     per layer, take experts by descending score until the cumulative score reaches top_p
         (the expert crossing the threshold is included)
-    train those experts' full weights; everything else is frozen and stays out of the optimizer
-
-The selected experts of a projection live in their own parameter ``trained [n_sel, out, in]``; the
-forward builds the layer's stacked weight with them in place (one ``index_copy``: costs one copy of
-that layer's expert weights in activation memory — use activation checkpointing on large models).
+    train those experts' full weights (``SelectedExperts``, an adapter); everything else is frozen and stays
+    out of the optimizer
 """
 
 from __future__ import annotations
@@ -22,27 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..moe import Groups, StackedLinear, grouped_linear
+from ..selected_experts import SelectedExperts
 from ..stats import RoutingStats
 from .base import Context, Policy, option
-
-
-class SelectedExperts(StackedLinear):
-    """Stacked experts where only ``selected`` train (as ``trained``); the rest is the frozen ``weight``."""
-
-    def __init__(self, base: StackedLinear, selected: list[int]):
-        nn.Module.__init__(self)
-        self.num_experts, self.in_features, self.out_features = base.num_experts, base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.register_buffer("selected", torch.tensor(selected, dtype=torch.long, device=base.weight.device))
-        self.trained = nn.Parameter(base.weight.detach()[self.selected].clone())
-
-    def merged_weight(self) -> torch.Tensor:
-        return self.weight.index_copy(0, self.selected, self.trained)
-
-    def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
-        return grouped_linear(x, self.merged_weight(), groups)
 
 
 def normalize_scores(sums: dict[int, torch.Tensor], how: str) -> dict[int, torch.Tensor]:
