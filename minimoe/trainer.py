@@ -2,96 +2,50 @@
 
     for step in 1..steps:
         for each micro-batch: forward (routing info if the policy reads it), loss = CE + policy loss,
-                              backward, policy.observe(...)
+                              backward, routing statistics += the forward's routes, policy.observe(...)
         clip, optimizer.step, scheduler.step, zero_grad
-        policy.after_step(step)   ← the only place the model may change shape
-        metrics.jsonl line; checkpoint every save_every steps
+        statistics.sync()          ← the one cross-process reduction of routing statistics
+        policy.after_step(step)    ← the only place the model may change shape
+        metrics line; checkpoint every save_every steps
 
-Run directory: ``args.json``, ``metrics.jsonl`` (one line per step), ``events.jsonl`` (one line per
-prune / grow / slice / selection / routing measurement), ``checkpoint/``, ``summary.json``, and at the
-end ``adapter/`` (``minimoe.save_adapter``) or, for full fine-tuning, ``model/`` (Hub layout); ``base/``
-holds the base model when it was built on the fly from a preset.
+Every file goes through the run directory (``run_dir.RunDir``): what it is asked for (TrainConfig) is in
+``train_config.py``; the routing statistics every policy decides from are one ``stats.RoutingStats``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
-from .config import PRESETS, preset
+from .config import preset
 from .data import Dataset, load_pairs
-from .files import write_text_atomic
 from .hf import from_pretrained, resolve
 from .model import CausalLM
+from .options import check_choices
 from .policies import Context, Policy, make_policy
+from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from .stats import RoutingStats
 from .tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
+from .train_config import DTYPES, TrainConfig, default_model, is_preset
 
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "cosine_schedule", "load_model_and_tokenizer"]
 
 
 class TrainingError(RuntimeError):
     """The run cannot continue (bad arguments, non-finite loss, existing run directory)."""
 
 
-@dataclass
-class TrainConfig:
-    """Arguments of a run (``train.py --help`` documents each; TOML keys use the same names)."""
-
-    policy: str = "epng"
-    model: str = ""  # Hub id, directory, or a tiny preset name (random init) — default by policy
-    data: str = "tiny-arith"  # JSONL file or built-in set
-    out: str = ""  # run directory (default runs/<policy>)
-    steps: int = 500  # optimizer steps (EPnG App. A.3: 500)
-    batch_size: int = 8  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # peak learning rate (EPnG App. A.3)
-    warmup_ratio: float = 0.1  # linear warm-up share of the steps, then cosine decay to 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    max_len: int = 256  # tokens per example (DMEP §IV)
-    packing: bool = False  # concatenate examples into max_len rows
-    stats_tokens: str = "response"  # which tokens feed routing statistics: response | all
-    seed: int = 0
-    save_every: int = 0  # also checkpoint every N steps (0: only at the end)
-    stop_at: int = 0  # stop (and checkpoint) after this step of the schedule; 0 = run all steps
-    log_every: int = 1  # progress-bar refresh interval
-    gradient_checkpointing: bool = False
-    device: str = ""  # default: cuda if available, else cpu
-    dtype: str = "float32"  # base weights: float32, or bfloat16 (adapter policies; adapters stay fp32)
-    overwrite: bool = False  # replace an existing run directory
-    eval_limit: int = 100  # with --data tiny-arith: test problems scored before and after training
-    resume: str = ""  # continue the run in this directory
-    policy_options: dict = field(default_factory=dict)
-
-    def resolved_device(self) -> str:
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_model(policy: str) -> str:
-    return "tiny-qwen3" if policy == "dmep" else "tiny-olmoe"
-
-
-def is_preset(name: str) -> bool:
-    """A tiny preset name (random weights), unless a directory of that name exists."""
-    return name in PRESETS and not Path(name).exists()
-
-
 def load_model_and_tokenizer(name: str, device: str, seed: int, base_dir: Path | None = None,
                              dtype: torch.dtype = torch.float32) -> tuple[CausalLM, Tokenizer]:
     """A checkpoint directory or Hub id, or a tiny preset with random weights and a byte tokenizer.
-    A preset model is named after ``base_dir``, where the trainer writes it (``write_preset_base``) so
+    A preset model is named after ``base_dir``, where the run writes it (``RunDir.write_preset_base``) so
     exports and eval have a base on disk."""
     if is_preset(name):
         tok = byte_tokenizer()
@@ -105,17 +59,6 @@ def load_model_and_tokenizer(name: str, device: str, seed: int, base_dir: Path |
     return from_pretrained(name, dtype=dtype, device=device), load_tokenizer(name)
 
 
-def write_preset_base(model: CausalLM, state: dict, tok: Tokenizer, base_dir: Path) -> None:
-    """The on-the-fly preset base (``state``: its weights before any adapter) in Hub layout, written
-    atomically: a crash never leaves a ``base/`` that looks complete."""
-    from .export import write_hub_checkpoint
-    from .files import atomic_dir
-
-    with atomic_dir(base_dir) as tmp:
-        write_hub_checkpoint(model, state, tmp, source=None)
-        tok.save(tmp)
-
-
 def cosine_schedule(optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     warm = max(1, int(round(warmup_ratio * steps))) if warmup_ratio > 0 else 0
 
@@ -127,134 +70,148 @@ def cosine_schedule(optimizer, steps: int, warmup_ratio: float) -> torch.optim.l
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def check_device(name: str) -> str:
+    """``name`` if this machine can train on it, else a TrainingError naming ``--device``."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"--device {name!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"--device {name}: minimoe trains on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainingError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return name
+
+
 class Trainer:
+    """One run. Construction happens in an order that matters, one method per stage:
+
+    1. ``_check`` — flags that cannot work are refused before anything is loaded;
+    2. ``_load`` — data, model, tokenizer and the policy object: bad input fails here, before anything on
+       disk changes;
+    3. ``_setup`` — the policy attaches its adapters / chooses what trains; a resumed run rebuilds the saved
+       adapter layout on top; the optimizer and schedule are built over the result;
+    4. ``_restore`` (resume) or ``_start`` (new run: only now is the run directory cleared and written).
+    """
+
     def __init__(self, config: TrainConfig, show_progress: bool = True):
-        self.config = c = config
+        self.config = config
         self.show_progress = show_progress
-        self.device = c.resolved_device()
+        self.step = 0
+        self._check()
+        saved = self._load()
+        self._setup(saved)
+        if saved is not None:
+            self._restore(saved)
+        else:
+            self._start()
+
+    # --- construction ------------------------------------------------------------------------------
+    def _check(self) -> None:
+        c = self.config
+        self.device = check_device(c.resolved_device())
         try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise TrainingError(f"--device {self.device!r}: not a device (cpu, cuda, cuda:N)") from None
-        if device.type not in ("cpu", "cuda"):
-            raise TrainingError(f"--device {self.device}: minimoe trains on cpu or cuda")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainingError(f"--device {self.device}: CUDA is not available on this machine")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise TrainingError(f"--device {self.device}: this machine has {torch.cuda.device_count()} GPU(s)")
-        if c.stats_tokens not in ("response", "all"):
-            raise TrainingError(f"stats_tokens {c.stats_tokens!r}: choose response or all")
-        if c.dtype not in DTYPES:
-            raise TrainingError(f"--dtype {c.dtype!r}: choose from {', '.join(DTYPES)}")
+            check_choices(c)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         if c.dtype != "float32" and c.policy in ("full", "esft"):
             # AdamW updates of bf16 weights round most small steps away; these policies train base weights
             raise TrainingError(f"--dtype {c.dtype} with --policy {c.policy}: the trained weights would be "
                                 "bf16 without fp32 master copies; use --dtype float32 (bf16 autocast runs on CUDA)")
-        if c.resume:
-            self.run_dir = Path(c.resume)
-        else:
-            self.run_dir = Path(c.out or f"runs/{c.policy}")
-            self._check_run_dir()
+        self.run = RunDir(c.resume or c.out or f"runs/{c.policy}")
+        if not c.resume:
+            try:
+                self.run.check_new(c.overwrite)
+            except RunDirError as e:
+                raise TrainingError(str(e)) from None
+
+    def _load(self) -> dict | None:
+        """Data, model, tokenizer, policy (and, resuming, the saved checkpoint's info and state)."""
+        c = self.config
         c.model = c.model or default_model(c.policy)
-        # bad input fails here, before anything on disk changes
-        if not is_preset(c.model):
+        self.preset = is_preset(c.model)  # a tiny preset: random weights, written to RUN/base/
+        if not self.preset:
             resolve(c.model)
         pairs = load_pairs(c.data, c.seed)
         self.policy: Policy = make_policy(c.policy, c.policy_options)
         torch.manual_seed(c.seed)
-        self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed, self.run_dir / "base",
+        self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed, self.run.base_dir,
                                                         DTYPES[c.dtype])
-        preset_base = None  # a preset's random base, kept (tiny) until the run directory may be written
-        if not c.resume and is_preset(c.model):
-            preset_base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # a preset's random base, kept (tiny) until the run directory may be written
+        self._preset_base = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                             if self.preset and not c.resume else None)
         self.model.gradient_checkpointing = c.gradient_checkpointing
         self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)
         self.steps_per_epoch = max(1, math.ceil(len(self.data) / (c.batch_size * c.grad_accum)))
         self.policy.generator.manual_seed(c.seed)
-        self.step = 0
-        state = None
-        if c.resume:
-            found = ckpt.locate(self.run_dir)
-            info = ckpt.read_info(found)
-            if info["policy"] != c.policy:
-                raise TrainingError(f"--resume {self.run_dir}: the run used policy {info['policy']}, not {c.policy}")
-            state = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
-            self.policy.load_state_dict(state["policy"])
+        if not c.resume:
+            return None
+        found = self.run.locate_checkpoint()
+        info = ckpt.read_info(found)
+        if info["policy"] != c.policy:
+            raise TrainingError(f"--resume {self.run}: the run used policy {info['policy']}, not {c.policy}")
+        state = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
+        self.policy.load_state_dict(state["policy"])  # before setup: e.g. ESFT's saved selection
+        return {"dir": found, "info": info, "state": state}
+
+    def _setup(self, saved: dict | None) -> None:
+        c = self.config
         self.stats = RoutingStats()
         ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed, self._say,
                       self.stats)
         self.policy.setup(self.model, ctx)
-        if c.resume:
-            ckpt.apply_layout(self.model, info["layout"])
-            self.policy.load_state_dict(state["policy"])  # setup drew from the policy's generator: restore it
+        if saved is not None:
+            ckpt.apply_layout(self.model, saved["info"]["layout"])
+            self.policy.load_state_dict(saved["state"]["policy"])  # setup drew from the policy's generator
         params = self.policy.trainable_parameters(self.model)
         if not params:
             raise TrainingError(f"policy {c.policy} left nothing to train")
-        if not c.resume:
-            # only now, with the model loaded and the policy set up: a bad flag, file or target above
-            # never costs an existing run
-            self._clear_run_dir()
-            if preset_base is not None:
-                write_preset_base(self.model, preset_base, self.tok, self.run_dir / "base")
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay,
                                            fused=self.device.startswith("cuda") or None)
         self.scheduler = cosine_schedule(self.optimizer, c.steps, c.warmup_ratio)
-        if c.resume:
-            state = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler)
-            self.stats.load_state_dict(ckpt.routing_stats_state(state))
-            self.data.load_state_dict(state["data"])
-            self.step = info["step"]
-            # the saved lr was computed under the saved --steps; a new --steps takes effect from this step
-            for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                      self.scheduler.lr_lambdas, strict=True):
-                group["lr"] = base * f(self.scheduler.last_epoch)
-            self._truncate_logs(self.step)
-        else:
-            write_text_atomic(self.run_dir / "args.json", json.dumps(dataclasses.asdict(c), indent=1))
-            if hasattr(self.policy, "selection_event"):
-                self._event(self.policy.selection_event())
 
-    # --- run directory ---------------------------------------------------------------------
-    def _check_run_dir(self) -> None:
-        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.config.overwrite:
-            raise TrainingError(f"run directory {self.run_dir} exists and is not empty; pass --overwrite to "
-                                f"replace it or --resume {self.run_dir} to continue it")
+    def _restore(self, saved: dict) -> None:
+        state = ckpt.load_checkpoint(saved["dir"], self.model, self.optimizer, self.scheduler)
+        self.stats.load_state_dict(ckpt.routing_stats_state(state))
+        self.data.load_state_dict(state["data"])
+        self.step = saved["info"]["step"]
+        # the saved lr was computed under the saved --steps; a new --steps takes effect from this step
+        for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                  self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * f(self.scheduler.last_epoch)
+        self.run.truncate_logs(self.step)
 
-    def _clear_run_dir(self) -> None:
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _start(self) -> None:
+        self.run.clear()
+        if self._preset_base is not None:
+            self.run.write_preset_base(self.model, self._preset_base, self.tok)
+        self._preset_base = None
+        self.run.write_args(self.config)
+        for event in self.policy.start_events():
+            self._event(event)
 
-    def _truncate_logs(self, step: int) -> None:
-        """On resume, drop log lines written after the checkpoint's step."""
-        for name in ("metrics.jsonl", "events.jsonl"):
-            f = self.run_dir / name
-            if f.is_file():
-                keep = [line for line in f.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-                write_text_atomic(f, "".join(line + "\n" for line in keep))
-
-    def _append(self, name: str, record: dict) -> None:
-        with (self.run_dir / name).open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
+    # --- messages, events, checkpoints -------------------------------------------------------------
     def _event(self, record: dict) -> None:
-        self._append("events.jsonl", record)
+        self.run.append(EVENTS, record)
         line = self.policy.event_line(record)
         if line:
             self._say(line)
 
     def _say(self, line: str) -> None:
-        """A line for the user, above the progress bar (not through it)."""
-        from tqdm.auto import tqdm
+        """A line for the user, above the progress bar (not through it); the writer's process only."""
+        if self.run.writer:
+            from tqdm.auto import tqdm
 
-        tqdm.write(line)
+            tqdm.write(line)
 
     def save(self) -> Path:
+        self.stats.sync()
         info = {"step": self.step, "policy": self.config.policy, "args": dataclasses.asdict(self.config),
                 "data": self.data.state_dict(), "trainable": self.model.num_parameters(trainable_only=True)}
-        self.stats.sync()
         state = {"policy": self.policy.state_dict(), "stats": self.stats.state_dict(), "data": self.data.state_dict()}
-        return ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, info, state)
+        return self.run.save_checkpoint(self.model, self.optimizer, self.scheduler, info, state)
 
     def _on_sigint(self, signum, frame) -> None:
         """First Ctrl-C: finish the current step, save, stop. Second: stop at once (saving nothing of
@@ -267,7 +224,7 @@ class Trainer:
     def _stop_non_finite(self, what: str) -> None:
         """Stop before the optimizer steps on it: the weights, and the last checkpoint, stay good."""
         self.optimizer.zero_grad(set_to_none=True)
-        last = self.run_dir / ckpt.CHECKPOINT
+        last = self.run.checkpoint_dir
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
         raise TrainingError(f"non-finite {what}: stopping; {kept}. Try a lower --lr or --max-grad-norm.")
 
@@ -281,8 +238,9 @@ class Trainer:
         # each micro-batch's mean loss weighs by its share of the step's target tokens, so that
         # --grad-accum G with --batch-size B trains like one batch of G*B
         targets = [int((b.labels[:, 1:] != -100).sum()) for b in batches]
+        step_targets = sum(targets)
         for micro, batch in enumerate(batches):
-            weight = targets[micro] / max(1, sum(targets))
+            weight = targets[micro] / max(1, step_targets)
             mask = batch.loss_mask if c.stats_tokens == "response" else batch.attention_mask
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
                 out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
@@ -325,8 +283,8 @@ class Trainer:
 
         c = self.config
         start, t0, tokens = self.step, time.perf_counter(), 0
-        bar = tqdm(total=c.steps, initial=self.step, disable=not self.show_progress, dynamic_ncols=True,
-                   desc=f"{c.policy}")
+        bar = tqdm(total=c.steps, initial=self.step, disable=not self.show_progress or not self.run.writer,
+                   dynamic_ncols=True, desc=f"{c.policy}")
         record = {}
         self._stop_requested, self._in_step = False, False
         handler = None
@@ -345,7 +303,7 @@ class Trainer:
                 tokens += record["tokens"]
                 record["tokens_per_s"] = record["tokens"] / dt
                 record["elapsed_s"] = time.perf_counter() - t0
-                self._append("metrics.jsonl", record)
+                self.run.append(METRICS, record)
                 bar.update(1)
                 if self.step % c.log_every == 0:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -355,12 +313,12 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             if self._in_step:  # data drawn, statistics counted, maybe a half-applied event: save nothing
-                last = ckpt.locate(self.run_dir)
+                last = self.run.locate_checkpoint()
                 kept = f"the last checkpoint ({last}) is kept" if last.exists() else "no checkpoint was written"
                 print(f"\ninterrupted inside step {self.step + 1}: nothing saved from it; {kept}")
                 return {"interrupted": True, "step": ckpt.read_info(last)["step"] if last.exists() else 0}
             path = self.save()
-            print(f"\ninterrupted: saved step {self.step} to {path}; continue with --resume {self.run_dir}")
+            print(f"\ninterrupted: saved step {self.step} to {path}; continue with --resume {self.run}")
             return {"interrupted": True, "step": self.step}
         finally:
             if handler is not None:
@@ -368,23 +326,11 @@ class Trainer:
         bar.close()
         path = self.save()
         elapsed = time.perf_counter() - t0
-        events = self.run_dir / "events.jsonl"
         summary = {"policy": c.policy, "model": c.model, "steps": self.step, "final_loss": record.get("loss"),
                    "trainable_parameters": self.model.num_parameters(trainable_only=True),
                    "total_parameters": self.model.num_parameters(),
                    "tokens_per_s": tokens / elapsed if elapsed > 0 and self.step > start else None,
-                   "events": sum(1 for _ in events.open()) if events.exists() else 0,
-                   "checkpoint": str(path)}
-        summary["export"] = str(self.export())
-        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+                   "events": self.run.count(EVENTS), "checkpoint": str(path)}
+        summary["export"] = str(self.run.export(self.model))
+        self.run.write_summary(summary)
         return summary
-
-    def export(self) -> Path:
-        """The run's fine-tune in a loadable form: ``adapter/`` (adapters, ESFT experts) or ``model/``
-        (full fine-tuning, Hub layout)."""
-        from .adapter_io import adapter_config, save_adapter
-        from .export import export_merged
-
-        if adapter_config(self.model)["kinds"]:
-            return save_adapter(self.model, self.run_dir / "adapter", overwrite=True)
-        return export_merged(self.model, self.run_dir / "model", overwrite=True)

@@ -9,12 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..options import option  # noqa: F401  (policies declare their options with it)
 from ..stats import RoutingStats
-
-
-def option(default, help: str, choices: tuple | None = None):
-    """A policy option: its default (the paper's) and the ``--help`` text train.py shows for it."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -62,6 +58,10 @@ class Policy:
         mask of tokens that count for statistics (real, and by default response, tokens). The routing
         statistics are already fed by then (``ctx.stats``, when ``needs_router``): this hook is for
         anything else a policy wants to see."""
+
+    def start_events(self) -> list[dict]:
+        """Event records of a new run's start (after ``setup``), e.g. ESFT's expert selection."""
+        return []
 
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
         """Called after optimizer step ``step`` (1-based, grads zeroed). Returns event records."""

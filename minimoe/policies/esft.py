@@ -17,7 +17,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..selected_experts import SelectedExperts
 from ..stats import RoutingStats
@@ -115,6 +114,9 @@ class ESFT(Policy):
 
     def trainable_parameters(self, model):
         return [m.trained for m in model.modules() if isinstance(m, SelectedExperts)]
+
+    def start_events(self) -> list[dict]:
+        return [self.selection_event()]
 
     def selection_event(self) -> dict:
         return {"event": "esft_selection", "step": 0, "policy": self.name, "score": self.config.score,

@@ -1,0 +1,154 @@
+"""``RunDir``: every file of a training run, written in one place.
+
+    RUN/args.json         the resolved arguments (TrainConfig, policy options included)
+    RUN/metrics.jsonl     one line per optimizer step
+    RUN/events.jsonl      one line per prune / grow / slice / selection / routing measurement
+    RUN/checkpoint/       everything needed to continue bit for bit (``checkpoint.py``)
+    RUN/summary.json      written when the run ends
+    RUN/adapter/          the fine-tune (``minimoe.save_adapter``), or RUN/model/ (full fine-tuning, Hub layout)
+    RUN/base/             the base model, when it was built on the fly from a tiny preset
+
+Small files are replaced atomically (temporary file, rename); directories are built aside and renamed
+(``files.atomic_dir``); logs are appended a line at a time and cut back to the checkpoint's step on
+resume. A ``RunDir`` made with ``writer=False`` writes nothing: with several processes only rank 0 holds
+the writer, and every other rank runs the same code against a silent one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .files import atomic_dir, write_text_atomic
+
+ARGS, METRICS, EVENTS, SUMMARY = "args.json", "metrics.jsonl", "events.jsonl", "summary.json"
+LOGS = (METRICS, EVENTS)
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (it exists, or holds no run)."""
+
+
+class RunDir:
+    def __init__(self, path: str | Path, writer: bool = True):
+        self.path = Path(path)
+        self.writer = writer
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # --- starting -----------------------------------------------------------------------------------
+    def occupied(self) -> bool:
+        """Whether the directory exists and holds anything."""
+        return self.path.exists() and any(self.path.iterdir())
+
+    def check_new(self, overwrite: bool) -> None:
+        """Refuse an occupied directory unless ``overwrite`` (nothing is removed yet: see ``clear``)."""
+        if self.occupied() and not overwrite:
+            raise RunDirError(f"run directory {self.path} exists and is not empty; pass --overwrite to "
+                              f"replace it or --resume {self.path} to continue it")
+
+    def clear(self) -> None:
+        """Start empty: called once the run is known to be able to start (a bad flag, file or target found
+        earlier never costs an existing run)."""
+        if not self.writer:
+            return
+        if self.occupied():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_args(self, config) -> None:
+        self.write_json(ARGS, dataclasses.asdict(config))
+
+    def write_preset_base(self, model, state: dict, tok) -> None:
+        """The on-the-fly preset base (``state``: its weights before any adapter) in Hub layout, atomically:
+        a crash never leaves a ``base/`` that looks complete."""
+        if not self.writer:
+            return
+        from .export import write_hub_checkpoint
+
+        with atomic_dir(self.base_dir) as tmp:
+            write_hub_checkpoint(model, state, tmp, source=None)
+            tok.save(tmp)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path / "base"
+
+    # --- logs ---------------------------------------------------------------------------------------
+    def append(self, name: str, record: dict) -> None:
+        """One JSON line at the end of a log (``METRICS`` or ``EVENTS``)."""
+        if self.writer:
+            with (self.path / name).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read_log(self, name: str) -> list[dict]:
+        f = self.path / name
+        return [json.loads(line) for line in f.read_text().splitlines() if line] if f.is_file() else []
+
+    def count(self, name: str) -> int:
+        f = self.path / name
+        return sum(1 for line in f.open() if line.strip()) if f.is_file() else 0
+
+    def truncate_logs(self, step: int) -> None:
+        """On resume, drop the log lines written after the checkpoint's step."""
+        if not self.writer:
+            return
+        for name in LOGS:
+            f = self.path / name
+            if f.is_file():
+                keep = [line for line in f.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                write_text_atomic(f, "".join(line + "\n" for line in keep))
+
+    # --- small files --------------------------------------------------------------------------------
+    def write_json(self, name: str, obj) -> None:
+        if self.writer:
+            write_text_atomic(self.path / name, json.dumps(obj, indent=1))
+
+    def read_json(self, name: str) -> dict:
+        return json.loads((self.path / name).read_text())
+
+    def write_summary(self, summary: dict) -> None:
+        self.write_json(SUMMARY, summary)
+
+    def update_summary(self, **values) -> dict:
+        """Add ``values`` to summary.json (written by the trainer when the run ended)."""
+        summary = {**self.read_json(SUMMARY), **values} if (self.path / SUMMARY).is_file() else dict(values)
+        self.write_summary(summary)
+        return summary
+
+    # --- checkpoints and the fine-tune --------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / ckpt.CHECKPOINT
+
+    def locate_checkpoint(self) -> Path:
+        """The checkpoint to resume from (the previous copy if a crash interrupted its replacement)."""
+        return ckpt.locate(self.path)
+
+    def save_checkpoint(self, model, optimizer, scheduler, info: dict, state: dict) -> Path:
+        if self.writer:
+            ckpt.save_checkpoint(self.path, model, optimizer, scheduler, info, state)
+        return self.checkpoint_dir
+
+    def export(self, model) -> Path:
+        """The run's fine-tune in a loadable form: ``adapter/`` (adapters, ESFT experts) or ``model/``
+        (full fine-tuning, Hub layout)."""
+        from .adapter_base import adapters_of
+        from .adapter_io import save_adapter
+        from .export import export_merged
+
+        adapted = bool(adapters_of(model))
+        path = self.path / ("adapter" if adapted else "model")
+        if self.writer:
+            (save_adapter if adapted else export_merged)(model, path, overwrite=True)
+        return path

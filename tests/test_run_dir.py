@@ -1,0 +1,69 @@
+"""The run directory owns every file of a run; a non-writer (another rank) writes nothing; TrainConfig carries
+its own help and choices, and resolve() lives in the package."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import minimoe
+from minimoe.run_dir import EVENTS, METRICS, RunDir, RunDirError
+from minimoe.train_config import TrainConfig, build_parser, resolve
+from minimoe.trainer import Trainer
+
+
+def test_logs_summary_and_truncation(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.clear()
+    for step in (1, 2, 3):
+        run.append(METRICS, {"step": step, "loss": 1.0 / step})
+        run.append(EVENTS, {"step": step, "event": "x"})
+    run.truncate_logs(2)
+    assert [r["step"] for r in run.read_log(METRICS)] == [1, 2] and run.count(EVENTS) == 2
+    run.write_summary({"steps": 3})
+    assert run.update_summary(score=0.5) == {"steps": 3, "score": 0.5}
+    assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {"steps": 3, "score": 0.5}
+    with pytest.raises(RunDirError, match="exists and is not empty; pass --overwrite"):
+        RunDir(tmp_path / "r").check_new(overwrite=False)
+    RunDir(tmp_path / "r").check_new(overwrite=True)  # allowed; nothing removed until clear()
+    assert (tmp_path / "r" / "summary.json").is_file()
+
+
+def test_a_silent_run_directory_writes_nothing(tmp_path):
+    """What every rank but the writer gets: the same calls, no file."""
+    run = RunDir(tmp_path / "silent", writer=False)
+    run.clear()
+    run.append(METRICS, {"step": 1})
+    run.write_summary({"steps": 1})
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-olmoe"))
+    model.add_expert_lora(rank=2)
+    assert run.export(model) == tmp_path / "silent" / "adapter"
+    opt = torch.optim.AdamW(model.adapter_parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    run.save_checkpoint(model, opt, sched, {"step": 1}, {})
+    assert not (tmp_path / "silent").exists()
+
+
+def test_a_trainer_with_a_silent_run_directory_trains_and_writes_nothing(tmp_path, monkeypatch):
+    import minimoe.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "RunDir", lambda path: RunDir(path, writer=False))
+    c = TrainConfig(policy="esft", model="tiny-olmoe", out=str(tmp_path / "quiet"), steps=2, batch_size=2,
+                    save_every=1, eval_limit=0, policy_options={"sample_batches": 1})
+    summary = Trainer(c, show_progress=False).train()
+    assert summary["steps"] == 2 and not (tmp_path / "quiet").exists()
+
+
+def test_every_train_option_carries_its_help_and_resolve_is_reusable(tmp_path):
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f.name
+    text = build_parser().format_help()
+    assert "tokens counted by routing statistics" in text and "{response,all}" in text
+    assert "--policy-options" not in text  # set through --<policy>-<option>
+    c = resolve(["--policy", "dmep", "--steps", "7", "--dmep-tau", "0.2"])  # no embedded model: plain defaults
+    assert (c.policy, c.steps, c.batch_size, c.policy_options) == ("dmep", 7, 8, {"tau": 0.2})
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nsteps = 5\n[epng]\nalpha = 0.3\n')
+    assert resolve(["--config", str(toml)]).policy_options == {"alpha": 0.3}
