@@ -8,6 +8,7 @@ from .hf import CheckpointError, from_pretrained
 from .expert_lora import ResizableLoRAExpert
 from .lora import LoRALinear
 from .lora_moe import PrunableLoRAMoE
+from .merge import export_merged, export_peft
 from .selected_experts import SelectedExperts
 from .model import CausalLM, ModelOutput
 from .routing import RouterOutput
@@ -22,12 +23,3 @@ __all__ = [
     "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput", "RoutingStats",
     "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "preset",
 ]
-
-
-def __getattr__(name):
-    # exports are imported lazily so that `python -m minimoe.export` runs the module fresh
-    if name in ("export_merged", "export_peft"):
-        from . import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module 'minimoe' has no attribute {name!r}")

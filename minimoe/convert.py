@@ -26,9 +26,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .export import TOKENIZER_FILES
 from .files import atomic_dir, check_destination
-from .hf import CONVERTED_WEIGHTS, from_pretrained, resolve
+from .hf import CONVERTED_WEIGHTS, TOKENIZER_FILES, from_pretrained, resolve
 
 LAYOUT = "minimoe"
 LAYOUT_VERSION = 2  # 1: stacked keys in model.safetensors, Hub architectures (still loads; transformers misread it)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import CausalLM
@@ -262,3 +264,52 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str
     if not own_head or (config.tie_word_embeddings and torch.equal(model.lm_head.weight, model.embed_tokens.weight)):
         model.tie_weights()
     return model.eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "generation_config.json", "chat_template.jinja")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def write_hub_checkpoint(model, state: dict[str, torch.Tensor], out: Path, source: Path | None,
+                         max_shard_bytes: int = 5 * 2**30) -> None:
+    """config.json, model.safetensors (or shards + index), tokenizer and generation config in ``out``."""
+    hub = to_hub_state_dict(state)
+    if model.tied:
+        hub.pop("lm_head.weight", None)
+    hub = {k: v.detach().contiguous().cpu() for k, v in hub.items()}
+    shards, current, size = [], {}, 0
+    for k, v in hub.items():
+        n = v.numel() * v.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k], size = v, size + n
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(v.numel() * v.element_size() for v in hub.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config = model.config.to_hf_config()
+    config["dtype"] = _DTYPE_NAMES.get(model.dtype, "float32")
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    copied = []
+    if source is not None:
+        for f in TOKENIZER_FILES:
+            if (source / f).is_file():
+                shutil.copy2(source / f, out / f)
+                copied.append(f)
+    if "generation_config.json" not in copied:
+        c = model.config
+        eos = list(c.eos_token_id)
+        (out / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": c.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+             "pad_token_id": c.generation_pad_token_id if c.generation_pad_token_id is not None else c.pad_token_id},
+            indent=1))

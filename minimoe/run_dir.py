@@ -74,7 +74,7 @@ class RunDir:
         a crash never leaves a ``base/`` that looks complete."""
         if not self.writer:
             return
-        from .export import write_hub_checkpoint
+        from .hf import write_hub_checkpoint
 
         with atomic_dir(self.base_dir) as tmp:
             write_hub_checkpoint(model, state, tmp, source=None)
@@ -145,7 +145,7 @@ class RunDir:
         (full fine-tuning, Hub layout)."""
         from .adapter_base import adapters_of
         from .adapter_io import save_adapter
-        from .export import export_merged
+        from .merge import export_merged
 
         adapted = bool(adapters_of(model))
         path = self.path / ("adapter" if adapted else "model")

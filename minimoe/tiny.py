@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .export import write_hub_checkpoint
+from .hf import write_hub_checkpoint
 from .files import DestinationExists, atomic_dir, check_destination
 from .model import CausalLM
 from .tokenizer import Tokenizer
