@@ -6,7 +6,7 @@
         --temperature 0.7 --k 1 10
     python eval.py --task humaneval --data HumanEval.jsonl --completions other_tool_samples.jsonl   # no model
 
-The tasks (listed below) are the objects of minimoe.tasks' registry: this command asks the chosen one
+The tasks (listed below) are the objects of minimoe.eval.tasks' registry: this command asks the chosen one
 for its rows, prompts, grader, metric and way of scoring (generation, option log-likelihood, perplexity),
 and adds its own options (mc: --mc-mode loglik|letter). Code tasks run programs in a sandboxed subprocess.
 Writes OUT/summary.json (scores and the decoding settings) and OUT/samples.jsonl (one line per sample).
@@ -19,9 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from minimoe.evaluation import Decoding, grade, read_rows, run_task, task_rows, write_results
+from minimoe.eval.runners import Decoding, grade, read_rows, run_task, task_rows, write_results
 from minimoe.files import atomic_dir, check_destination
-from minimoe.tasks import TASKS, Task, get_task
+from minimoe.eval.tasks import TASKS, Task, get_task
 
 
 def task_list() -> str:
@@ -129,7 +129,7 @@ def run_model(args, task: Task, rows, dec: Decoding) -> tuple[dict, list[dict]]:
     import minimoe
 
     if not args.model and args.adapter:
-        from minimoe.adapter_io import adapter_base_model
+        from minimoe.adapters.io import adapter_base_model
 
         args.model = adapter_base_model(args.adapter)
     if not args.model:

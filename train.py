@@ -16,8 +16,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from minimoe.train_config import TrainConfig, resolve as resolve_config
-from minimoe.trainer import Trainer, TrainingError
+from minimoe.train.config import TrainConfig, resolve as resolve_config
+from minimoe.train.trainer import Trainer, TrainingError
 
 EMBEDDED = Path(__file__).resolve().parent / "weights" / "tiny-moe"  # the default base (see train_config.py)
 
@@ -29,8 +29,8 @@ def resolve(argv=None) -> TrainConfig:
 
 def task_score(trainer: Trainer, limit: int) -> float:
     """Greedy exact match on the first ``limit`` problems of the tiny-arith test split."""
-    from minimoe.data import tiny_arith_split
-    from minimoe.evaluation import Decoding, generate_all, grade, task_prompt
+    from minimoe.train.data import tiny_arith_split
+    from minimoe.eval.runners import Decoding, generate_all, grade, task_prompt
 
     rows = [{"question": q, "answer": a} for q, a in tiny_arith_split("test", 0)[:limit]]
     prompts = [task_prompt("tiny-arith", r, trainer.tok) for r in rows]

@@ -1,25 +1,34 @@
-"""minimoe: fine-tune Mixture-of-Experts LMs with adapters that change shape while they train."""
+"""minimoe: fine-tune Mixture-of-Experts LMs with adapters that change shape while they train.
 
-from .adapter_base import Adapter, AdapterError
-from .adapter_io import save_adapter
-from .config import PRESETS, ModelConfig, preset
-from .generate import KVCache, generate
-from .hf import CheckpointError, from_pretrained
-from .expert_lora import ResizableLoRAExpert
-from .lora import LoRALinear
-from .lora_moe import PrunableLoRAMoE
-from .merge import export_merged, export_peft
-from .selected_experts import SelectedExperts
-from .model import CausalLM, ModelOutput
-from .routing import RouterOutput
-from .stats import RoutingStats
-from .tokenizer import Tokenizer, load_tokenizer
+Subpackages: ``model`` (the network), ``adapters`` (the layers that prune and grow, and their optimizer
+state), ``train`` (the loop, run directory, checkpoints, routing statistics), ``policies`` (EPnG, DMEP and
+the baselines), ``eval`` (benchmarks and graders). ``lm.CausalLM`` joins the network and its adapter
+methods; the modules at the top are commands (``python -m minimoe.bench|convert|export|tiny|plots|reproduce``)
+and two small utilities (``files``, ``options``).
+"""
+
+from .adapters import optim
+from .adapters.base import Adapter, AdapterError
+from .adapters.expert_lora import ResizableLoRAExpert
+from .adapters.export import export_merged, export_peft
+from .adapters.io import save_adapter
+from .adapters.lora import LoRALinear
+from .adapters.lora_moe import PrunableLoRAMoE
+from .adapters.selected import SelectedExperts
+from .lm import CausalLM, from_pretrained
+from .model.config import PRESETS, ModelConfig, preset
+from .model.generate import KVCache, generate
+from .model.hf import CheckpointError
+from .model.model import ModelOutput, Transformer
+from .model.routing import RouterOutput
+from .model.tokenizer import Tokenizer, load_tokenizer
+from .policies.stats import RoutingStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "SelectedExperts", "export_merged", "export_peft", "save_adapter",
     "CausalLM", "CheckpointError", "KVCache", "LoRALinear", "ModelConfig", "ModelOutput", "PRESETS",
-    "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput", "RoutingStats",
-    "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "preset",
+    "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput", "RoutingStats", "Transformer",
+    "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "optim", "preset",
 ]

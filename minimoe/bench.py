@@ -93,9 +93,9 @@ def _save_checkpoint(shape: dict, directory: Path, seed: int) -> None:
     """A random checkpoint in the Hub layout, written by minimoe's own model (no transformers needed)."""
     from safetensors.torch import save_file
 
-    from .config import ModelConfig
-    from .hf import to_hub_state_dict
-    from .model import CausalLM
+    from .model.config import ModelConfig
+    from .model.hf import to_hub_state_dict
+    from .lm import CausalLM
 
     config = ModelConfig.from_hf_config(shape)
     torch.manual_seed(seed)
@@ -108,7 +108,7 @@ def _setup(route: str, directory: Path, device: str, dtype: torch.dtype):
     """Load the checkpoint for ``route`` and attach what it trains; returns (model, trainable params)."""
     library, impl, setup, _ = ROUTES[route]
     if library == "minimoe":
-        from .hf import from_pretrained
+        from .lm import from_pretrained
 
         model = from_pretrained(directory, dtype=dtype, device=device)
         model.set_experts_implementation(impl)

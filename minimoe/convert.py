@@ -27,7 +27,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from .files import atomic_dir, check_destination
-from .hf import CONVERTED_WEIGHTS, TOKENIZER_FILES, from_pretrained, resolve
+from .lm import from_pretrained
+from .model.hf import CONVERTED_WEIGHTS, TOKENIZER_FILES, resolve
 
 LAYOUT = "minimoe"
 LAYOUT_VERSION = 2  # 1: stacked keys in model.safetensors, Hub architectures (still loads; transformers misread it)

@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .adapter_base import AdapterError
-from .adapter_io import adapter_base_model
+from .adapters.base import AdapterError
+from .adapters.io import adapter_base_model
 from .files import check_destination
-from .merge import export_merged, export_peft, merged_state_dict, peft_tensors
+from .adapters.export import export_merged, export_peft, merged_state_dict, peft_tensors
 
 __all__ = ["export_merged", "export_peft", "main", "merged_state_dict", "peft_tensors"]
 
 
 def main(argv=None) -> int:
-    from .hf import from_pretrained
+    from .lm import from_pretrained
 
     p = argparse.ArgumentParser(prog="python -m minimoe.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

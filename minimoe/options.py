@@ -1,7 +1,7 @@
 """Options as dataclass fields that carry their ``--help`` text and choices, and the argparse flags made
 from them: one definition for the defaults, the command line, TOML files and the checks.
 
-``TrainConfig`` (``train_config.py``) and every policy's ``Config`` declare their fields with ``option``;
+``TrainConfig`` (``train/config.py``) and every policy's ``Config`` declare their fields with ``option``;
 ``add_arguments`` turns a dataclass into flags (``--max-len``, ``--epng-alpha``) whose values are None
 unless given, so that merging layers (defaults < TOML < command line) can tell "given" from "default".
 """

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .hf import write_hub_checkpoint
+from .model.config import ModelConfig
+from .model.hf import write_hub_checkpoint
 from .files import DestinationExists, atomic_dir, check_destination
-from .model import CausalLM
-from .tokenizer import Tokenizer
+from .lm import CausalLM
+from .model.tokenizer import Tokenizer
 
 TINY_CONFIG = dict(model_type="olmoe", vocab_size=1024, hidden_size=128, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=4, intermediate_size=128, num_experts=8,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import minimoe
-from minimoe.adapter_base import KINDS, Adapter, adapters_of, base_state_dict
+from minimoe.adapters.base import KINDS, Adapter, adapters_of, base_state_dict
 
 ATTACH = {  # kind -> (preset, attach the adapter with generator g)
     "expert_lora": ("tiny-olmoe", lambda m, g: m.add_expert_lora(rank=4, alpha=8, generator=g)),

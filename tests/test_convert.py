@@ -14,7 +14,7 @@ import minimoe
 import minimoe.convert as convert_mod
 from minimoe.convert import convert, main
 from minimoe.files import DestinationExists
-from minimoe.hf import CONVERTED_WEIGHTS
+from minimoe.model.hf import CONVERTED_WEIGHTS
 
 IDS = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(0))
 

@@ -9,7 +9,7 @@ import torch
 
 import minimoe
 
-from minimoe.data import tiny_arith_split
+from minimoe.train.data import tiny_arith_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluate  # noqa: E402
@@ -130,7 +130,7 @@ def test_short_run_on_the_embedded_default_then_eval(tmp_path, capsys):
 
 
 def test_code_is_taken_from_fenced_blocks_of_any_tag():
-    from minimoe.evaluation import clean_code
+    from minimoe.eval.runners import clean_code
 
     code = "def f():\n    return 1\n"
     for tag in ("python", "py", "Python", ""):
@@ -141,8 +141,8 @@ def test_code_is_taken_from_fenced_blocks_of_any_tag():
 
 
 def test_perplexity_windows_fit_the_model_context():
-    from minimoe.evaluation import perplexity
-    from minimoe.tokenizer import byte_tokenizer
+    from minimoe.eval.runners import perplexity
+    from minimoe.model.tokenizer import byte_tokenizer
 
     torch.manual_seed(0)
     tok = byte_tokenizer()
@@ -174,7 +174,7 @@ def test_default_out_is_per_thing_evaluated_and_checked_before_evaluating(tmp_pa
 @pytest.fixture
 def reverse_task():
     """A toy benchmark, registered for one test: adding a task is a subclass and one register() call."""
-    from minimoe.tasks import TASKS, Task, register
+    from minimoe.eval.tasks import TASKS, Task, register
 
     class Reverse(Task):
         def prompt(self, row, tok):
@@ -191,8 +191,8 @@ def reverse_task():
 
 
 def test_a_registered_task_is_scored_by_eval_py(tmp_path, reverse_task, capsys):
-    from minimoe.evaluation import TASKS, task_prompt
-    from minimoe.tasks import register
+    from minimoe.eval.runners import TASKS, task_prompt
+    from minimoe.eval.tasks import register
 
     assert "reverse" in TASKS and task_prompt("reverse", {"text": "ab"}, None) == "Reverse: ab"
     assert "reverse a string" in evaluate.build_parser().format_help()
@@ -222,7 +222,8 @@ def test_a_registered_task_is_scored_by_eval_py(tmp_path, reverse_task, capsys):
 
 def test_the_registry_holds_the_builtin_tasks_in_order():
     """What eval.py offers; also checks that a test's toy task was taken out again."""
-    from minimoe import evaluation, tasks
+    from minimoe.eval import runners as evaluation
+    from minimoe.eval import tasks
 
     names = ("gsm8k", "math", "mc", "humaneval", "mbpp", "perplexity", "tiny-arith")
     assert evaluation.TASKS == names and tuple(tasks.TASKS) == names

@@ -8,9 +8,9 @@ import torch
 
 import minimoe
 from minimoe import optim
-from minimoe.expert_lora import ResizableLoRAExpert
-from minimoe.lora import kaiming_rows
-from minimoe.moe import Groups, StackedLinear
+from minimoe.adapters.expert_lora import ResizableLoRAExpert
+from minimoe.adapters.lora import kaiming_rows
+from minimoe.model.moe import Groups, StackedLinear
 
 AdamW = getattr(minimoe, "AdamW", torch.optim.AdamW)
 

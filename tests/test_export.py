@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minimoe
-from minimoe.adapter_io import AdapterError
+from minimoe.adapters.io import AdapterError
 from minimoe.files import DestinationExists
 
 IDS = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(0))
@@ -284,7 +284,7 @@ def _peft_logits(directory, adapter):
 def test_exports_refuse_an_existing_destination_before_building_anything(hf_checkpoint, tmp_path, monkeypatch,
                                                                          capsys):
     import minimoe.export as export_mod
-    import minimoe.hf as hf_mod
+    import minimoe.model.hf as hf_mod
 
     _, directory = hf_checkpoint("olmoe")
     model = _epng_like(directory)
@@ -377,7 +377,7 @@ def test_esft_adapter_round_trip(hf_checkpoint, tmp_path):
 def test_an_adapter_finds_its_base_after_the_project_moves(hf_checkpoint, tmp_path):
     import shutil
 
-    from minimoe.adapter_io import adapter_base_model
+    from minimoe.adapters.io import adapter_base_model
     from minimoe.export import main
 
     _, directory = hf_checkpoint("olmoe")
@@ -394,7 +394,7 @@ def test_an_adapter_finds_its_base_after_the_project_moves(hf_checkpoint, tmp_pa
 
 
 def test_adapters_saved_with_the_first_fingerprint_still_load(hf_checkpoint, tmp_path):
-    from minimoe.adapter_io import fingerprint
+    from minimoe.adapters.io import fingerprint
 
     _, directory = hf_checkpoint("olmoe")
     model = _epng_like(directory)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import minimoe
-from minimoe.expert_lora import ResizableLoRAExpert
-from minimoe.moe import Groups, StackedLinear
+from minimoe.adapters.expert_lora import ResizableLoRAExpert
+from minimoe.model.moe import Groups, StackedLinear
 
 
 def _hf_grads(hf, ids, labels):

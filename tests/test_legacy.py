@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import minimoe
-from minimoe.adapter_io import read_adapter
+from minimoe.adapters.io import read_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402

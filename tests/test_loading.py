@@ -175,7 +175,7 @@ def test_hub_key_writer_round_trips_and_transformers_reads_it(name, tmp_path):
     """to_hub_state_dict is the exact inverse of the loader's key map, and transformers agrees."""
     from transformers import AutoModelForCausalLM
 
-    from minimoe.hf import to_hub_state_dict
+    from minimoe.model.hf import to_hub_state_dict
 
     torch.manual_seed(0)
     model = minimoe.CausalLM(minimoe.preset(name)).eval()
@@ -238,7 +238,7 @@ def test_generation_config_pad_id_is_for_generate_not_the_embedding(hf_checkpoin
     ours, ref = model.embed_tokens.weight.grad[5], hf.model.embed_tokens.weight.grad[5]
     assert ref.abs().sum() > 0 and torch.allclose(ours, ref, atol=1e-5)
     # a finished row is filled with generation_config's pad id, as transformers does
-    gen = importlib.import_module("minimoe.generate")  # (minimoe.generate is also a function name)
+    gen = importlib.import_module("minimoe.model.generate")  # (minimoe.generate is the function)
 
     script = iter([torch.tensor([7, 9]), torch.tensor([9, 9]), torch.tensor([9, 7])])
     real = gen.sample_next

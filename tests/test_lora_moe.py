@@ -6,9 +6,9 @@ from torch import nn
 
 import minimoe
 from minimoe import optim
-from minimoe.lora_moe import PrunableLoRAMoE
-from minimoe.routing import collecting_routes, routing_token_mask
-from minimoe.stats import RoutingStats
+from minimoe.adapters.lora_moe import PrunableLoRAMoE
+from minimoe.model.routing import collecting_routes, routing_token_mask
+from minimoe.policies.stats import RoutingStats
 
 # factory, state tensors shaped like the parameter (moments), bytes of scalar state per parameter
 OPTIMIZERS = {

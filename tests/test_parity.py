@@ -119,7 +119,7 @@ def test_grouped_path_equals_loop_path(hf_checkpoint, variant):
 
 
 def test_grouped_mm_handles_experts_with_no_tokens():
-    from minimoe.moe import Groups, grouped_linear
+    from minimoe.model.moe import Groups, grouped_linear
 
     w = torch.randn(5, 8, 16)
     counts = torch.tensor([3, 0, 4, 0, 2])
@@ -190,7 +190,7 @@ def test_generation_stops_at_any_eos_and_pads(hf_checkpoint):
 
 
 def test_sampling_is_seeded_and_top_p_restricts_support():
-    from minimoe.generate import sample_next
+    from minimoe.model.generate import sample_next
 
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]]).repeat(500, 1)
     a = sample_next(logits, True, 1.0, 0.9, generator=torch.Generator().manual_seed(0))
@@ -205,7 +205,7 @@ def test_sampling_is_seeded_and_top_p_restricts_support():
 def test_top_p_keeps_what_transformers_keeps_at_the_boundary():
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from minimoe.generate import sample_next
+    from minimoe.model.generate import sample_next
 
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]])).repeat(2000, 1)
     for top_p in (0.5, 0.75, 0.9, 1e-9):  # boundaries where the cumulative mass equals top_p exactly

@@ -9,10 +9,10 @@ import torch
 from test_training import _lines, _run, train
 
 import minimoe
-from minimoe.data import Dataset
+from minimoe.train.data import Dataset
 from minimoe.policies import Context, EPnG
-from minimoe.tokenizer import byte_tokenizer
-from minimoe.trainer import TrainConfig, Trainer
+from minimoe.model.tokenizer import byte_tokenizer
+from minimoe.train.trainer import TrainConfig, Trainer
 
 
 def test_epng_prunes_the_least_and_grows_the_most_important(tmp_path):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import minimoe
-from minimoe.run_dir import EVENTS, METRICS, RunDir, RunDirError
-from minimoe.train_config import TrainConfig, build_parser, resolve
-from minimoe.trainer import Trainer
+from minimoe.train.run_dir import EVENTS, METRICS, RunDir, RunDirError
+from minimoe.train.config import TrainConfig, build_parser, resolve
+from minimoe.train.trainer import Trainer
 
 
 def test_logs_summary_and_truncation(tmp_path):
@@ -47,7 +47,7 @@ def test_a_silent_run_directory_writes_nothing(tmp_path):
 
 
 def test_a_trainer_with_a_silent_run_directory_trains_and_writes_nothing(tmp_path, monkeypatch):
-    import minimoe.trainer as trainer_mod
+    import minimoe.train.trainer as trainer_mod
 
     monkeypatch.setattr(trainer_mod, "RunDir", lambda path: RunDir(path, writer=False))
     c = TrainConfig(policy="esft", model="tiny-olmoe", out=str(tmp_path / "quiet"), steps=2, batch_size=2,

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from minimoe.sandbox import humaneval_program, mbpp_program, run_program
-from minimoe.scoring import (
+from minimoe.eval.sandbox import humaneval_program, mbpp_program, run_program
+from minimoe.eval.scoring import (
     extract_choice,
     extract_gsm8k,
     gsm8k_correct,

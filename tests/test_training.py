@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 import minimoe
 from minimoe import optim
-from minimoe.data import Dataset, encode_pair, read_jsonl
+from minimoe.train.data import Dataset, encode_pair, read_jsonl
 from minimoe.policies import DMEP, Context, EPnG
 from minimoe.policies.esft import SelectedExperts, normalize_scores, top_p_selection
-from minimoe.stats import drift, gini, normalized_entropy
-from minimoe.tokenizer import byte_tokenizer
-from minimoe.trainer import TrainConfig, Trainer, TrainingError
+from minimoe.policies.stats import drift, gini, normalized_entropy
+from minimoe.model.tokenizer import byte_tokenizer
+from minimoe.train.trainer import TrainConfig, Trainer, TrainingError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
@@ -461,7 +461,7 @@ def test_resume_with_more_steps_follows_the_new_schedule_at_once(tmp_path):
 
 
 def test_a_failed_checkpoint_swap_keeps_the_previous_copy(tmp_path, monkeypatch):
-    from minimoe import checkpoint as ckpt
+    from minimoe.train import checkpoint as ckpt
     from minimoe.files import atomic_dir
 
     dst = tmp_path / "checkpoint"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..options import option  # noqa: F401  (policies declare their options with it)
-from ..stats import RoutingStats
+from .stats import RoutingStats
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     log: object = print  # one line for the user (the trainer's: above the progress bar, rank 0 only)
-    stats: RoutingStats = field(default_factory=RoutingStats)  # the run's routing statistics (see stats.py)
+    stats: RoutingStats = field(default_factory=RoutingStats)  # the run's routing statistics (see policies/stats.py)
 
 
 class Policy:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..stats import RoutingStats, drift, gini, normalized_entropy
+from .stats import RoutingStats, drift, gini, normalized_entropy
 from .base import Context, Policy, option
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..stats import RoutingStats
+from .stats import RoutingStats
 from .base import Context, Policy, option
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..selected_experts import SelectedExperts
-from ..stats import RoutingStats
+from ..adapters.selected import SelectedExperts
+from .stats import RoutingStats
 from .base import Context, Policy, option
 
 

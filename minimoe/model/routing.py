@@ -54,7 +54,7 @@ class RouterOutput:
 
 # --- the token mask of the current forward ----------------------------------------------------------
 # Which tokens count for routing statistics in the current forward (flattened (B·T,) 0/1 mask, or
-# None = all). Set by CausalLM.forward; read by modules that compute a load-balancing loss.
+# None = all). Set by the model's forward; read by modules that compute a load-balancing loss.
 _TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("minimoe_token_mask", default=None)
 
 

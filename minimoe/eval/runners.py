@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .data import prompt_text
+from ..train.data import prompt_text
 from .tasks import CODE_STOPS, GENERATE, OPTION_LOGLIK, PERPLEXITY, Task, get_task, read_rows
 from .tasks import TASKS as _REGISTRY
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import optim
-from .adapter_base import Adapter, on_meta
+from .base import Adapter, on_meta
 from .lora import check_scaling, kaiming_rows, orthogonal_rows
-from .moe import Groups, StackedLinear, _compute_dtype, grouped_linear, use_grouped_mm
+from ..model.moe import Groups, StackedLinear, _compute_dtype, grouped_linear, use_grouped_mm
 
 
 class _ExpertChunks(nn.Module):
@@ -386,7 +386,7 @@ class ResizableLoRAExpert(Adapter):
             raise ValueError(f"expert indices {bad} out of range 0..{self.num_experts - 1}")
         return experts
 
-    # --- protocol (adapter_base) -------------------------------------------------------------------
+    # --- protocol (adapters/base.py) -------------------------------------------------------------------
     def spec(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "scaling": self.scaling, "ranks": self.ranks.tolist(),
                 "chunks": self.chunk_layout()}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer
 
 FORMATS = {
     "metamathqa": ("query", "response"),

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import AdapterMixin
 from .config import ModelConfig
 from .moe import IMPLEMENTATIONS, MLP, SparseMoeBlock, StackedLinear, TopKRouter
 from .routing import LoadBalancingLoss, RouterOutput, collecting_routes, routing_token_mask
@@ -154,7 +153,7 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class ModelOutput:
-    """What ``CausalLM.forward`` returns.
+    """What ``Transformer.forward`` (``CausalLM.forward``) returns.
 
     Attributes:
         logits: ``(B, T, V)`` in the model dtype.
@@ -176,9 +175,10 @@ class ModelOutput:
     adapter_router: list[RouterOutput] | None = None
 
 
-class CausalLM(AdapterMixin, nn.Module):
-    """The model: ``embed_tokens → layers → norm → lm_head``. Build with ``CausalLM(config)``
-    (random init) or load with ``minimoe.from_pretrained``."""
+class Transformer(nn.Module):
+    """The network: ``embed_tokens → layers → norm → lm_head``. ``minimoe.CausalLM`` is this class with the
+    model-level adapter methods (``adapters/attach.py``); build it with ``minimoe.CausalLM(config)`` (random
+    init) or load it with ``minimoe.from_pretrained``. Nothing here knows about adapters."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

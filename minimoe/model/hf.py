@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .model import CausalLM
+from .model import Transformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # minimoe's converted layout (``python -m minimoe.convert``) keeps its weights under this name, not
@@ -228,8 +228,10 @@ def _with_generation_config(config: ModelConfig, file: Path) -> ModelConfig:
 
 
 def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None, revision: str | None = None) -> CausalLM:
-    """Load a checkpoint of a supported family from a local directory or the Hub.
+                    device: torch.device | str | None = None, revision: str | None = None,
+                    cls: type[Transformer] = Transformer) -> Transformer:
+    """Load a checkpoint of a supported family from a local directory or the Hub (``minimoe.from_pretrained``
+    is this with ``cls=minimoe.CausalLM``, the network with its adapter methods).
 
     Args:
         path_or_repo_id: directory with ``config.json`` and safetensors, or a Hub id.
@@ -237,6 +239,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str
             float32 if none.
         device: where the parameters live (default CPU).
         revision: Hub branch, tag or commit.
+        cls: the model class to build (a ``Transformer`` subclass).
     """
     directory = resolve(path_or_repo_id, revision)
     config = ModelConfig.from_json(directory / "config.json").replace(name_or_path=str(path_or_repo_id))
@@ -252,7 +255,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str
     files = checkpoint_files(directory)
 
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = cls(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     # tied configs may still ship their own lm_head.weight (Qwen3-0.6B does); transformers v5 then uses it
     optional = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_base import Adapter, on_meta
-from .moe import _compute_dtype
+from .base import Adapter, on_meta
+from ..model.moe import _compute_dtype
 
 
 def kaiming_rows(rows: int, in_features: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -90,7 +90,7 @@ class LoRALinear(Adapter):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
 
-    # --- protocol (adapter_base) -------------------------------------------------------------------
+    # --- protocol (adapters/base.py) -------------------------------------------------------------------
     def spec(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "scaling": self.scaling}
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapter_base import Adapter, adapters_of, replace_module
-from .files import atomic_dir, previous_copy
+from ..adapters.base import Adapter, adapters_of, replace_module
+from ..files import atomic_dir, previous_copy
 
 CHECKPOINT = "checkpoint"
 

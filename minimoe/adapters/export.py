@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter_base import AdapterError, adapters_of, base_state_dict
-from .files import atomic_dir, check_destination
-from .hf import resolve, write_hub_checkpoint
+from .base import AdapterError, adapters_of, base_state_dict
+from ..files import atomic_dir, check_destination
+from ..model.hf import resolve, write_hub_checkpoint
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@
         metrics line; checkpoint every save_every steps
 
 Every file goes through the run directory (``run_dir.RunDir``): what it is asked for (TrainConfig) is in
-``train_config.py``; the routing statistics every policy decides from are one ``stats.RoutingStats``.
+``config.py``; the routing statistics every policy decides from are one ``policies.stats.RoutingStats``.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import preset
+from ..model.config import preset
 from .data import Dataset, load_pairs
-from .hf import from_pretrained, resolve
-from .model import CausalLM
-from .options import check_choices
-from .policies import Context, Policy, make_policy
+from ..lm import CausalLM, from_pretrained
+from ..model.hf import resolve
+from ..options import check_choices
+from ..policies import Context, Policy, make_policy
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
-from .stats import RoutingStats
-from .tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
-from .train_config import DTYPES, TrainConfig, default_model, is_preset
+from ..policies.stats import RoutingStats
+from ..model.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
+from .config import DTYPES, TrainConfig, default_model, is_preset
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "cosine_schedule", "load_model_and_tokenizer"]
 

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .files import atomic_dir, write_text_atomic
+from ..files import atomic_dir, write_text_atomic
 
 ARGS, METRICS, EVENTS, SUMMARY = "args.json", "metrics.jsonl", "events.jsonl", "summary.json"
 LOGS = (METRICS, EVENTS)
@@ -74,7 +74,7 @@ class RunDir:
         a crash never leaves a ``base/`` that looks complete."""
         if not self.writer:
             return
-        from .hf import write_hub_checkpoint
+        from ..model.hf import write_hub_checkpoint
 
         with atomic_dir(self.base_dir) as tmp:
             write_hub_checkpoint(model, state, tmp, source=None)
@@ -143,9 +143,9 @@ class RunDir:
     def export(self, model) -> Path:
         """The run's fine-tune in a loadable form: ``adapter/`` (adapters, ESFT experts) or ``model/``
         (full fine-tuning, Hub layout)."""
-        from .adapter_base import adapters_of
-        from .adapter_io import save_adapter
-        from .merge import export_merged
+        from ..adapters.base import adapters_of
+        from ..adapters.io import save_adapter
+        from ..adapters.export import export_merged
 
         adapted = bool(adapters_of(model))
         path = self.path / ("adapter" if adapted else "model")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter_base import Adapter, on_meta
-from .moe import Groups, StackedLinear, grouped_linear
+from .base import Adapter, on_meta
+from ..model.moe import Groups, StackedLinear, grouped_linear
 
 
 class SelectedExperts(Adapter):
@@ -53,7 +53,7 @@ class SelectedExperts(Adapter):
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, " \
                f"selected={self.selected.tolist()}"
 
-    # --- protocol (adapter_base) -------------------------------------------------------------------
+    # --- protocol (adapters/base.py) -------------------------------------------------------------------
     def spec(self) -> dict:
         return {"selected": self.selected.tolist()}
 

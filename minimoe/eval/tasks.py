@@ -39,12 +39,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from .data import prompt_text, tiny_arith_split
+from ..train.data import prompt_text, tiny_arith_split
 from .sandbox import humaneval_program, mbpp_program, run_program
 from .scoring import extract_choice, gsm8k_correct, math_correct, pass_at_k
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from ..model.tokenizer import Tokenizer
 
 # How a task is scored with a model (Task.scoring): the runners of minimoe.evaluation behind each.
 GENERATE = "generate"  # sample completions, then grade each one (the only kind --completions can score)

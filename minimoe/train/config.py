@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import PRESETS
-from .options import add_arguments, option
-from .policies import POLICIES
+from ..model.config import PRESETS
+from ..options import add_arguments, option
+from ..policies import POLICIES
 
 # With no --model, train.py fine-tunes the shipped tiny model (``embedded``) on tiny-arith with the papers'
 # methods at a scale that finishes in minutes on a CPU (flags given explicitly still win). EPnG keeps the

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import optim
-from .adapter_base import Adapter, AdapterError, on_meta
+from .base import Adapter, AdapterError, on_meta
 from .lora import check_scaling, kaiming_rows, plain_linear
-from .moe import Dispatch, _compute_dtype, grouped_linear
-from .routing import LoadBalancingLoss, RouterOutput, current_token_mask, emit_route
+from ..model.moe import Dispatch, _compute_dtype, grouped_linear
+from ..model.routing import LoadBalancingLoss, RouterOutput, current_token_mask, emit_route
 
 
 class PrunableLoRAMoE(Adapter):
@@ -131,7 +131,7 @@ class PrunableLoRAMoE(Adapter):
         self.expert_ids = self.expert_ids[keep]
         self.top_k = min(self.top_k, len(keep))
 
-    # --- protocol (adapter_base) -------------------------------------------------------------------
+    # --- protocol (adapters/base.py) -------------------------------------------------------------------
     def spec(self) -> dict:
         return {"expert_ids": self.expert_ids.tolist(), "top_k": self.top_k, "rank": self.rank, "alpha": self.alpha,
                 "scaling": self.scaling, "renormalize": self.renormalize, "lb_enabled": self.lb_enabled}

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from . import optim
-from .adapter_base import adapters_of, replace_module
+from .base import adapters_of, replace_module
 from .expert_lora import ResizableLoRAExpert
 from .lora import LoRALinear
 from .lora_moe import PrunableLoRAMoE
-from .moe import SparseMoeBlock, StackedLinear
+from ..model.moe import SparseMoeBlock, StackedLinear
 
 EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -196,8 +196,8 @@ class AdapterMixin:
             mods[name].prune_experts(keep, optimizer)
 
     def load_adapter(self, directory, check_base: bool = True):
-        """Attach and load an adapter written by ``minimoe.save_adapter`` (see ``adapter_io``)."""
-        from .adapter_io import load_adapter
+        """Attach and load an adapter written by ``minimoe.save_adapter`` (see ``adapters/io.py``)."""
+        from .io import load_adapter
 
         return load_adapter(self, directory, check_base)
 

@@ -1,7 +1,7 @@
 """Adapter files: ``save_adapter(model, dir)`` and ``model.load_adapter(dir)``.
 
 ``dir/adapter_config.json`` says what the adapter is; ``dir/adapter.safetensors`` holds its tensors,
-``{module path}.{suffix}`` for each adapter's ``adapter_tensors()`` (see ``adapter_base``):
+``{module path}.{suffix}`` for each adapter's ``adapter_tensors()`` (see ``adapters/base.py``):
 
     expert LoRA   {module}.lora_A.{e} [r_e, in], {module}.lora_B.{e} [out, r_e]   (experts with r_e > 0)
     LoRA          {module}.lora_A [r, in], {module}.lora_B [out, r]
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapter_base import KINDS, Adapter, AdapterError, adapters_of, base_state_dict, replace_module
+from .base import KINDS, Adapter, AdapterError, adapters_of, base_state_dict, replace_module
 from .expert_lora import ResizableLoRAExpert
-from .files import atomic_dir
+from ..files import atomic_dir
 from .lora import LoRALinear
 from .lora_moe import PrunableLoRAMoE
-from .selected_experts import SelectedExperts
+from .selected import SelectedExperts
 
 FORMAT = "minimoe-adapter"
 CONFIG, WEIGHTS = "adapter_config.json", "adapter.safetensors"
