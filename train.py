@@ -13,7 +13,9 @@ its paper's value and is printed at start; flags are --<policy>-<option>.
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from minimoe.train.config import TrainConfig, resolve as resolve_config
@@ -39,44 +41,77 @@ def task_score(trainer: Trainer, limit: int) -> float:
     return grade("tiny-arith", rows, completions)[0]["exact_match"]
 
 
+def fail(message: str, code: int) -> int:
+    """Report an error and end this process. With several processes (torchrun), the failing one names itself
+    and leaves at once (``os._exit``: nothing waits on the others, which torchrun then stops within a
+    fraction of a second), so no rank hangs until a collective times out."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
+    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    if world > 1:
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def lost_peer(e: Exception) -> bool:
+    """Whether a collective failed because another process is gone (it has reported its own error)."""
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
+    text = str(e)
+    return isinstance(e, kinds) or "Connection reset by peer" in text or "Connection closed by peer" in text
+
+
 def main(argv=None) -> int:
     config = resolve(argv)
     try:
         trainer = Trainer(config)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    c = trainer.config
-    print(f"{trainer.policy.describe()}")
-    print(f"model {c.model} ({trainer.model.config.model_type}, {trainer.model.num_parameters():,} parameters) | "
-          f"data {c.data} ({len(trainer.data)} examples, {trainer.steps_per_epoch} steps/epoch) | "
-          f"{c.steps} steps x {c.batch_size * c.grad_accum} sequences, lr {c.lr}, {trainer.device} | "
-          f"run {trainer.run}" + (f" (resumed at step {trainer.step})" if c.resume else ""))
+        return fail(str(e), 2)
+    c, world = trainer.config, trainer.world
+    say = print if world.main else (lambda *a, **k: None)  # one process speaks
+    say(f"{trainer.policy.describe()}")
+    batch = (f"{c.batch_size} x {c.grad_accum} accumulation x {world.size} processes = {trainer.global_batch} "
+             "sequences" if world.distributed else f"{c.batch_size * c.grad_accum} sequences")
+    say(f"model {c.model} ({trainer.model.config.model_type}, {trainer.model.num_parameters():,} parameters) | "
+        f"data {c.data} ({len(trainer.data)} examples, {trainer.steps_per_epoch} steps/epoch) | "
+        f"{c.steps} steps x {batch}, lr {c.lr}, {trainer.device} | "
+        f"run {trainer.run}" + (f" (resumed at step {trainer.step})" if c.resume else ""))
     if trainer.model.num_adapter_parameters():
-        print(trainer.model.adapter_summary())
+        say(trainer.model.adapter_summary())
     else:
-        print(f"trainable: {trainer.model.num_parameters(trainable_only=True):,} parameters ({c.policy})")
-    score = c.data == "tiny-arith" and c.eval_limit > 0
+        say(f"trainable: {trainer.model.num_parameters(trainable_only=True):,} parameters ({c.policy})")
+    score = c.data == "tiny-arith" and c.eval_limit > 0 and world.main  # scored by the first process only
     before = task_score(trainer, c.eval_limit) if score and not c.resume else None
     if before is not None:
-        print(f"tiny-arith test exact match before fine-tuning: {before:.3f} ({c.eval_limit} problems, greedy)")
+        say(f"tiny-arith test exact match before fine-tuning: {before:.3f} ({c.eval_limit} problems, greedy)")
     try:
         summary = trainer.train()
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), 1)
+    except Exception as e:  # any other failure: with several processes, this one must still leave at once
+        if not world.distributed:
+            raise
+        if lost_peer(e):
+            return fail("another process stopped (its error is above); stopping too", 1)
+        traceback.print_exc()
+        return fail(f"{type(e).__name__}: {e}", 1)
     if score and not summary.get("interrupted"):
         after = task_score(trainer, c.eval_limit)
         summary = trainer.run.update_summary(task_score_before=before, task_score_after=after)
-        print(f"tiny-arith test exact match: {'' if before is None else f'{before:.3f} -> '}{after:.3f}")
+        say(f"tiny-arith test exact match: {'' if before is None else f'{before:.3f} -> '}{after:.3f}")
+    world.barrier()  # the others wait for the first's scoring before the process group closes
+    world.close()
     if summary.get("events") and trainer.model.num_adapter_parameters():
-        print("after training:\n" + trainer.model.adapter_summary())
+        say("after training:\n" + trainer.model.adapter_summary())
     if summary.get("interrupted"):
         return 130
     tps = summary["tokens_per_s"]
-    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-          f"{summary['trainable_parameters']:,} trainable parameters, "
-          f"{f'{tps:,.0f} tokens/s' if tps else 'no new steps'}, {summary['events']} events -> {trainer.run}")
+    say(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+        f"{summary['trainable_parameters']:,} trainable parameters, "
+        f"{f'{tps:,.0f} tokens/s' if tps else 'no new steps'}"
+        f"{f' over {world.size} processes' if world.distributed else ''}, {summary['events']} events -> {trainer.run}")
     return 0
 
 

@@ -57,7 +57,7 @@ def test_trainer_feeds_statistics_only_the_counted_tokens(tmp_path, stats_tokens
     trainer = Trainer(c, show_progress=False)
     drawn = []
     next_batch = trainer.data.next_batch
-    trainer.data.next_batch = lambda n: drawn.append(next_batch(n)) or drawn[-1]
+    trainer.data.next_batch = lambda n, part=(0, 1): drawn.append(next_batch(n, part)) or drawn[-1]
     trainer.train_step()
     trainer.train_step()
     masks = [b.loss_mask if stats_tokens == "response" else b.attention_mask for b in drawn]

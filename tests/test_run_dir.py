@@ -49,7 +49,7 @@ def test_a_silent_run_directory_writes_nothing(tmp_path):
 def test_a_trainer_with_a_silent_run_directory_trains_and_writes_nothing(tmp_path, monkeypatch):
     import minimoe.train.trainer as trainer_mod
 
-    monkeypatch.setattr(trainer_mod, "RunDir", lambda path: RunDir(path, writer=False))
+    monkeypatch.setattr(trainer_mod, "RunDir", lambda path, writer=True: RunDir(path, writer=False))
     c = TrainConfig(policy="esft", model="tiny-olmoe", out=str(tmp_path / "quiet"), steps=2, batch_size=2,
                     save_every=1, eval_limit=0, policy_options={"sample_batches": 1})
     summary = Trainer(c, show_progress=False).train()

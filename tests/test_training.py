@@ -108,7 +108,7 @@ def test_dmep_lb_loss_survivors_and_exact_counts(tmp_path):
     trainer = Trainer(c, show_progress=False)
     seen = []
     original = trainer.policy.extra_loss
-    trainer.policy.extra_loss = lambda out: seen.append((trainer.step, out.adapter_aux_loss)) or original(out)
+    trainer.policy.extra_loss = lambda out, mask: seen.append((trainer.step, out.adapter_aux_loss)) or original(out, mask)
     params_before = opt_before = None
     while trainer.step < c.steps:
         if trainer.step == 4:

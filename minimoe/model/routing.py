@@ -154,6 +154,10 @@ class LoadBalancingLoss:
         self.probs = self.probs + (probs.float() * m).sum(0)
         self.tokens = self.tokens + m.sum()
 
-    def value(self) -> torch.Tensor:
-        tokens = self.tokens.clamp_min(1.0)  # no real token: 0, not NaN
-        return self.E * torch.sum((self.slots / tokens) * (self.probs / tokens))
+    def value(self, slots: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss; with ``slots``/``tokens`` summed over several processes, this process's share of the
+        loss over all of them (its own probabilities, the global f and token count): the shares add up to
+        the loss of the whole batch, and so do their gradients."""
+        slots = self.slots if slots is None else slots
+        tokens = (self.tokens if tokens is None else tokens).clamp_min(1.0)  # no real token: 0, not NaN
+        return self.E * torch.sum((slots / tokens) * (self.probs / tokens))

@@ -4,6 +4,7 @@ at optimizer-step boundaries through the model's own methods (it never edits ten
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,10 @@ from torch import nn
 
 from ..options import option  # noqa: F401  (policies declare their options with it)
 from .stats import RoutingStats
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 @dataclass
@@ -25,6 +30,12 @@ class Context:
     seed: int = 0
     log: object = print  # one line for the user (the trainer's: above the progress bar, rank 0 only)
     stats: RoutingStats = field(default_factory=RoutingStats)  # the run's routing statistics (see policies/stats.py)
+    part: tuple[int, int] = (0, 1)  # (rank, processes): this process's part of every global batch
+    all_reduce: Callable = field(default=_same)  # sums a tensor over the processes, in place (one process: t)
+
+    def next_batch(self):
+        """This process's part of the next global batch of training data, on the device."""
+        return self.dataset.next_batch(self.batch_size, self.part).to(self.device)
 
 
 class Policy:
@@ -49,8 +60,10 @@ class Policy:
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
-    def extra_loss(self, out) -> torch.Tensor | None:
-        """A loss added to the cross-entropy for this micro-batch (e.g. DMEP's LB loss)."""
+    def extra_loss(self, out, mask) -> torch.Tensor | None:
+        """A loss added to the cross-entropy for this micro-batch (e.g. DMEP's LB loss); ``mask (B, T)`` the
+        tokens that count. With several processes, return this process's share: the shares are summed
+        (their gradients are), so normalise by global counts (``Context.all_reduce``)."""
         return None
 
     def observe(self, out, mask) -> None:

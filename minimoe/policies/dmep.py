@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.routing import LoadBalancingLoss
 from .stats import RoutingStats, drift, gini, normalized_entropy
 from .base import Context, Policy, option
 
@@ -49,10 +50,11 @@ class DMEP(Policy):
         self.last: dict = {}
         self.stats = RoutingStats()
         self.log = print
+        self.all_reduce = lambda t: t  # the trainer's Context gives the sum over processes
 
     def setup(self, model, ctx: Context) -> None:
         c = self.config
-        self.stats, self.log = ctx.stats, ctx.log
+        self.stats, self.log, self.all_reduce = ctx.stats, ctx.log, ctx.all_reduce
         model.add_lora_moe(c.num_experts, c.top_k, c.rank, c.lora_alpha, c.targets, generator=self.generator)
         self.prune_step = c.prune_step or ctx.steps_per_epoch
         if self.pruned_at is not None:  # resumed after pruning: the LB loss stays off
@@ -62,10 +64,24 @@ class DMEP(Policy):
     def trainable_parameters(self, model):
         return model.adapter_parameters()
 
-    def extra_loss(self, out):
-        if self.pruned_at is None and out.adapter_aux_loss is not None:
-            return self.config.lb_coef * out.adapter_aux_loss
-        return None
+    def extra_loss(self, out, mask):
+        """``lb_coef · Σ_modules E · Σ_i f_i · P_i`` until the prune, over the tokens of ``mask`` of the whole
+        (global) micro-batch: f and the token count are summed over the processes, P is this process's share
+        (see ``LoadBalancingLoss.value``). In one process it equals ``out.adapter_aux_loss``."""
+        if self.pruned_at is not None or not out.adapter_router:
+            return None
+        losses = []
+        for route in out.adapter_router:
+            lb = LoadBalancingLoss(route.probs.shape[-1], route.experts.shape[-1], mask)
+            lb.add_routing(route.probs, route.experts)
+            losses.append(lb)
+        counts = self.all_reduce(torch.cat([torch.cat([lb.slots, lb.tokens.reshape(1)]) for lb in losses]).detach())
+        shares, offset = [], 0
+        for lb in losses:
+            E = lb.slots.numel()
+            shares.append(lb.value(counts[offset:offset + E], counts[offset + E]))
+            offset += E + 1
+        return self.config.lb_coef * torch.stack(shares).sum()
 
     def module_metrics(self, model) -> dict[str, dict]:
         """Gini, normalised entropy and drift of every module's counts over the last interval."""

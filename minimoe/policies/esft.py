@@ -88,7 +88,7 @@ class ESFT(Policy):
         stats = RoutingStats()  # its own: the scoring pass is not training
         try:
             for _ in range(self.config.sample_batches):
-                batch = data.next_batch(ctx.batch_size).to(ctx.device)
+                batch = ctx.next_batch()  # several processes: each scores its part of the global batch
                 out = model(batch.input_ids, attention_mask=batch.attention_mask, output_router=True)
                 stats.observe(out, batch.loss_mask)
             stats.sync()  # several processes: every rank scored its own batches

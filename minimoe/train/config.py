@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,25 @@ def _read_toml(path: Path, fail) -> tuple[dict, dict]:
     return train, options
 
 
+def processes() -> int:
+    """How many training processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _resumed_batch_size(run, batch_size: int, saved_world: int, given: bool, fail) -> int:
+    """A run resumed on another number of processes keeps its global batch: the per-process batch becomes
+    ``batch_size * saved_world / world`` (unless --batch-size is given again), or the resume is refused."""
+    world = processes()
+    if world == saved_world or given:
+        return batch_size
+    global_batch = batch_size * saved_world
+    if global_batch % world:
+        fail(f"--resume {run}: the run's micro-batches hold {global_batch} sequences ({saved_world} processes x "
+             f"--batch-size {batch_size}), which {world} processes cannot share evenly; pass --batch-size "
+             f"(and --grad-accum) to choose a new global batch")
+    return global_batch // world
+
+
 def resolve(argv=None, embedded: Path | None = None, description: str | None = None) -> TrainConfig:
     """A TrainConfig from command-line arguments (see the module docstring for the layers).
 
@@ -140,9 +160,13 @@ def resolve(argv=None, embedded: Path | None = None, description: str | None = N
     resume = args.get("resume") or train.get("resume")
     if resume:  # a resumed run keeps its own arguments; flags given now override them
         try:
-            saved = ckpt.read_info(ckpt.locate(resume))["args"]
+            info = ckpt.read_info(ckpt.locate(resume))
         except FileNotFoundError as e:
             p.error(f"--resume {resume}: {e}")
+        saved = info["args"]
+        given_batch = args.get("batch_size") is not None or "batch_size" in train
+        saved["batch_size"] = _resumed_batch_size(resume, saved["batch_size"], info.get("world_size", 1),
+                                                  given_batch, p.error)
         saved_options = saved.pop("policy_options", {})
         for key in ("resume", "overwrite", "out", "stop_at"):
             saved.pop(key, None)

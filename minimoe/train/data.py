@@ -181,16 +181,23 @@ class Dataset:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.examples), generator=g).tolist()
 
-    def next_batch(self, batch_size: int) -> Batch:
-        """The next ``batch_size`` examples in order (crossing into the next epoch when needed), right-padded."""
+    def next_batch(self, batch_size: int, part: tuple[int, int] = (0, 1)) -> Batch:
+        """The next ``batch_size`` examples in order (crossing into the next epoch when needed), right-padded.
+
+        ``part=(rank, world)``: the order is that of the global batch of ``batch_size * world`` examples, which
+        every process draws alike (so the data position is the same everywhere); this process gets rows
+        ``rank * batch_size`` to ``(rank + 1) * batch_size``, padded to the global batch's width: exactly the
+        rows one process with the global batch would see."""
+        rank, world = part
         rows = []
-        while len(rows) < batch_size:
+        while len(rows) < batch_size * world:
             if self.index == len(self._order):
                 self.epoch, self.index = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
             rows.append(self.examples[self._order[self.index]])
             self.index += 1
         width = max(len(ids) for ids, _ in rows)
+        rows = rows[rank * batch_size:(rank + 1) * batch_size]
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)

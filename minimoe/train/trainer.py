@@ -34,6 +34,7 @@ from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
 from ..model.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 from .config import DTYPES, TrainConfig, default_model, is_preset
+from .distributed import World
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "cosine_schedule", "load_model_and_tokenizer"]
 
@@ -68,6 +69,15 @@ def cosine_schedule(optimizer, steps: int, warmup_ratio: float) -> torch.optim.l
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, steps - warm))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_memory_mb(device: str) -> float:
+    """This process's peak memory: allocated by torch on a GPU, resident set size on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def check_device(name: str) -> str:
@@ -111,7 +121,8 @@ class Trainer:
     # --- construction ------------------------------------------------------------------------------
     def _check(self) -> None:
         c = self.config
-        self.device = check_device(c.resolved_device())
+        self.world = World.from_env(c.device)  # torchrun: this process's rank; else rank 0 of 1
+        self.device = check_device(self.world.device(c.resolved_device()))
         try:
             check_choices(c)
         except ValueError as e:
@@ -120,7 +131,7 @@ class Trainer:
             # AdamW updates of bf16 weights round most small steps away; these policies train base weights
             raise TrainingError(f"--dtype {c.dtype} with --policy {c.policy}: the trained weights would be "
                                 "bf16 without fp32 master copies; use --dtype float32 (bf16 autocast runs on CUDA)")
-        self.run = RunDir(c.resume or c.out or f"runs/{c.policy}")
+        self.run = RunDir(c.resume or c.out or f"runs/{c.policy}", writer=self.world.main)
         if not c.resume:
             try:
                 self.run.check_new(c.overwrite)
@@ -144,7 +155,9 @@ class Trainer:
                              if self.preset and not c.resume else None)
         self.model.gradient_checkpointing = c.gradient_checkpointing
         self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)
-        self.steps_per_epoch = max(1, math.ceil(len(self.data) / (c.batch_size * c.grad_accum)))
+        self.part = (self.world.rank, self.world.size)  # this process's part of every global batch
+        self.global_batch = c.batch_size * c.grad_accum * self.world.size
+        self.steps_per_epoch = max(1, math.ceil(len(self.data) / self.global_batch))
         self.policy.generator.manual_seed(c.seed)
         if not c.resume:
             return None
@@ -160,7 +173,7 @@ class Trainer:
         c = self.config
         self.stats = RoutingStats()
         ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed, self._say,
-                      self.stats)
+                      self.stats, part=self.part, all_reduce=self.world.all_reduce)
         self.policy.setup(self.model, ctx)
         if saved is not None:
             ckpt.apply_layout(self.model, saved["info"]["layout"])
@@ -188,7 +201,8 @@ class Trainer:
         if self._preset_base is not None:
             self.run.write_preset_base(self.model, self._preset_base, self.tok)
         self._preset_base = None
-        self.run.write_args(self.config)
+        self.run.write_json("args.json", {**dataclasses.asdict(self.config), "world_size": self.world.size,
+                                          "global_batch": self.global_batch})
         for event in self.policy.start_events():
             self._event(event)
 
@@ -209,6 +223,7 @@ class Trainer:
     def save(self) -> Path:
         self.stats.sync()
         info = {"step": self.step, "policy": self.config.policy, "args": dataclasses.asdict(self.config),
+                "world_size": self.world.size, "global_batch": self.global_batch,
                 "data": self.data.state_dict(), "trainable": self.model.num_parameters(trainable_only=True)}
         state = {"policy": self.policy.state_dict(), "stats": self.stats.state_dict(), "data": self.data.state_dict()}
         return self.run.save_checkpoint(self.model, self.optimizer, self.scheduler, info, state)
@@ -234,11 +249,12 @@ class Trainer:
         model, opt = self.model, self.optimizer
         model.train()
         total, tokens, extra_total = 0.0, 0, 0.0
-        batches = [self.data.next_batch(c.batch_size).to(self.device) for _ in range(c.grad_accum)]
-        # each micro-batch's mean loss weighs by its share of the step's target tokens, so that
-        # --grad-accum G with --batch-size B trains like one batch of G*B
+        batches = [self.data.next_batch(c.batch_size, self.part).to(self.device) for _ in range(c.grad_accum)]
+        # each micro-batch's mean loss weighs by its share of the step's target tokens over every process, so
+        # that --grad-accum G with --batch-size B on N processes trains like one batch of G*B*N (the gradients
+        # are then summed over the processes)
         targets = [int((b.labels[:, 1:] != -100).sum()) for b in batches]
-        step_targets = sum(targets)
+        step_targets = self.world.sum(sum(targets), self.device)
         for micro, batch in enumerate(batches):
             weight = targets[micro] / max(1, step_targets)
             mask = batch.loss_mask if c.stats_tokens == "response" else batch.attention_mask
@@ -247,7 +263,7 @@ class Trainer:
                             output_router=self.policy.needs_router, token_mask=mask)
             # (a micro-batch with no target tokens, e.g. all prompt, contributes nothing, not a NaN mean)
             objective = out.loss * weight if targets[micro] else out.logits.sum() * 0.0
-            extra = self.policy.extra_loss(out)  # e.g. DMEP's LB loss: a mean per micro-batch
+            extra = self.policy.extra_loss(out, mask)  # e.g. DMEP's LB loss: a mean per micro-batch
             if extra is not None:
                 objective = objective + extra / c.grad_accum
                 extra_total += extra.item() / c.grad_accum
@@ -261,6 +277,8 @@ class Trainer:
             total += out.loss.item() * weight if targets[micro] else 0.0
             tokens += int(batch.attention_mask.sum())
         params = [p for g in opt.param_groups for p in g["params"]]
+        self.world.all_reduce_grads(params)  # several processes: the gradient of the global batch
+        total, extra_total, tokens = self.world.sum_all([total, extra_total, tokens], self.device)
         # the norm is taken even without clipping: a finite loss can still give inf/NaN gradients, and
         # stepping on them would put NaN weights into the next checkpoint
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf))
@@ -293,7 +311,8 @@ class Trainer:
         try:
             end = min(c.steps, c.stop_at) if c.stop_at else c.steps
             while self.step < end:
-                if self._stop_requested:
+                # several processes: a stop asked for on any of them stops all, at the same step boundary
+                if self.world.any(self._stop_requested, self.device):
                     raise KeyboardInterrupt
                 t = time.perf_counter()
                 self._in_step = True
@@ -324,12 +343,19 @@ class Trainer:
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
         bar.close()
+        trained = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not self.world.replicas_agree(trained):
+            raise TrainingError("the trained parameters differ between processes: the run is not data-parallel "
+                                "(a bug, or different code or data on some process); nothing was saved")
         path = self.save()
         elapsed = time.perf_counter() - t0
         summary = {"policy": c.policy, "model": c.model, "steps": self.step, "final_loss": record.get("loss"),
                    "trainable_parameters": self.model.num_parameters(trainable_only=True),
                    "total_parameters": self.model.num_parameters(),
+                   # tokens of every process (the metrics' tokens are already summed over them)
                    "tokens_per_s": tokens / elapsed if elapsed > 0 and self.step > start else None,
+                   "processes": self.world.size, "global_batch": self.global_batch, "replicas_agree": True,
+                   "peak_memory_mb": self.world.gather(peak_memory_mb(self.device)),  # per process, rank order
                    "events": self.run.count(EVENTS), "checkpoint": str(path)}
         summary["export"] = str(self.run.export(self.model))
         self.run.write_summary(summary)

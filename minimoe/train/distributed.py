@@ -1,0 +1,148 @@
+"""Several processes (``torchrun``): who this process is, and the few collectives training needs.
+
+``World.from_env()`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and starts the
+process group: NCCL with one GPU per process (``cuda:LOCAL_RANK``) on CUDA, gloo on CPU. Without torchrun
+(or with one process) it is ``World()``: rank 0 of 1, and every collective below returns its input.
+
+Data parallelism here is written with plain ``torch.distributed`` collectives rather than DDP, because the
+trained parameters change shape mid-run (prune/grow/slice): after the backward passes of a step, the
+gradients of the trainable parameters are summed across ranks in buckets (``all_reduce_grads``), built
+anew from the parameters of that step, so a resize needs no re-wrapping. The loss is normalised by the
+*global* number of target tokens before the backward, so summed gradients are exactly the gradient of the
+global batch (see ``Trainer.train_step``). What the sum costs against DDP: no overlap of communication
+with the backward pass — small for adapter gradients; fully fine-tuned weights go through FSDP
+(``fsdp.py``), whose reduce-scatter overlaps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+BUCKET_BYTES = 32 * 2**20  # gradients are summed in flat buckets of about this size
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """The process that writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @classmethod
+    def from_env(cls, device: str = "", timeout_s: float = 600.0) -> World:
+        """The world torchrun describes, with its process group started (idempotent); ``World()`` without
+        torchrun. ``device``: the ``--device`` asked for ("" = cuda if available); CUDA gets NCCL, CPU gloo."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device.startswith("cuda") or (not device and torch.cuda.is_available())
+        if not dist.is_initialized():
+            if use_cuda:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(rank, size, local_rank)
+
+    def device(self, asked: str) -> str:
+        """The device of this process: ``cuda:LOCAL_RANK`` when training on CUDA with several processes."""
+        if self.distributed and (asked.startswith("cuda")):
+            return f"cuda:{self.local_rank}"
+        return asked
+
+    # --- collectives (identity in one process) -----------------------------------------------------
+    def sum(self, value: float | int, device: str = "cpu") -> float:
+        """The sum of a number over all processes."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return type(value)(t.item()) if isinstance(value, int) else t.item()
+
+    def sum_all(self, values: list[float], device: str = "cpu") -> list[float]:
+        """Each number summed over all processes (one collective; ints stay ints)."""
+        if not self.distributed:
+            return values
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return [type(v)(x) for v, x in zip(values, t.tolist(), strict=True)]
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over all processes, in place (returned)."""
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def any(self, flag: bool, device: str = "cpu") -> bool:
+        """Whether any process says yes (e.g. a stop was requested on one of them)."""
+        return self.sum(int(bool(flag)), device) > 0
+
+    def gather(self, value, device: str = "cpu") -> list:
+        """``value`` of every process, in rank order (picklable objects)."""
+        if not self.distributed:
+            return [value]
+        out = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+    def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
+        """Sum the ``.grad`` of ``params`` over all processes, in flat buckets (a parameter without a gradient
+        on every rank is skipped on every rank: the same ``params`` list and grad pattern on all ranks)."""
+        if not self.distributed:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        bucket, size = [], 0
+        for g in grads:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            if size >= BUCKET_BYTES:
+                _reduce_bucket(bucket)
+                bucket, size = [], 0
+        if bucket:
+            _reduce_bucket(bucket)
+
+    def replicas_agree(self, params: list[torch.Tensor]) -> bool:
+        """Whether every process holds bit-identical ``params`` (a hash of their bytes, gathered)."""
+        if not self.distributed:
+            return True
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in params:
+            h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return len(set(self.gather(h.hexdigest()))) == 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _reduce_bucket(grads: list[torch.Tensor]) -> None:
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

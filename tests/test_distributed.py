@@ -1,0 +1,131 @@
+"""Several processes (torchrun, gloo on CPU): N processes with per-process batch b train exactly like one
+process with batch N·b — same prune/grow/slice decisions, same losses and adapters up to float reduction
+order, identical replicas; stop and resume with the same or another number of processes; a failing rank
+stops every rank."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+COMMON = ["--eval-limit", "0", "--seed", "0"]
+POLICIES = {
+    "epng": ["--policy", "epng", "--model", "tiny-olmoe", "--steps", "12", "--epng-warmup", "4",
+             "--epng-interval", "2"],
+    "dmep": ["--policy", "dmep", "--model", "tiny-qwen3", "--steps", "8", "--dmep-prune-step", "4",
+             "--dmep-log-interval", "2", "--dmep-num-experts", "4", "--dmep-rank", "4",
+             "--dmep-targets", "q_proj", "v_proj", "up_proj"],
+}
+
+
+def torchrun(nproc: int, args: list[str], script: str = "train.py", timeout: float = 240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / script), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _adapter(run):
+    return load_file(str(Path(run) / "adapter" / "adapter.safetensors"))
+
+
+def _same_training(a, b, exact=False):
+    """Two runs' per-step losses, event decisions and final adapters agree (bit for bit when ``exact``)."""
+    ma, mb = _lines(Path(a) / "metrics.jsonl"), _lines(Path(b) / "metrics.jsonl")
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert x["tokens"] == y["tokens"] and x["trainable"] == y["trainable"]
+        assert x["loss"] == y["loss"] if exact else abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]), x["step"]
+    decided = ("event", "step", "pruned", "grown", "ranks", "survivors", "params_after")
+    ea, eb = _lines(Path(a) / "events.jsonl"), _lines(Path(b) / "events.jsonl")
+    assert [{k: e.get(k) for k in decided} for e in ea] == [{k: e.get(k) for k in decided} for e in eb]
+    wa, wb = _adapter(a), _adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]) if exact else torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), k
+    return ea
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Per policy: 2 processes x batch 4, and 1 process x batch 8 (the same global batch)."""
+    out = {}
+    for policy, args in POLICIES.items():
+        base = tmp_path_factory.mktemp(policy)
+        two = torchrun(2, [*args, *COMMON, "--batch-size", "4", "--out", str(base / "two")])
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert train.main([*args, *COMMON, "--batch-size", "8", "--out", str(base / "one")]) == 0
+        out[policy] = (base / "two", base / "one", two)
+    return out
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_two_processes_train_like_one_with_the_same_global_batch(runs, policy):
+    two, one, proc = runs[policy]
+    events = _same_training(two, one)
+    kinds = [e["event"] for e in events]
+    if policy == "epng":
+        assert kinds.count("prune_grow") >= 3
+    else:
+        assert kinds.count("dmep_prune") == 1
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch"] == 8 and summary["replicas_agree"]
+    assert len(summary["peak_memory_mb"]) == 2 and all(m > 0 for m in summary["peak_memory_mb"])
+    args = json.loads((two / "args.json").read_text())
+    assert args["batch_size"] == 4 and args["world_size"] == 2 and args["global_batch"] == 8
+    assert "4 x 1 accumulation x 2 processes = 8 sequences" in proc.stdout
+    assert proc.stdout.count("done:") == 1  # one process speaks
+
+
+def test_stop_and_resume_with_two_and_with_one_process(runs, tmp_path):
+    args = [*POLICIES["epng"], *COMMON]
+    stopped = tmp_path / "stopped"
+    first = torchrun(2, [*args, "--batch-size", "4", "--stop-at", "5", "--out", str(stopped)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((stopped / "checkpoint" / "trainer.json").read_text())["step"] == 5
+    again = tmp_path / "again"
+    shutil.copytree(stopped, again)
+    resumed = torchrun(2, ["--resume", str(stopped)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_training(stopped, runs["epng"][0], exact=True)  # same number of processes: bit for bit
+    assert train.main(["--resume", str(again)]) == 0  # one process: batch 8, the same global batch
+    assert json.loads((again / "summary.json").read_text())["global_batch"] == 8
+    _same_training(again, runs["epng"][0])  # up to float reduction order
+
+
+def test_a_resume_on_processes_that_cannot_share_the_global_batch_is_refused(runs, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what torchrun --nproc_per_node 3 would set
+    with pytest.raises(SystemExit):
+        train.resolve(["--resume", str(runs["epng"][0])])
+    assert "hold 8 sequences (2 processes x --batch-size 4), which 3 processes cannot share evenly; pass " \
+           "--batch-size" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train.resolve(["--resume", str(runs["epng"][0])]).batch_size == 2  # 4 x 2 = the same 8
+    assert train.resolve(["--resume", str(runs["epng"][0]), "--batch-size", "3"]).batch_size == 3  # asked for
+
+
+def test_a_failing_rank_stops_every_rank_and_the_checkpoint_stays(tmp_path):
+    run = tmp_path / "failing"
+    start = time.monotonic()
+    proc = torchrun(2, [*POLICIES["epng"], *COMMON, "--batch-size", "4", "--save-every", "2", "--out", str(run)],
+                    script="tests/dist_failing_rank.py", timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "rank 1/2: error: non-finite loss" in proc.stderr
+    # rank 0 either saw its peer vanish and said so, or torchrun stopped it first: it did not hang
+    assert "rank 0/2: error: another process stopped" in proc.stderr or "SIGTERM" in proc.stderr
+    assert elapsed < 60  # nobody waited for a collective to time out
+    assert json.loads((run / "checkpoint" / "trainer.json").read_text())["step"] == 2  # the last good one
