@@ -22,6 +22,7 @@ from pathlib import Path
 from minimoe.eval.runners import Decoding, grade, read_rows, run_task, task_rows, write_results
 from minimoe.files import atomic_dir, check_destination
 from minimoe.eval.tasks import TASKS, Task, get_task
+from minimoe.train.distributed import World, exit_with_error
 
 
 def task_list() -> str:
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--completions", type=Path, help="score these completions (JSONL: task_id or index, and "
                    "completion or completions) instead of generating; no model is loaded")
-    p.add_argument("--n", type=int, default=1, help="samples per problem (default 1)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
+                   help="samples per problem (default 1; under torchrun write --num-samples: torchrun reads --n as "
+                        "its own --nnodes)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 10], help="pass@k values (default 1 10; those <= n)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
@@ -98,8 +101,8 @@ def main(argv=None) -> int:
     try:
         check_destination(out, args.overwrite, flag="--overwrite (or --out DIR)")  # before the evaluation
     except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_with_error(str(e), 2)
+    world = World.from_env(args.device or "")  # torchrun: the problems are shared out over the processes
     dec = Decoding(args.max_new_tokens, args.n, args.temperature, args.top_p, args.batch_size, args.seed)
     try:
         task = get_task(args.task).configure(args)
@@ -107,22 +110,25 @@ def main(argv=None) -> int:
         if args.completions:
             task.check_completions()
             summary, records = grade(task, rows, load_completions(args.completions, rows), args.k,
-                                     args.timeout, args.memory_mb)
+                                     args.timeout, args.memory_mb, world=world)
             summary.update(task=args.task, completions=str(args.completions))
             dec = None
         else:
-            summary, records = run_model(args, task, rows, dec)
-        with atomic_dir(out, args.overwrite, flag="--overwrite") as tmp:
-            write_results(tmp, summary, records, dec)
+            summary, records = run_model(args, task, rows, dec, world)
+        if world.main:  # every process holds the whole result; one writes it
+            with atomic_dir(out, args.overwrite, flag="--overwrite") as tmp:
+                write_results(tmp, summary, records, dec)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "decoding"}))
-    print(f"wrote {out}/summary.json and {out}/samples.jsonl")
+        return exit_with_error(str(e), 2)
+    world.barrier()
+    world.close()
+    if world.main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "decoding"}))
+        print(f"wrote {out}/summary.json and {out}/samples.jsonl")
     return 0
 
 
-def run_model(args, task: Task, rows, dec: Decoding) -> tuple[dict, list[dict]]:
+def run_model(args, task: Task, rows, dec: Decoding, world: World = World()) -> tuple[dict, list[dict]]:
     """Load --model (and --adapter) and score it on the task the way the task is scored."""
     import torch
 
@@ -134,13 +140,13 @@ def run_model(args, task: Task, rows, dec: Decoding) -> tuple[dict, list[dict]]:
         args.model = adapter_base_model(args.adapter)
     if not args.model:
         raise ValueError("--model is required unless --completions or --adapter is given")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = world.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = minimoe.from_pretrained(args.model, device=device)
     if args.adapter:
         model.load_adapter(args.adapter, check_base=not args.no_check_base)
     model.eval()
     tok = minimoe.load_tokenizer(args.model)
-    summary, records = run_task(task, model, tok, rows, dec, args.k, args.timeout, args.memory_mb)
+    summary, records = run_task(task, model, tok, rows, dec, args.k, args.timeout, args.memory_mb, world=world)
     summary.update(task=args.task, model=args.model, adapter=args.adapter, data=args.data)
     return summary, records
 

@@ -13,12 +13,12 @@ its paper's value and is printed at start; flags are --<policy>-<option>.
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from pathlib import Path
 
 from minimoe.train.config import TrainConfig, resolve as resolve_config
+from minimoe.train.distributed import exit_with_error, lost_peer
 from minimoe.train.trainer import Trainer, TrainingError
 
 EMBEDDED = Path(__file__).resolve().parent / "weights" / "tiny-moe"  # the default base (see train_config.py)
@@ -41,34 +41,12 @@ def task_score(trainer: Trainer, limit: int) -> float:
     return grade("tiny-arith", rows, completions)[0]["exact_match"]
 
 
-def fail(message: str, code: int) -> int:
-    """Report an error and end this process. With several processes (torchrun), the failing one names itself
-    and leaves at once (``os._exit``: nothing waits on the others, which torchrun then stops within a
-    fraction of a second), so no rank hangs until a collective times out."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
-    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-    if world > 1:
-        sys.stdout.flush()
-        os._exit(code)
-    return code
-
-
-def lost_peer(e: Exception) -> bool:
-    """Whether a collective failed because another process is gone (it has reported its own error)."""
-    import torch.distributed as dist
-
-    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
-    text = str(e)
-    return isinstance(e, kinds) or "Connection reset by peer" in text or "Connection closed by peer" in text
-
-
 def main(argv=None) -> int:
     config = resolve(argv)
     try:
         trainer = Trainer(config)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        return fail(str(e), 2)
+        return exit_with_error(str(e), 2)
     c, world = trainer.config, trainer.world
     say = print if world.main else (lambda *a, **k: None)  # one process speaks
     say(f"{trainer.policy.describe()}")
@@ -89,14 +67,14 @@ def main(argv=None) -> int:
     try:
         summary = trainer.train()
     except TrainingError as e:
-        return fail(str(e), 1)
+        return exit_with_error(str(e), 1)
     except Exception as e:  # any other failure: with several processes, this one must still leave at once
         if not world.distributed:
             raise
         if lost_peer(e):
-            return fail("another process stopped (its error is above); stopping too", 1)
+            return exit_with_error("another process stopped (its error is above); stopping too", 1)
         traceback.print_exc()
-        return fail(f"{type(e).__name__}: {e}", 1)
+        return exit_with_error(f"{type(e).__name__}: {e}", 1)
     if score and not summary.get("interrupted"):
         after = task_score(trainer, c.eval_limit)
         summary = trainer.run.update_summary(task_score_before=before, task_score_after=after)

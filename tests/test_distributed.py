@@ -129,3 +129,20 @@ def test_a_failing_rank_stops_every_rank_and_the_checkpoint_stays(tmp_path):
     assert "rank 0/2: error: another process stopped" in proc.stderr or "SIGTERM" in proc.stderr
     assert elapsed < 60  # nobody waited for a collective to time out
     assert json.loads((run / "checkpoint" / "trainer.json").read_text())["step"] == 2  # the last good one
+
+
+@pytest.mark.parametrize("task", [["--task", "tiny-arith", "--limit", "12", "--num-samples", "2", "--temperature", "0.8",
+                                   "--batch-size", "5", "--max-new-tokens", "24"],
+                                  ["--task", "perplexity", "--data", "README.md"]])
+def test_evaluation_shared_over_two_processes_writes_the_one_process_result(tmp_path, task):
+    model = ["--model", str(ROOT / "weights" / "tiny-moe"), "--device", "cpu"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "eval.py"), *model, *task, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(ROOT / "eval.py"), *model, *task, "--out", str(tmp_path / "one")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name in ("summary.json", "samples.jsonl"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+    assert two.stdout.count("wrote ") == 1

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..train.data import prompt_text
+from ..train.distributed import World
 from .tasks import CODE_STOPS, GENERATE, OPTION_LOGLIK, PERPLEXITY, Task, get_task, read_rows
 from .tasks import TASKS as _REGISTRY
 
@@ -74,25 +75,37 @@ def task_prompt(task: str | Task, row: dict, tok) -> str:
 
 
 @torch.no_grad()
-def generate_all(model, tok, prompts: list[str], dec: Decoding, progress: bool = True) -> list[list[str]]:
-    """``dec.n`` completions per prompt, batched with left padding and a KV cache."""
+def generate_all(model, tok, prompts: list[str], dec: Decoding, progress: bool = True,
+                 world: World = World()) -> list[list[str]]:
+    """``dec.n`` completions per prompt, batched with left padding and a KV cache.
+
+    The jobs (prompt, sample) are cut into batches of ``dec.batch_size`` in order and batch b samples from its
+    own generator (seed ``dec.seed``, b), so a completion depends only on its batch: with several processes
+    (``world``), process r generates batches r, r + N, ... and every process gets all completions back,
+    exactly those one process would generate."""
     from tqdm.auto import tqdm
 
     device = model.device
-    g = torch.Generator(device=device).manual_seed(dec.seed)
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(dec.n)]
-    out: list[list[str]] = [[] for _ in prompts]
-    for start in tqdm(range(0, len(jobs), dec.batch_size), disable=not progress, desc="generate"):
-        chunk = jobs[start:start + dec.batch_size]
+    mine: list[tuple[int, str]] = []  # (job, completion)
+    starts = list(range(0, len(jobs), dec.batch_size))
+    for b in tqdm(range(len(starts)), disable=not progress or not world.main, desc="generate"):
+        if b % world.size != world.rank:
+            continue
+        chunk = [(job, jobs[job][1]) for job in range(starts[b], min(len(jobs), starts[b] + dec.batch_size))]
+        g = torch.Generator(device=device).manual_seed(dec.seed * 1_000_003 + b)
         batch = tok.batch([p for _, p in chunk], padding_side="left")
         ids = batch["input_ids"].to(device)
         new = model.generate(ids, attention_mask=batch["attention_mask"].to(device),
                              max_new_tokens=dec.max_new_tokens, do_sample=dec.temperature > 0,
                              temperature=dec.temperature or 1.0, top_p=dec.top_p, eos_token_id=tok.eos_token_ids,
                              pad_token_id=tok.pad_token_id, generator=g)
-        for (i, _), row in zip(chunk, new[:, ids.shape[1]:].tolist()):
+        for (job, _), row in zip(chunk, new[:, ids.shape[1]:].tolist()):
             row = [t for t in row if t not in tok.eos_token_ids and t != tok.pad_token_id]
-            out[i].append(tok.decode(row))
+            mine.append((job, tok.decode(row)))
+    out: list[list[str]] = [[] for _ in prompts]
+    for job, text in sorted(x for part in world.gather(mine) for x in part):
+        out[jobs[job][0]].append(text)
     return out
 
 
@@ -104,7 +117,7 @@ def clean_code(task: str | Task, completion: str) -> str:
 
 
 def grade(task: str | Task, rows: list[dict], completions: list[list[str]], ks=(1, 10), timeout: float = 10.0,
-          memory_mb: int = 1024) -> tuple[dict, list[dict]]:
+          memory_mb: int = 1024, world: World = World()) -> tuple[dict, list[dict]]:
     """Score completions with the task's grader and summarise them with its metric.
 
     Args:
@@ -114,28 +127,31 @@ def grade(task: str | Task, rows: list[dict], completions: list[list[str]], ks=(
         ks: pass@k values (code tasks; those above the samples per problem are left out).
         timeout: seconds per generated program (code tasks).
         memory_mb: address-space limit per generated program (code tasks).
+        world: several processes: each grades problems i with i % N == rank; all get every result.
 
     Returns:
         (summary, per-sample records): ``{"problems": N, **metric}`` and, per sample, its index, sample
         number, task_id and completion, then the task's grading fields (``correct`` last).
     """
     task = _task(task)
-    records, per_problem = [], []
-    for row, samples in zip(rows, completions):
-        correct = []
+    graded = []  # (problem, its records)
+    for i, (row, samples) in enumerate(zip(rows, completions)):
+        if i % world.size != world.rank:
+            continue
+        records = []
         for j, c in enumerate(samples):
-            rec = {"index": len(per_problem), "sample": j, "task_id": row.get("task_id"), "completion": c}
+            rec = {"index": i, "sample": j, "task_id": row.get("task_id"), "completion": c}
             fields = dict(task.grade_sample(row, c, timeout=timeout, memory_mb=memory_mb))
             ok = bool(fields.pop("correct"))
-            rec.update(fields, correct=ok)
-            correct.append(ok)
-            records.append(rec)
-        per_problem.append(correct)
-    return {"problems": len(per_problem), **task.summarize(per_problem, ks)}, records
+            records.append({**rec, **fields, "correct": ok})
+        graded.append((i, records))
+    graded = sorted((x for part in world.gather(graded) for x in part), key=lambda x: x[0])
+    per_problem = [[r["correct"] for r in records] for _, records in graded]
+    return {"problems": len(per_problem), **task.summarize(per_problem, ks)}, [r for _, rs in graded for r in rs]
 
 
 def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(1, 10), timeout: float = 10.0,
-             memory_mb: int = 1024) -> tuple[dict, list[dict]]:
+             memory_mb: int = 1024, world: World = World()) -> tuple[dict, list[dict]]:
     """Score a model on a task the way the task says (``Task.scoring``): generate and grade, compare the
     options' log-likelihoods, or measure perplexity.
 
@@ -148,19 +164,21 @@ def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(
         ks: pass@k values (code tasks).
         timeout: seconds per generated program (code tasks).
         memory_mb: address-space limit per generated program (code tasks).
+        world: several processes (torchrun): the problems are shared out and every process returns the
+            whole result, the same as one process's.
 
     Returns:
         (summary, per-sample records), as written by :func:`write_results`.
     """
     task = _task(task)
     if task.scoring == PERPLEXITY:
-        return perplexity(model, tok, rows)
+        return perplexity(model, tok, rows, world=world)
     if task.scoring == OPTION_LOGLIK:
-        return mc_loglik(model, tok, rows)
+        return mc_loglik(model, tok, rows, world=world)
     if task.scoring != GENERATE:
         raise ValueError(f"task {task.name}: unknown scoring {task.scoring!r}")
-    completions = generate_all(model, tok, [task.prompt(r, tok) for r in rows], dec)
-    return grade(task, rows, completions, ks, timeout, memory_mb)
+    completions = generate_all(model, tok, [task.prompt(r, tok) for r in rows], dec, world=world)
+    return grade(task, rows, completions, ks, timeout, memory_mb, world=world)
 
 
 @torch.no_grad()
@@ -173,11 +191,14 @@ def option_loglik(model, tok, context: str, option: str) -> float:
     return float(logp[len(ctx) - 1:].gather(-1, targets[len(ctx) - 1:, None]).sum())
 
 
-def mc_loglik(model, tok, rows: list[dict]) -> tuple[dict, list[dict]]:
+def mc_loglik(model, tok, rows: list[dict], world: World = World()) -> tuple[dict, list[dict]]:
     """Pick the option with the highest log-likelihood (``accuracy``) and with the highest log-likelihood
-    per byte of the option (``accuracy_norm``, lm-eval's acc_norm: long options are not penalised)."""
-    records, correct, correct_norm = [], 0, 0
+    per byte of the option (``accuracy_norm``, lm-eval's acc_norm: long options are not penalised).
+    Several processes (``world``): each scores rows i with i % N == rank; all get every record."""
+    records = []
     for i, row in enumerate(rows):
+        if i % world.size != world.rank:
+            continue
         context = prompt_text(tok, row["question"])
         options = [" " + str(c) for c in row["choices"]]
         scores = [option_loglik(model, tok, context, o) for o in options]
@@ -185,31 +206,41 @@ def mc_loglik(model, tok, rows: list[dict]) -> tuple[dict, list[dict]]:
         pick = max(range(len(scores)), key=scores.__getitem__)
         pick_norm = max(range(len(normed)), key=normed.__getitem__)
         want = row["answer"] if isinstance(row["answer"], int) else "ABCDEFGHIJ".index(row["answer"])
-        correct += pick == want
-        correct_norm += pick_norm == want
         records.append({"index": i, "scores": scores, "choice": pick, "correct": pick == want,
                         "choice_norm": pick_norm, "correct_norm": pick_norm == want})
+    records = sorted((r for part in world.gather(records) for r in part), key=lambda r: r["index"])
+    correct, correct_norm = sum(r["correct"] for r in records), sum(r["correct_norm"] for r in records)
     return {"problems": len(rows), "accuracy": correct / len(rows), "accuracy_norm": correct_norm / len(rows)}, records
 
 
 @torch.no_grad()
-def perplexity(model, tok, rows: list[dict], max_len: int = 1024) -> tuple[dict, list[dict]]:
+def perplexity(model, tok, rows: list[dict], max_len: int = 1024,
+               world: World = World()) -> tuple[dict, list[dict]]:
     """Token-level perplexity over the documents, in windows of at most ``max_len`` predicted tokens
-    (capped so a window fits the model's ``max_position_embeddings``)."""
+    (capped so a window fits the model's ``max_position_embeddings``). Several processes (``world``): each
+    scores documents i with i % N == rank; the sums run in document order, as in one process."""
     max_len = max(1, min(max_len, model.config.max_position_embeddings - 1))
-    nll, count, records = 0.0, 0, []
+    scored = []  # (document, [(window nll, window tokens)], its tokens)
     for i, row in enumerate(rows):
+        if i % world.size != world.rank:
+            continue
         text = row.get("text") or (str(row.get("prompt", "")) + str(row.get("response", "")))
         ids = tok.encode(text)
+        windows = []
         for start in range(0, max(1, len(ids) - 1), max_len):
             chunk = torch.tensor([ids[start:start + max_len + 1]], device=model.device)
             if chunk.shape[1] < 2:
                 continue
             out = model(chunk, labels=chunk)
             n = chunk.shape[1] - 1
-            nll += float(out.loss) * n
+            windows.append((float(out.loss) * n, n))
+        scored.append((i, windows, len(ids)))
+    nll, count, records = 0.0, 0, []
+    for i, windows, tokens in sorted((x for part in world.gather(scored) for x in part), key=lambda x: x[0]):
+        for window_nll, n in windows:
+            nll += window_nll
             count += n
-        records.append({"index": i, "tokens": len(ids)})
+        records.append({"index": i, "tokens": tokens})
     return {"documents": len(rows), "tokens": count, "perplexity": math.exp(nll / max(count, 1))}, records
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -100,10 +101,18 @@ class World:
         return out
 
     def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
-        """Sum the ``.grad`` of ``params`` over all processes, in flat buckets (a parameter without a gradient
-        on every rank is skipped on every rank: the same ``params`` list and grad pattern on all ranks)."""
+        """Sum the ``.grad`` of ``params`` (the same list on every process) over all processes, in flat buckets.
+        A parameter without a gradient on every process keeps none, as in one process."""
         if not self.distributed:
             return
+        # a parameter no token reached on this process has no gradient here but may have one elsewhere: every
+        # process must bucket the same tensors, so the pattern is agreed first (zeros where one is missing)
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                           device=params[0].device if params else "cpu")
+        dist.all_reduce(has)
+        for p, n in zip(params, has.tolist(), strict=True):
+            if n and p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params if p.grad is not None]
         bucket, size = [], 0
         for g in grads:
@@ -146,3 +155,23 @@ def _reduce_bucket(grads: list[torch.Tensor]) -> None:
         for g in same:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def exit_with_error(message: str, code: int) -> int:
+    """Report an error and end this process. With several processes (torchrun), the failing one names itself
+    and leaves at once (``os._exit``: nothing waits on the others, which torchrun then stops within a
+    fraction of a second), so no rank hangs until a collective times out."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
+    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    if world > 1:
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def lost_peer(e: Exception) -> bool:
+    """Whether a collective failed because another process is gone (it has reported its own error)."""
+    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
+    text = str(e)
+    return isinstance(e, kinds) or "Connection reset by peer" in text or "Connection closed by peer" in text
