@@ -60,7 +60,8 @@ def main(argv=None) -> int:
         say(trainer.model.adapter_summary())
     else:
         say(f"trainable: {trainer.model.num_parameters(trainable_only=True):,} parameters ({c.policy})")
-    score = c.data == "tiny-arith" and c.eval_limit > 0 and world.main  # scored by the first process only
+    # scored by the first process only; with --fsdp by all (each forward gathers the base from all of them)
+    score = c.data == "tiny-arith" and c.eval_limit > 0 and (world.main or c.fsdp)
     before = task_score(trainer, c.eval_limit) if score and not c.resume else None
     if before is not None:
         say(f"tiny-arith test exact match before fine-tuning: {before:.3f} ({c.eval_limit} problems, greedy)")
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
         return exit_with_error(f"{type(e).__name__}: {e}", 1)
     if score and not summary.get("interrupted"):
         after = task_score(trainer, c.eval_limit)
-        summary = trainer.run.update_summary(task_score_before=before, task_score_after=after)
+        if world.main:
+            summary = trainer.run.update_summary(task_score_before=before, task_score_after=after)
         say(f"tiny-arith test exact match: {'' if before is None else f'{before:.3f} -> '}{after:.3f}")
     world.barrier()  # the others wait for the first's scoring before the process group closes
     world.close()

@@ -4,6 +4,7 @@ order, identical replicas; stop and resume with the same or another number of pr
 stops every rank."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def torchrun(nproc: int, args: list[str], script: str = "train.py", timeout: flo
 
 
 def _lines(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _adapter(run):
@@ -140,9 +142,43 @@ def test_evaluation_shared_over_two_processes_writes_the_one_process_result(tmp_
                           str(ROOT / "eval.py"), *model, *task, "--out", str(tmp_path / "two")],
                          cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
+    # one thread, as torchrun gives each of its processes: the same float summation order in every matmul
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(ROOT / "eval.py"), *model, *task, "--out", str(tmp_path / "one")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+                         cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     for name in ("summary.json", "samples.jsonl"):
-        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+        got, want = (tmp_path / "two" / name).read_text(), (tmp_path / "one" / name).read_text()
+        assert got == want, f"{name} differs:\n{got[:2000]}\n---\n{want[:2000]}\n{two.stderr[-2000:]}"
     assert two.stdout.count("wrote ") == 1
+
+
+def test_fsdp_trains_like_replicated_data_parallel(runs, tmp_path):
+    """--fsdp shards the frozen base; the adapters stay whole: the same training (epng, and lora on a bf16
+    base), the same adapter file (base fingerprint included), and a sharded run resumes bit for bit."""
+    epng = tmp_path / "epng-fsdp"
+    proc = torchrun(2, [*POLICIES["epng"], *COMMON, "--batch-size", "4", "--fsdp", "--stop-at", "5",
+                        "--out", str(epng)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = torchrun(2, ["--resume", str(epng)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_training(epng, runs["epng"][0])
+    config = json.loads((epng / "adapter" / "adapter_config.json").read_text())
+    assert config["base_fingerprint"] == json.loads((runs["epng"][0] / "adapter" / "adapter_config.json")
+                                                    .read_text())["base_fingerprint"]
+    lora = ["--policy", "lora", "--model", "tiny-olmoe", "--steps", "4", "--dtype", "bfloat16",
+            "--lora-dense-targets", "q_proj", "v_proj", *COMMON, "--batch-size", "4"]
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        proc = torchrun(2, [*lora, *extra, "--out", str(tmp_path / f"lora-{name}")])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    _same_training(tmp_path / "lora-fsdp", tmp_path / "lora-ddp")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "esft", "--fsdp"], "--fsdp with --policy esft: FSDP here shards the frozen base of adapter"),
+    (["--policy", "lora", "--fsdp"], "--fsdp needs several processes: start train.py with torchrun"),
+])
+def test_fsdp_refuses_what_it_cannot_do(tmp_path, capsys, args, message):
+    assert train.main([*args, "--model", "tiny-olmoe", "--out", str(tmp_path / "r"), *COMMON]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -69,10 +69,11 @@ def fingerprint(model, version: int = FINGERPRINT_VERSION) -> str:
     return h.hexdigest()[:16]
 
 
-def adapter_config(model) -> dict:
-    """What ``save_adapter`` records: each adapter's spec under its kind, plus the base model's identity."""
+def adapter_config(model, base_fingerprint: str | None = None) -> dict:
+    """What ``save_adapter`` records: each adapter's spec under its kind, plus the base model's identity
+    (``base_fingerprint``: computed here unless given, e.g. taken before the base was sharded)."""
     cfg = {"format": FORMAT, "version": 1, "base_model": model.config.name_or_path,
-           "base_fingerprint": fingerprint(model), "fingerprint_version": FINGERPRINT_VERSION,
+           "base_fingerprint": base_fingerprint or fingerprint(model), "fingerprint_version": FINGERPRINT_VERSION,
            "base_dtype": str(model.dtype).replace("torch.", ""), "base_model_type": model.config.model_type,
            **{kind: {} for kind in ORDER}}
     for name, m in adapters_of(model).items():
@@ -86,9 +87,9 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
             for name, m in adapters_of(model).items() for key, v in m.adapter_tensors().items()}
 
 
-def save_adapter(model, directory, overwrite: bool = False) -> Path:
+def save_adapter(model, directory, overwrite: bool = False, base_fingerprint: str | None = None) -> Path:
     """Write the model's adapters (and their layout) to ``directory``, atomically."""
-    cfg = adapter_config(model)
+    cfg = adapter_config(model, base_fingerprint)
     if not cfg["kinds"]:
         raise AdapterError("the model has no adapters to save (full fine-tuning: use minimoe.export_merged)")
     base = Path(cfg["base_model"]) if cfg["base_model"] else None

@@ -140,9 +140,9 @@ class RunDir:
             ckpt.save_checkpoint(self.path, model, optimizer, scheduler, info, state)
         return self.checkpoint_dir
 
-    def export(self, model) -> Path:
+    def export(self, model, base_fingerprint: str | None = None) -> Path:
         """The run's fine-tune in a loadable form: ``adapter/`` (adapters, ESFT experts) or ``model/``
-        (full fine-tuning, Hub layout)."""
+        (full fine-tuning, Hub layout). ``base_fingerprint``: the base's, when it cannot be read now (sharded)."""
         from ..adapters.base import adapters_of
         from ..adapters.io import save_adapter
         from ..adapters.export import export_merged
@@ -150,5 +150,8 @@ class RunDir:
         adapted = bool(adapters_of(model))
         path = self.path / ("adapter" if adapted else "model")
         if self.writer:
-            (save_adapter if adapted else export_merged)(model, path, overwrite=True)
+            if adapted:
+                save_adapter(model, path, overwrite=True, base_fingerprint=base_fingerprint)
+            else:
+                export_merged(model, path, overwrite=True)
         return path

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import fsdp
 from ..model.config import preset
 from .data import Dataset, load_pairs
 from ..lm import CausalLM, from_pretrained
@@ -127,6 +128,8 @@ class Trainer:
             check_choices(c)
         except ValueError as e:
             raise TrainingError(str(e)) from None
+        if c.fsdp and (problem := fsdp.check(c.policy, self.world)):
+            raise TrainingError(problem)
         if c.dtype != "float32" and c.policy in ("full", "esft"):
             # AdamW updates of bf16 weights round most small steps away; these policies train base weights
             raise TrainingError(f"--dtype {c.dtype} with --policy {c.policy}: the trained weights would be "
@@ -148,8 +151,9 @@ class Trainer:
         pairs = load_pairs(c.data, c.seed)
         self.policy: Policy = make_policy(c.policy, c.policy_options)
         torch.manual_seed(c.seed)
-        self.model, self.tok = load_model_and_tokenizer(c.model, self.device, c.seed, self.run.base_dir,
-                                                        DTYPES[c.dtype])
+        # --fsdp: the whole base is read into CPU memory only; each process's shard goes to the device later
+        self.model, self.tok = load_model_and_tokenizer(c.model, "cpu" if c.fsdp else self.device, c.seed,
+                                                        self.run.base_dir, DTYPES[c.dtype])
         # a preset's random base, kept (tiny) until the run directory may be written
         self._preset_base = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
                              if self.preset and not c.resume else None)
@@ -178,6 +182,12 @@ class Trainer:
         if saved is not None:
             ckpt.apply_layout(self.model, saved["info"]["layout"])
             self.policy.load_state_dict(saved["state"]["policy"])  # setup drew from the policy's generator
+        self.base_fingerprint = None  # the base's, taken while it is whole (for the adapter export)
+        if c.fsdp:
+            from ..adapters.io import fingerprint
+
+            self.base_fingerprint = fingerprint(self.model)
+            fsdp.shard(self.model, self.world, self.device)
         params = self.policy.trainable_parameters(self.model)
         if not params:
             raise TrainingError(f"policy {c.policy} left nothing to train")
@@ -343,7 +353,7 @@ class Trainer:
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
         bar.close()
-        trained = [p for g in self.optimizer.param_groups for p in g["params"]]
+        trained = [p for g in self.optimizer.param_groups for p in g["params"] if not fsdp.is_sharded(p)]
         if not self.world.replicas_agree(trained):
             raise TrainingError("the trained parameters differ between processes: the run is not data-parallel "
                                 "(a bug, or different code or data on some process); nothing was saved")
@@ -357,6 +367,6 @@ class Trainer:
                    "processes": self.world.size, "global_batch": self.global_batch, "replicas_agree": True,
                    "peak_memory_mb": self.world.gather(peak_memory_mb(self.device)),  # per process, rank order
                    "events": self.run.count(EVENTS), "checkpoint": str(path)}
-        summary["export"] = str(self.run.export(self.model))
+        summary["export"] = str(self.run.export(self.model, self.base_fingerprint))
         self.run.write_summary(summary)
         return summary
