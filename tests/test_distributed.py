@@ -26,6 +26,8 @@ POLICIES = {
     "dmep": ["--policy", "dmep", "--model", "tiny-qwen3", "--steps", "8", "--dmep-prune-step", "4",
              "--dmep-log-interval", "2", "--dmep-num-experts", "4", "--dmep-rank", "4",
              "--dmep-targets", "q_proj", "v_proj", "up_proj"],
+    "esft": ["--policy", "esft", "--model", "tiny-olmoe", "--steps", "4", "--esft-sample-batches", "2"],
+    "full": ["--policy", "full", "--model", "tiny-olmoe", "--steps", "4"],
 }
 
 
@@ -41,7 +43,9 @@ def _lines(path):
 
 
 def _adapter(run):
-    return load_file(str(Path(run) / "adapter" / "adapter.safetensors"))
+    """The run's fine-tune: its adapter, or (full fine-tuning) its model."""
+    adapter = Path(run) / "adapter" / "adapter.safetensors"
+    return load_file(str(adapter if adapter.exists() else Path(run) / "model" / "model.safetensors"))
 
 
 def _same_training(a, b, exact=False):
@@ -51,7 +55,7 @@ def _same_training(a, b, exact=False):
     for x, y in zip(ma, mb):
         assert x["tokens"] == y["tokens"] and x["trainable"] == y["trainable"]
         assert x["loss"] == y["loss"] if exact else abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]), x["step"]
-    decided = ("event", "step", "pruned", "grown", "ranks", "survivors", "params_after")
+    decided = ("event", "step", "pruned", "grown", "ranks", "survivors", "params_after", "selection")
     ea, eb = _lines(Path(a) / "events.jsonl"), _lines(Path(b) / "events.jsonl")
     assert [{k: e.get(k) for k in decided} for e in ea] == [{k: e.get(k) for k in decided} for e in eb]
     wa, wb = _adapter(a), _adapter(b)
@@ -79,10 +83,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs, policy):
     two, one, proc = runs[policy]
     events = _same_training(two, one)
     kinds = [e["event"] for e in events]
-    if policy == "epng":
-        assert kinds.count("prune_grow") >= 3
-    else:
-        assert kinds.count("dmep_prune") == 1
+    expected = {"epng": ("prune_grow", 5), "dmep": ("dmep_prune", 1), "esft": ("esft_selection", 1),
+                "full": (None, 0)}[policy]
+    assert kinds.count(expected[0]) == expected[1]
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch"] == 8 and summary["replicas_agree"]
     assert len(summary["peak_memory_mb"]) == 2 and all(m > 0 for m in summary["peak_memory_mb"])
@@ -182,3 +185,13 @@ def test_fsdp_refuses_what_it_cannot_do(tmp_path, capsys, args, message):
     assert train.main([*args, "--model", "tiny-olmoe", "--out", str(tmp_path / "r"), *COMMON]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_scaling_benchmark_runs_one_and_two_processes(tmp_path):
+    from minimoe import scaling
+
+    out = tmp_path / "scaling.json"
+    assert scaling.main(["--model", "tiny-olmoe", "--steps", "2", "--global-batch", "4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["processes"], r["batch_per_process"]) for r in rows] == [(1, 4), (2, 2)]
+    assert all(r["tokens_per_s"] > 0 for r in rows) and len(rows[1]["peak_memory_mb"]) == 2
