@@ -18,6 +18,7 @@ from .base import adapters_of, replace_module
 from .expert_lora import ResizableLoRAExpert
 from .lora import LoRALinear
 from .lora_moe import PrunableLoRAMoE
+from .selected import SelectedExperts
 from ..model.moe import SparseMoeBlock, StackedLinear
 
 EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -204,7 +205,8 @@ class AdapterMixin:
     # --- description -------------------------------------------------------------------------
     def adapter_summary(self) -> str:
         """A table of what is attached: per layer the adapted experts and their ranks, per LoRA-MoE
-        module the surviving experts, per LoRA linear its rank; parameters throughout."""
+        module the surviving experts, per LoRA linear its rank, per ESFT projection its selected experts;
+        parameters throughout."""
         lines = []
         experts = self.expert_lora_modules()
         if experts:
@@ -230,6 +232,11 @@ class AdapterMixin:
             lines.append(f"{'LoRA linear':<40}  {'rank':>5}  {'params':>10}")
             for name, m in plain.items():
                 lines.append(f"{name:<40}  {m.rank:>5}  {m.num_adapter_parameters():>10,}")
+        selected = {n: m for n, m in self.named_modules() if isinstance(m, SelectedExperts)}
+        if selected:
+            lines.append(f"{'ESFT: experts trained in full':<40}  {'params':>10}  selected experts")
+            for name, m in selected.items():
+                lines.append(f"{name:<40}  {m.num_adapter_parameters():>10,}  {m.selected.tolist()}")
         if not lines:
             return "no adapters attached"
         total = self.num_adapter_parameters()

@@ -51,11 +51,12 @@ def _source_dir(model) -> Path | None:
         return None
 
 
-def export_merged(model, directory, overwrite: bool = False) -> Path:
+def export_merged(model, directory, overwrite: bool = False, state: dict | None = None) -> Path:
     """Fold adapters into the base weights and write a Hub-layout checkpoint that transformers loads.
-    An existing ``directory`` is refused (unless ``overwrite``) before any tensor is built."""
+    An existing ``directory`` is refused (unless ``overwrite``) before any tensor is built. ``state``: the
+    merged tensors when the caller already has them (a sharded model's, gathered by every process)."""
     check_destination(directory, overwrite)
-    state = merged_state_dict(model)
+    state = merged_state_dict(model) if state is None else state
     with atomic_dir(directory, overwrite) as tmp:
         write_hub_checkpoint(model, state, tmp, _source_dir(model))
     return Path(directory)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..adapters.base import Adapter, adapters_of, replace_module
 from ..files import atomic_dir, previous_copy
+from .fsdp import full, shard_like
 
 CHECKPOINT = "checkpoint"
 
@@ -76,10 +77,13 @@ def apply_layout(model, layout: dict) -> None:
 
 # --- optimizer state by name ------------------------------------------------------------------
 def optimizer_state(model, optimizer) -> dict:
+    """Param groups as name lists, state by parameter name, whole (sharded moments gathered)."""
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]
-    return {"groups": groups, "state": {names[id(p)]: s for p, s in optimizer.state.items()}}
+    state = {names[id(p)]: {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()}
+             for p, s in optimizer.state.items()}
+    return {"groups": groups, "state": state}
 
 
 def load_optimizer_state(model, optimizer, saved: dict) -> None:
@@ -100,7 +104,8 @@ def load_optimizer_state(model, optimizer, saved: dict) -> None:
             if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
                 raise CheckpointMismatch(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, "
                                          f"the parameter {tuple(p.shape)}")
-        optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in st.items()}
+        optimizer.state[p] = {k: (shard_like(v, p) if torch.is_tensor(v) and v.dim() > 0 else
+                                  v.to(p.device) if torch.is_tensor(v) else v) for k, v in st.items()}
 
 
 # --- RNG ----------------------------------------------------------------------------------------
@@ -121,18 +126,22 @@ def set_rng_state(state: dict) -> None:
 
 # --- save / load --------------------------------------------------------------------------------
 def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Trainable parameters and buffers, whole (sharded ones gathered: every process calls this)."""
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     state.update({n: b.detach() for n, b in model.named_buffers()})
-    return {k: v.contiguous().cpu() for k, v in state.items()}
+    return {k: full(v).contiguous().cpu() for k, v in state.items()}
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, info: dict, state: dict) -> Path:
-    """Write ``run_dir/checkpoint`` atomically. ``info`` goes to trainer.json; ``state`` to state.pt."""
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, info: dict, state: dict,
+                    weights: dict | None = None, optimizer_saved: dict | None = None) -> Path:
+    """Write ``run_dir/checkpoint`` atomically. ``info`` goes to trainer.json; ``state`` to state.pt;
+    ``weights`` / ``optimizer_saved``: ``trainable_state`` / ``optimizer_state``, when gathered already."""
     final = run_dir / CHECKPOINT
+    weights = trainable_state(model) if weights is None else weights
+    optimizer_saved = optimizer_state(model, optimizer) if optimizer_saved is None else optimizer_saved
     with atomic_dir(final, overwrite=True) as tmp:
-        save_file(trainable_state(model), str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer_state(model, optimizer), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer_saved, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
         (tmp / "trainer.json").write_text(json.dumps({**info, "layout": adapter_layout(model)}, indent=1))
     return final
@@ -169,7 +178,9 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     if problems or unknown or missing:
         raise CheckpointMismatch(f"{ckpt}/model.safetensors does not fit the model: "
                                  f"shapes {problems[:5]}, unknown {unknown[:5]}, missing {missing[:5]}")
-    model.load_state_dict(weights, strict=False)
+    params = dict(model.named_parameters())
+    model.load_state_dict({k: shard_like(v, params[k]) if k in params else v for k, v in weights.items()},
+                          strict=False)
     opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
     load_optimizer_state(model, optimizer, opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])

@@ -64,8 +64,8 @@ class TrainConfig:
     stop_at: int = option(0, "stop and checkpoint after this step of the schedule (continue later with --resume)")
     log_every: int = option(1, "progress-bar refresh interval in steps")
     gradient_checkpointing: bool = option(False, "activation checkpointing")
-    fsdp: bool = option(False, "several processes: shard the frozen base over them with FSDP2 (lora, epng, dmep); "
-                               "the adapters stay whole on every process")
+    fsdp: bool = option(False, "several processes: shard the base over them with FSDP2 (the adapters stay whole "
+                               "on every process; full fine-tuning shards its trained weights and their state)")
     device: str = option("", "cpu, cuda or cuda:N (default: cuda if available)")
     dtype: str = option("float32", "dtype of the frozen base weights: bfloat16 halves their memory (lora, epng, dmep "
                                    "only; adapters and their optimizer state stay fp32)", choices=tuple(DTYPES))

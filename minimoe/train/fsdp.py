@@ -8,8 +8,13 @@ by ``World.all_reduce_grads`` like every other data-parallel gradient. The model
 (memory-mapped safetensors), the adapters are attached there and moved to the device, and ``fully_shard``
 moves each process's shard of the base to the device: no process ever holds the whole base on its GPU.
 
-Policies that train base weights (``full``, ``esft``) are refused with ``--fsdp`` (``check``): their trained
-weights would be sharded DTensors, whose checkpoints and exports need a gather this module does not do.
+Full fine-tuning trains the sharded weights themselves: FSDP reduce-scatters their gradients (summed, like
+the replicated ones: ``set_gradient_divide_factor(1.0)``, since the loss is already normalised by the global
+token count), only on the last micro-batch of a step (``set_requires_gradient_sync``), and the optimizer
+state is sharded with them. Checkpoints and the final export hold whole tensors: every process takes part
+in gathering them (``full``), the first writes; a resume scatters them back (``shard_like``). ESFT's trained
+experts are an adapter (replicated); only its frozen base is sharded. Its expert scoring runs before the
+sharding, on the CPU copy of the model.
 """
 
 from __future__ import annotations
@@ -19,14 +24,8 @@ from torch import nn
 
 from ..adapters.base import adapters_of
 
-SUPPORTED = ("lora", "epng", "dmep")
-
-
 def check(policy: str, world) -> str | None:
     """Why ``--fsdp`` cannot run this way (None if it can)."""
-    if policy not in SUPPORTED:
-        return (f"--fsdp with --policy {policy}: FSDP here shards the frozen base of adapter policies "
-                f"({', '.join(SUPPORTED)}); {policy} trains base weights — train it without --fsdp")
     if not world.distributed:
         return "--fsdp needs several processes: start train.py with torchrun --nproc_per_node N"
     return None
@@ -49,6 +48,30 @@ def shard(model: nn.Module, world, device: str) -> None:
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if id(p) in ignored_ids})
     fully_shard(model, mesh=mesh, ignored_params=set(ignored))
+    for unit in (*model.layers, model):  # each fully_shard unit reduces its own gradients
+        unit.set_gradient_divide_factor(1.0)  # sum: the loss is normalised by the global token count already
+        unit.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """Reduce-scatter the sharded trained weights' gradients in this backward (the step's last micro-batch)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective: every process calls it in the same order); ``t`` as is
+    when it is not sharded."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (the same on every process) cut the way ``param`` is sharded; as is for a plain one."""
+    if not is_sharded(param):
+        return value.to(param.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
 
 
 def is_sharded(t: torch.Tensor) -> bool:

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from .fsdp import full
 from ..files import atomic_dir, write_text_atomic
 
 ARGS, METRICS, EVENTS, SUMMARY = "args.json", "metrics.jsonl", "events.jsonl", "summary.json"
@@ -136,22 +137,26 @@ class RunDir:
         return ckpt.locate(self.path)
 
     def save_checkpoint(self, model, optimizer, scheduler, info: dict, state: dict) -> Path:
+        """Every process calls this (sharded weights are gathered by all); the writer writes."""
+        weights, optimizer_saved = ckpt.trainable_state(model), ckpt.optimizer_state(model, optimizer)
         if self.writer:
-            ckpt.save_checkpoint(self.path, model, optimizer, scheduler, info, state)
+            ckpt.save_checkpoint(self.path, model, optimizer, scheduler, info, state, weights, optimizer_saved)
         return self.checkpoint_dir
 
     def export(self, model, base_fingerprint: str | None = None) -> Path:
         """The run's fine-tune in a loadable form: ``adapter/`` (adapters, ESFT experts) or ``model/``
-        (full fine-tuning, Hub layout). ``base_fingerprint``: the base's, when it cannot be read now (sharded)."""
+        (full fine-tuning, Hub layout). ``base_fingerprint``: the base's, when it cannot be read now (sharded).
+        Every process calls this (a sharded model is gathered by all); the writer writes."""
         from ..adapters.base import adapters_of
         from ..adapters.io import save_adapter
         from ..adapters.export import export_merged
 
         adapted = bool(adapters_of(model))
         path = self.path / ("adapter" if adapted else "model")
+        state = None if adapted else {k: full(v) for k, v in model.state_dict().items()}
         if self.writer:
             if adapted:
                 save_adapter(model, path, overwrite=True, base_fingerprint=base_fingerprint)
             else:
-                export_merged(model, path, overwrite=True)
+                export_merged(model, path, overwrite=True, state=state)
         return path

@@ -266,6 +266,8 @@ class Trainer:
         targets = [int((b.labels[:, 1:] != -100).sum()) for b in batches]
         step_targets = self.world.sum(sum(targets), self.device)
         for micro, batch in enumerate(batches):
+            if c.fsdp:  # sharded trained weights: reduce-scatter their gradients once, in the last backward
+                fsdp.set_gradient_sync(model, micro == len(batches) - 1)
             weight = targets[micro] / max(1, step_targets)
             mask = batch.loss_mask if c.stats_tokens == "response" else batch.attention_mask
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
@@ -287,11 +289,13 @@ class Trainer:
             total += out.loss.item() * weight if targets[micro] else 0.0
             tokens += int(batch.attention_mask.sum())
         params = [p for g in opt.param_groups for p in g["params"]]
-        self.world.all_reduce_grads(params)  # several processes: the gradient of the global batch
+        # several processes: the gradient of the global batch (FSDP has reduce-scattered the sharded ones)
+        self.world.all_reduce_grads([p for p in params if not fsdp.is_sharded(p)])
         total, extra_total, tokens = self.world.sum_all([total, extra_total, tokens], self.device)
         # the norm is taken even without clipping: a finite loss can still give inf/NaN gradients, and
         # stepping on them would put NaN weights into the next checkpoint
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf))
+        grad_norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0
+                                                                   else math.inf)))
         if not math.isfinite(grad_norm):
             self._stop_non_finite(f"gradient norm ({grad_norm}) at step {self.step + 1}")
         lr = opt.param_groups[0]["lr"]
