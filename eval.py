@@ -120,12 +120,10 @@ def main(argv=None) -> int:
                 write_results(tmp, summary, records, dec)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         return exit_with_error(str(e), 2)
-    world.barrier()
-    world.close()
     if world.main:
         print(json.dumps({k: v for k, v in summary.items() if k != "decoding"}))
         print(f"wrote {out}/summary.json and {out}/samples.jsonl")
-    return 0
+    return world.finish(0)
 
 
 def run_model(args, task: Task, rows, dec: Decoding, world: World = World()) -> tuple[dict, list[dict]]:

@@ -81,18 +81,16 @@ def main(argv=None) -> int:
         if world.main:
             summary = trainer.run.update_summary(task_score_before=before, task_score_after=after)
         say(f"tiny-arith test exact match: {'' if before is None else f'{before:.3f} -> '}{after:.3f}")
-    world.barrier()  # the others wait for the first's scoring before the process group closes
-    world.close()
     if summary.get("events") and trainer.model.num_adapter_parameters():
         say("after training:\n" + trainer.model.adapter_summary())
     if summary.get("interrupted"):
-        return 130
+        return world.finish(130)
     tps = summary["tokens_per_s"]
     say(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
         f"{summary['trainable_parameters']:,} trainable parameters, "
         f"{f'{tps:,.0f} tokens/s' if tps else 'no new steps'}"
         f"{f' over {world.size} processes' if world.distributed else ''}, {summary['events']} events -> {trainer.run}")
-    return 0
+    return world.finish(0)  # several processes: the others waited for the first's scoring
 
 
 if __name__ == "__main__":

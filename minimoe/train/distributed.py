@@ -139,9 +139,17 @@ class World:
         if self.distributed:
             dist.barrier()
 
-    def close(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    def finish(self, code: int) -> int:
+        """End this process's part: one process returns ``code``; several meet at a barrier, then each leaves
+        at once with ``code`` (``os._exit``), without the interpreter's teardown, where the process group's
+        C++ destructors can abort ("terminate called without an active exception") when the peers are
+        leaving at the same moment. torchrun collects the exit codes."""
+        if not self.distributed:
+            return code
+        self.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _reduce_bucket(grads: list[torch.Tensor]) -> None:
