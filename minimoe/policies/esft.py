@@ -85,7 +85,8 @@ class ESFT(Policy):
         saved = data.state_dict()
         was_training = model.training
         model.eval()
-        stats = RoutingStats()  # its own: the scoring pass is not training
+        # its own statistics (the scoring pass is not training), summed over the processes like the run's
+        stats = RoutingStats(ctx.all_reduce if ctx.part[1] > 1 else None)
         try:
             for _ in range(self.config.sample_batches):
                 batch = ctx.next_batch()  # several processes: each scores its part of the global batch

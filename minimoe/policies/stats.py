@@ -22,6 +22,7 @@ unit's experts. Also here: Gini, normalised entropy and drift of a count vector 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +57,6 @@ def drift(previous: torch.Tensor, current: torch.Tensor) -> float:
     return float((p / p.sum() - c / c.sum()).abs().sum())
 
 
-def _distributed_world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 @dataclass
 class UnitSnapshot:
     """Host copies of one unit's sums (fp32 vectors of length E, tokens a float)."""
@@ -76,17 +71,14 @@ class UnitSnapshot:
         """EPnG's p̄: mean full-softmax probability per expert (zeros if no token was seen)."""
         return self.importance / self.tokens if self.tokens > 0 else torch.zeros_like(self.importance)
 
-    @property
-    def utilization(self) -> torch.Tensor:
-        """DMEP's u_i = c_i / Σ_j c_j (fp64)."""
-        c = self.counts.double()
-        return c / c.sum().clamp_min(1e-12)
-
 
 class RoutingStats:
     """Per-unit running sums of router probabilities, hard counts, gate weights and tokens (see module doc)."""
 
-    def __init__(self):
+    def __init__(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``all_reduce``: with several processes, a function that sums a tensor over them in place (the
+        trainer's ``World.all_reduce``); updates then wait for ``sync()``. None: one process."""
+        self.all_reduce = all_reduce
         self.importance: dict = {}  # unit -> (E,) fp32, reduced over processes up to the last sync()
         self.counts: dict = {}
         self.gate: dict = {}
@@ -108,7 +100,7 @@ class RoutingStats:
         if weights is not None:
             gate.scatter_add_(0, flat, (weights.detach().float() * m[:, None]).reshape(-1))
         add = [imp, hard, gate, m.sum().double()]
-        if _distributed_world() > 1:
+        if self.all_reduce is not None:
             pending = self._pending.get(unit)
             self._pending[unit] = add if pending is None else [a + b for a, b in zip(pending, add)]
         else:
@@ -132,12 +124,10 @@ class RoutingStats:
         collective that every rank calls at the same point. Nothing to do in one process."""
         if not self._pending:
             return
-        import torch.distributed as dist
-
         units = sorted(self._pending, key=lambda u: (isinstance(u, str), str(u)))
         parts = [v for u in units for v in self._pending[u]]
         flat = torch.cat([p.double().reshape(-1) for p in parts])
-        dist.all_reduce(flat)
+        self.all_reduce(flat)
         offset = 0
         for unit in units:
             reduced = []

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..adapters.base import Adapter, adapters_of, replace_module
 from ..files import atomic_dir, previous_copy
@@ -76,13 +77,13 @@ def apply_layout(model, layout: dict) -> None:
 
 
 # --- optimizer state by name ------------------------------------------------------------------
-def optimizer_state(model, optimizer) -> dict:
-    """Param groups as name lists, state by parameter name, whole (sharded moments gathered)."""
+def optimizer_state(model, optimizer, keep: bool = True) -> dict:
+    """Param groups as name lists, state by parameter name, whole on the CPU (sharded moments gathered one
+    at a time; ``keep=False``: take part in the gathering, keep nothing)."""
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]
-    state = {names[id(p)]: {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()}
-             for p, s in optimizer.state.items()}
+    state = {names[id(p)]: gathered(s, keep) for p, s in optimizer.state.items()}
     return {"groups": groups, "state": state}
 
 
@@ -125,11 +126,22 @@ def set_rng_state(state: dict) -> None:
 
 
 # --- save / load --------------------------------------------------------------------------------
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Trainable parameters and buffers, whole (sharded ones gathered: every process calls this)."""
+def trainable_state(model, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Trainable parameters and buffers, whole, on the CPU. Sharded ones are gathered one at a time: every
+    process calls this; one that does not write (``keep=False``) takes part and keeps nothing."""
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     state.update({n: b.detach() for n, b in model.named_buffers()})
-    return {k: full(v).contiguous().cpu() for k, v in state.items()}
+    return gathered(state, keep)
+
+
+def gathered(tensors: dict, keep: bool = True) -> dict:
+    """``tensors`` whole, on the CPU, one at a time (collective for sharded ones: every process calls it)."""
+    out = {}
+    for k, v in tensors.items():
+        whole = full(v) if torch.is_tensor(v) else v
+        if keep:
+            out[k] = whole.contiguous().cpu() if torch.is_tensor(whole) else whole
+    return out
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, info: dict, state: dict,
@@ -163,25 +175,26 @@ def read_info(ckpt: Path) -> dict:
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Load weights, optimizer and scheduler (layout must already be applied); returns state.pt."""
-    weights = load_file(str(ckpt / "model.safetensors"))
-    current = model.state_dict()
-    # written before the adapter protocol: LoRA-MoE hard counts were a buffer ``{module}.counts`` (now the
-    # routing statistics'), survivors and ESFT's selection buffers ``.expert_ids`` / ``.selected`` (now layout)
-    legacy = [k for k in weights if k not in current and k.rsplit(".", 1)[-1] in ("counts", "expert_ids", "selected")]
-    legacy_counts = {k[:-len(".counts")]: weights.pop(k) for k in legacy if k.endswith(".counts")}
-    for k in legacy:
-        weights.pop(k, None)
-    problems = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
-                for k, v in weights.items() if k in current and current[k].shape != v.shape]
-    unknown = [k for k in weights if k not in current]
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
-    if problems or unknown or missing:
-        raise CheckpointMismatch(f"{ckpt}/model.safetensors does not fit the model: "
-                                 f"shapes {problems[:5]}, unknown {unknown[:5]}, missing {missing[:5]}")
-    params = dict(model.named_parameters())
-    model.load_state_dict({k: shard_like(v, params[k]) if k in params else v for k, v in weights.items()},
-                          strict=False)
-    opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        # written before the adapter protocol: LoRA-MoE hard counts were a buffer ``{module}.counts`` (now the
+        # routing statistics'), survivors and ESFT's selection buffers ``.expert_ids`` / ``.selected`` (layout)
+        legacy = [k for k in shapes if k not in targets and k.rsplit(".", 1)[-1] in ("counts", "expert_ids", "selected")]
+        legacy_counts = {k[:-len(".counts")]: f.get_tensor(k) for k in legacy if k.endswith(".counts")}
+        shapes = {k: s for k, s in shapes.items() if k not in legacy}
+        problems = [f"{k}: checkpoint {s}, model {tuple(targets[k].shape)}"
+                    for k, s in shapes.items() if k in targets and tuple(targets[k].shape) != s]
+        unknown = [k for k in shapes if k not in targets]
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in shapes]
+        if problems or unknown or missing:
+            raise CheckpointMismatch(f"{ckpt}/model.safetensors does not fit the model: "
+                                     f"shapes {problems[:5]}, unknown {unknown[:5]}, missing {missing[:5]}")
+        with torch.no_grad():
+            for k in shapes:  # one tensor at a time (cut into this process's shard when sharded)
+                targets[k].copy_(shard_like(f.get_tensor(k), targets[k]))
+    # memory-mapped: processes on one machine share the pages, none holds the whole state twice
+    opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False, mmap=True)
     load_optimizer_state(model, optimizer, opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)

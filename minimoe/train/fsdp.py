@@ -22,17 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters.base import adapters_of
-
-def check(policy: str, world) -> str | None:
+def check(policy: str, world, device: str) -> str | None:
     """Why ``--fsdp`` cannot run this way (None if it can)."""
+    if policy == "esft" and device.startswith("cuda"):
+        return ("--fsdp with --policy esft on CUDA: ESFT scores the experts on the whole model before it is "
+                "sharded, which --fsdp keeps in CPU memory (a GPU forward on CPU weights); train esft without "
+                "--fsdp, or on the CPU")
     if not world.distributed:
         return "--fsdp needs several processes: start train.py with torchrun --nproc_per_node N"
     return None
-
-
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in adapters_of(model).values() for p in m.adapter_parameters()]
 
 
 def shard(model: nn.Module, world, device: str) -> None:
@@ -40,7 +38,7 @@ def shard(model: nn.Module, world, device: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    ignored = adapter_parameters(model)
+    ignored = model.adapter_parameters()
     for p in ignored:
         p.data = p.data.to(device)
     ignored_ids = {id(p) for p in ignored}

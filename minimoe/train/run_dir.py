@@ -16,13 +16,11 @@ the writer, and every other rank runs the same code against a silent one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .fsdp import full
 from ..files import atomic_dir, write_text_atomic
 
 ARGS, METRICS, EVENTS, SUMMARY = "args.json", "metrics.jsonl", "events.jsonl", "summary.json"
@@ -66,9 +64,6 @@ class RunDir:
         if self.occupied():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-
-    def write_args(self, config) -> None:
-        self.write_json(ARGS, dataclasses.asdict(config))
 
     def write_preset_base(self, model, state: dict, tok) -> None:
         """The on-the-fly preset base (``state``: its weights before any adapter) in Hub layout, atomically:
@@ -138,7 +133,8 @@ class RunDir:
 
     def save_checkpoint(self, model, optimizer, scheduler, info: dict, state: dict) -> Path:
         """Every process calls this (sharded weights are gathered by all); the writer writes."""
-        weights, optimizer_saved = ckpt.trainable_state(model), ckpt.optimizer_state(model, optimizer)
+        weights = ckpt.trainable_state(model, keep=self.writer)
+        optimizer_saved = ckpt.optimizer_state(model, optimizer, keep=self.writer)
         if self.writer:
             ckpt.save_checkpoint(self.path, model, optimizer, scheduler, info, state, weights, optimizer_saved)
         return self.checkpoint_dir
@@ -153,7 +149,7 @@ class RunDir:
 
         adapted = bool(adapters_of(model))
         path = self.path / ("adapter" if adapted else "model")
-        state = None if adapted else {k: full(v) for k, v in model.state_dict().items()}
+        state = None if adapted else ckpt.gathered(model.state_dict(), keep=self.writer)
         if self.writer:
             if adapted:
                 save_adapter(model, path, overwrite=True, base_fingerprint=base_fingerprint)

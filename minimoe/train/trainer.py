@@ -119,6 +119,11 @@ class Trainer:
         else:
             self._start()
 
+    @property
+    def run_dir(self) -> Path:
+        """The run directory's path (``self.run`` is the object that writes it)."""
+        return self.run.path
+
     # --- construction ------------------------------------------------------------------------------
     def _check(self) -> None:
         c = self.config
@@ -128,7 +133,7 @@ class Trainer:
             check_choices(c)
         except ValueError as e:
             raise TrainingError(str(e)) from None
-        if c.fsdp and (problem := fsdp.check(c.policy, self.world)):
+        if c.fsdp and (problem := fsdp.check(c.policy, self.world, self.device)):
             raise TrainingError(problem)
         if c.dtype != "float32" and c.policy in ("full", "esft"):
             # AdamW updates of bf16 weights round most small steps away; these policies train base weights
@@ -136,10 +141,16 @@ class Trainer:
                                 "bf16 without fp32 master copies; use --dtype float32 (bf16 autocast runs on CUDA)")
         self.run = RunDir(c.resume or c.out or f"runs/{c.policy}", writer=self.world.main)
         if not c.resume:
-            try:
-                self.run.check_new(c.overwrite)
-            except RunDirError as e:
-                raise TrainingError(str(e)) from None
+            # the writer looks (before it writes anything) and tells the others: a process that looked later
+            # might find the files the writer has started to write
+            problem = None
+            if self.run.writer:
+                try:
+                    self.run.check_new(c.overwrite)
+                except RunDirError as e:
+                    problem = str(e)
+            if self.world.any(problem is not None, self.device):
+                raise TrainingError(problem or f"run directory {self.run} exists and is not empty (see rank 0)")
 
     def _load(self) -> dict | None:
         """Data, model, tokenizer, policy (and, resuming, the saved checkpoint's info and state)."""
@@ -175,7 +186,7 @@ class Trainer:
 
     def _setup(self, saved: dict | None) -> None:
         c = self.config
-        self.stats = RoutingStats()
+        self.stats = RoutingStats(self.world.all_reduce if self.world.distributed else None)
         ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed, self._say,
                       self.stats, part=self.part, all_reduce=self.world.all_reduce)
         self.policy.setup(self.model, ctx)
