@@ -21,7 +21,7 @@ from minimoe.train.config import TrainConfig, resolve as resolve_config
 from minimoe.train.distributed import exit_with_error, lost_peer
 from minimoe.train.trainer import Trainer, TrainingError
 
-EMBEDDED = Path(__file__).resolve().parent / "weights" / "tiny-moe"  # the default base (see train_config.py)
+EMBEDDED = Path(__file__).resolve().parent / "weights" / "tiny-moe"  # the default base (see minimoe/train/config.py)
 
 
 def resolve(argv=None) -> TrainConfig:

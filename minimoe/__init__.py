@@ -1,10 +1,11 @@
 """minimoe: fine-tune Mixture-of-Experts LMs with adapters that change shape while they train.
 
 Subpackages: ``model`` (the network), ``adapters`` (the layers that prune and grow, and their optimizer
-state), ``train`` (the loop, run directory, checkpoints, routing statistics), ``policies`` (EPnG, DMEP and
-the baselines), ``eval`` (benchmarks and graders). ``lm.CausalLM`` joins the network and its adapter
-methods; the modules at the top are commands (``python -m minimoe.bench|convert|export|tiny|plots|reproduce``)
-and two small utilities (``files``, ``options``).
+state), ``policies`` (EPnG, DMEP and the baselines, and the routing statistics they decide from), ``train``
+(the loop, run directory, checkpoints, several processes), ``eval`` (benchmarks and graders). ``lm.CausalLM``
+joins the network and its adapter methods; the modules at the top are commands
+(``python -m minimoe.bench|convert|export|scaling|tiny|plots|reproduce``) and two small utilities
+(``files``, ``options``).
 """
 
 from .adapters import optim

@@ -1,6 +1,7 @@
-"""train.py under torchrun with a failure injected on rank 1 (for test_distributed.py): before step 4, that
-process's copy of the model is poisoned with NaN, so its loss is non-finite and it stops; the others must
-not hang."""
+"""train.py under torchrun with a fault injected on rank 1 (for test_distributed.py). MINIMOE_TEST_FAULT=nan
+(default): before step 4 that process's copy of the model is poisoned with NaN, so its loss is non-finite and
+it stops; the others must not hang. =drift: after the last step one of its adapter weights is nudged, so the
+replicas differ and the run must refuse to save them."""
 
 import os
 import sys
@@ -12,14 +13,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from minimoe.train import trainer as trainer_mod  # noqa: E402
 
+FAULT = os.environ.get("MINIMOE_TEST_FAULT", "nan")
+
 if os.environ.get("RANK") == "1":
     real_step = trainer_mod.Trainer.train_step
 
     def train_step(self):
-        if self.step == 3:
+        if FAULT == "nan" and self.step == 3:
             with torch.no_grad():
                 self.model.embed_tokens.weight.fill_(float("nan"))
-        return real_step(self)
+        record = real_step(self)
+        if FAULT == "drift" and self.step == self.config.steps:  # after the last step, before the check
+            with torch.no_grad():
+                self.model.adapter_parameters()[0].view(-1)[0] += 1e-3
+        return record
 
     trainer_mod.Trainer.train_step = train_step
 

@@ -1,6 +1,7 @@
 """Files written by earlier versions (tests/data/legacy-v0, see its README) still load, and an old checkpoint
 resumes to exactly what that version reached without the interruption."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -30,6 +31,25 @@ def test_an_old_checkpoint_resumes_to_the_old_uninterrupted_result(tmp_path, pol
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_an_old_checkpoint_before_the_prune_keeps_its_hard_counts(tmp_path):
+    """Before the routing statistics were one object, LoRA-MoE counts were module buffers: a checkpoint
+    taken during DMEP's exploration must hand them to the statistics, or the prune decides on too little."""
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY / "dmep-explore-run", run)
+    assert train.main(["--resume", str(run)]) == 0
+    old = [json.loads(line) for line in (LEGACY / "dmep-adapter-events.jsonl").read_text().splitlines()]
+    new = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    prune_old, prune_new = ([e for e in events if e["event"] == "dmep_prune"][0] for events in (old, new))
+    assert prune_new["counts"] == prune_old["counts"] and prune_new["survivors"] == prune_old["survivors"]
+    assert any(len(s) < 4 for s in prune_old["survivors"].values())  # the counts decided something
+    got, want = _adapter_tensors(run / "adapter"), _adapter_tensors(LEGACY / "dmep-adapter")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _adapter_tensors(directory):
+    return {k: v for k, v in load_file(str(directory / "adapter.safetensors")).items() if not k.endswith(".counts")}
 
 
 @pytest.mark.parametrize("kind", ["epng", "dmep", "esft", "lora"])

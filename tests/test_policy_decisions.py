@@ -157,3 +157,35 @@ def test_dmep_prunes_at_the_end_of_the_first_epoch_by_default_or_when_drift_sett
     for _ in range(8):
         trainer.train_step()
     assert trainer.policy.pruned_at is None  # drift never that small: no pruning before prune_step
+
+
+def test_dmep_lb_loss_is_that_of_the_whole_micro_batch_when_shared_over_processes():
+    """DMEP's LB loss with several processes: each computes its share with the hard counts and token counts
+    summed over all of them; the shares (and their gradients) add up to the loss of the whole micro-batch,
+    which in one process is the modules' own ``out.adapter_aux_loss``."""
+    from minimoe.policies import DMEP
+
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3")).train()
+    policy = DMEP(DMEP.Config(num_experts=4, top_k=2, rank=2, targets=("q_proj", "up_proj")))
+    policy.setup(model, Context())
+    ids = torch.randint(0, model.config.vocab_size, (4, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[0, :3], mask[3, 5:] = 0, 0
+    routers = [m.router.weight for m in model.lora_moe_modules().values()]
+    whole = model(ids, token_mask=mask, output_router=True)
+    loss = policy.extra_loss(whole, mask)
+    assert torch.allclose(loss, 0.01 * whole.adapter_aux_loss, rtol=0, atol=1e-7)  # one process
+    halves = [(model(ids[i:i + 2], token_mask=mask[i:i + 2], output_router=True), mask[i:i + 2]) for i in (0, 2)]
+    local = []
+    policy.all_reduce = lambda t: local.append(t.clone()) or t
+    for out, m in halves:
+        policy.extra_loss(out, m)
+    summed = local[0] + local[1]  # what all_reduce gives each of the two processes
+    policy.all_reduce = lambda t: t.copy_(summed)
+    shares = [policy.extra_loss(out, m) for out, m in halves]
+    assert torch.allclose(shares[0] + shares[1], loss, rtol=0, atol=1e-6)
+    for g_shared, g_whole in zip(torch.autograd.grad(shares[0] + shares[1], routers),
+                                 torch.autograd.grad(loss, routers), strict=True):
+        assert torch.allclose(g_shared, g_whole, rtol=1e-4, atol=1e-8)
+    assert not torch.allclose(shares[0], loss / 2, atol=1e-6)  # the halves really differ

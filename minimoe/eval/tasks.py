@@ -1,5 +1,5 @@
 """The benchmarks of ``eval.py``, one object per task, in a registry that ``eval.py`` and
-:mod:`minimoe.evaluation` look tasks up in by name.
+:mod:`minimoe.eval.runners` look tasks up in by name.
 
 Tasks and metrics (the papers'):
     gsm8k       exact match of the final number (``question``/``answer`` rows)
@@ -25,7 +25,7 @@ subclass and one :func:`register` call::
 
     register(Reverse("reverse", "reverse a string (text rows), exact match"))
 
-This module imports no model code and never :mod:`minimoe.evaluation` (which imports it), so there is
+This module imports no model code and never :mod:`minimoe.eval.runners` (which imports it), so there is
 no import cycle: what runs a model (generation, log-likelihoods, perplexity) stays there, and a task
 only names which of those scores it (:attr:`Task.scoring`).
 """
@@ -46,7 +46,7 @@ from .scoring import extract_choice, gsm8k_correct, math_correct, pass_at_k
 if TYPE_CHECKING:
     from ..model.tokenizer import Tokenizer
 
-# How a task is scored with a model (Task.scoring): the runners of minimoe.evaluation behind each.
+# How a task is scored with a model (Task.scoring): the runners of minimoe.eval.runners behind each.
 GENERATE = "generate"  # sample completions, then grade each one (the only kind --completions can score)
 OPTION_LOGLIK = "option-loglik"  # the log-likelihood of each option (mc rows: question, choices, answer)
 PERPLEXITY = "perplexity"  # exp(mean token NLL) of the documents
@@ -157,7 +157,7 @@ TASKS: dict[str, Task] = {}
 
 def register(task: Task) -> Task:
     """Add a benchmark to the registry: ``eval.py --task`` (choices and help) and the functions of
-    :mod:`minimoe.evaluation` find it by name. A name is registered once (no silent replacement).
+    :mod:`minimoe.eval.runners` find it by name. A name is registered once (no silent replacement).
 
     Args:
         task: the task object; returned, so registration can sit where the object is made.

@@ -302,7 +302,7 @@ class Transformer(nn.Module):
                            adapter_aux, collector.named_routes(self) if output_router else None)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """KV-cache generation; see ``minimoe.generate.generate`` for the arguments."""
+        """KV-cache generation; see ``minimoe.model.generate.generate`` for the arguments."""
         from .generate import generate
 
         return generate(self, input_ids, **kwargs)

@@ -22,7 +22,7 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 class Context:
     """What a policy may need from the trainer at setup time."""
 
-    dataset: object = None  # minimoe.data.Dataset (ESFT scores experts on a sample of it)
+    dataset: object = None  # minimoe.train.data.Dataset (ESFT scores experts on a sample of it)
     batch_size: int = 8
     steps_per_epoch: int = 1
     total_steps: int = 1

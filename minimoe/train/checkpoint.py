@@ -1,10 +1,14 @@
 """Training checkpoints: everything needed to continue a run bit for bit.
 
 ``RUN/checkpoint/`` holds
-    model.safetensors   trainable parameters and adapter buffers (LoRA-MoE counts and expert ids, ESFT selection)
+    model.safetensors   trainable parameters (whole: sharded ones gathered) and buffers
     optimizer.pt        optimizer state keyed by parameter name, param groups as name lists, scheduler state
-    state.pt            policy state (statistics, generator), data position, RNG states
-    trainer.json        human-readable: step, the run's arguments, policy options, adapter layout
+    state.pt            policy state (generator, decisions), routing statistics, data position, RNG states
+    trainer.json        human-readable: step, the run's arguments, processes, adapter layout (every adapter's
+                        spec: chunk sizes, LoRA-MoE survivors, ESFT's selection)
+
+Checkpoints written before the adapter protocol (counts, expert ids and ESFT's selection as buffers, EPnG's
+statistics in its policy state, the old layout format) still load.
 
 A checkpoint is written into a temporary directory and renamed into place (``files.atomic_dir``), so
 ``checkpoint/`` is always complete (a crash leaves at worst a ``.checkpoint.tmp-*`` directory, never read). Resuming

@@ -10,8 +10,13 @@ gradients of the trainable parameters are summed across ranks in buckets (``all_
 anew from the parameters of that step, so a resize needs no re-wrapping. The loss is normalised by the
 *global* number of target tokens before the backward, so summed gradients are exactly the gradient of the
 global batch (see ``Trainer.train_step``). What the sum costs against DDP: no overlap of communication
-with the backward pass — small for adapter gradients; fully fine-tuned weights go through FSDP
-(``fsdp.py``), whose reduce-scatter overlaps.
+with the backward pass — small for adapter gradients; with ``--fsdp`` fully fine-tuned weights are sharded
+and FSDP reduce-scatters their gradients (``fsdp.py``).
+
+Failures: a process that fails reports and leaves at once (``exit_with_error``); on one machine its peers'
+collectives fail within a fraction of a second (gloo: connection reset; torchrun also stops them). Across
+machines, the others may wait until torchrun's agents or the process group's timeout (``--dist-timeout``
+is not a flag yet: 600 s) end them.
 """
 
 from __future__ import annotations

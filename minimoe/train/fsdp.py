@@ -5,8 +5,9 @@ holds 1/N of every base weight and all-gathers a layer's weights just before com
 own parameters are ``ignored_params``: they stay ordinary, replicated tensors, so prune/grow/slice work on
 them exactly as in one process (a new rank is a new tensor FSDP never sees) and their gradients are summed
 by ``World.all_reduce_grads`` like every other data-parallel gradient. The model is loaded into CPU memory
-(memory-mapped safetensors), the adapters are attached there and moved to the device, and ``fully_shard``
-moves each process's shard of the base to the device: no process ever holds the whole base on its GPU.
+(every process holds the whole base in host RAM while it starts: the experts are stacked on load), the
+adapters are attached there and moved to the device, and ``fully_shard`` moves each process's shard of the
+base to the device: no process ever holds the whole base on its GPU.
 
 Full fine-tuning trains the sharded weights themselves: FSDP reduce-scatters their gradients (summed, like
 the replicated ones: ``set_gradient_divide_factor(1.0)``, since the loss is already normalised by the global
@@ -14,7 +15,7 @@ token count), only on the last micro-batch of a step (``set_requires_gradient_sy
 state is sharded with them. Checkpoints and the final export hold whole tensors: every process takes part
 in gathering them (``full``), the first writes; a resume scatters them back (``shard_like``). ESFT's trained
 experts are an adapter (replicated); only its frozen base is sharded. Its expert scoring runs before the
-sharding, on the CPU copy of the model.
+sharding, on the CPU copy of the model: refused on CUDA (``check``).
 """
 
 from __future__ import annotations
