@@ -19,7 +19,9 @@ every shape.
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +117,11 @@ def load_optimizer_state(model, optimizer, saved: dict) -> None:
 
 # --- RNG ----------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state in plain containers and tensors (what ``weights_only`` loading accepts)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -124,9 +130,36 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # (checkpoints before 2026-12 stored numpy's own tuple)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs (old checkpoints stored numpy's RNG state as one): array
+    reconstruction only, which runs no code of the file's choosing."""
+    core = getattr(np, "_core", None) or np.core
+    names = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    names += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object())) if n.endswith("DType")]
+    return names
+
+
+def load_pickle(path: Path, mmap: bool = False):
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers, never code. A file asking to
+    run anything else (a crafted ``state.pt``: ``__reduce__`` → ``os.system``) is refused, naming it."""
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the global it would have had to import
+        what = f"GLOBAL {found.group(1)}" if found else str(e).strip().splitlines()[-1][:120]
+        raise CheckpointMismatch(f"{path} is not a checkpoint minimoe wrote: it asks to run code or build "
+                                 f"objects a checkpoint never holds ({what}); refusing to load it") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointMismatch(f"cannot read {path}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 # --- save / load --------------------------------------------------------------------------------
@@ -198,10 +231,10 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
             for k in shapes:  # one tensor at a time (cut into this process's shard when sharded)
                 targets[k].copy_(shard_like(f.get_tensor(k), targets[k]))
     # memory-mapped: processes on one machine share the pages, none holds the whole state twice
-    opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False, mmap=True)
+    opt = load_pickle(ckpt / "optimizer.pt", mmap=True)
     load_optimizer_state(model, optimizer, opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    state = load_pickle(ckpt / "state.pt")
     set_rng_state(state["rng"])
     if legacy_counts:
         state["legacy_counts"] = legacy_counts

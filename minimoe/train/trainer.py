@@ -180,7 +180,7 @@ class Trainer:
         info = ckpt.read_info(found)
         if info["policy"] != c.policy:
             raise TrainingError(f"--resume {self.run}: the run used policy {info['policy']}, not {c.policy}")
-        state = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
+        state = ckpt.load_pickle(found / "state.pt")
         self.policy.load_state_dict(state["policy"])  # before setup: e.g. ESFT's saved selection
         return {"dir": found, "info": info, "state": state}
 
