@@ -19,6 +19,7 @@ from pathlib import Path
 
 from minimoe.train.config import TrainConfig, resolve as resolve_config
 from minimoe.train.distributed import exit_with_error, lost_peer
+from minimoe.train.run_dir import RunDir
 from minimoe.train.trainer import Trainer, TrainingError
 
 EMBEDDED = Path(__file__).resolve().parent / "weights" / "tiny-moe"  # the default base (see minimoe/train/config.py)
@@ -43,6 +44,8 @@ def task_score(trainer: Trainer, limit: int) -> float:
 
 def main(argv=None) -> int:
     config = resolve(argv)
+    if config.resume and (done := RunDir(config.resume).finished(config.steps)):
+        return exit_with_error(done, 2)  # summary.json and everything else untouched
     try:
         trainer = Trainer(config)
     except (TrainingError, ValueError, FileNotFoundError) as e:

@@ -51,3 +51,107 @@ def test_a_crafted_checkpoint_runs_no_code_on_resume(stopped_run, tmp_path, caps
     err = capsys.readouterr().err
     assert f"{run / 'checkpoint' / file} is not a checkpoint minimoe wrote: it asks to run code" in err
     assert "system" in err and not marker.exists()
+
+
+def test_a_torn_last_log_line_is_dropped_and_other_bad_lines_are_named(stopped_run, tmp_path, capsys):
+    """3. After a disk-full during an append, events.jsonl ended with half a line and --resume failed with
+    "Expecting ':' delimiter", naming no file."""
+    run = _copy(stopped_run, tmp_path)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 1.2, "lr')  # the append that was cut short
+    assert train.main(["--resume", str(run)]) == 0
+    assert f"{run / 'metrics.jsonl'}: dropped an incomplete last line" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    damaged = _copy(stopped_run, tmp_path, "damaged")
+    lines = (damaged / "metrics.jsonl").read_text().splitlines()
+    (damaged / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    assert train.main(["--resume", str(damaged)]) == 2
+    assert f"{damaged / 'metrics.jsonl'}:2: not a log record" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(stopped_run, tmp_path, capsys):
+    """4. --resume on a completed run rewrote summary.json with final_loss null and crashed."""
+    run = _copy(stopped_run, tmp_path)
+    assert train.main(["--resume", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert train.main(["--resume", str(run)]) == 2
+    assert f"{run} finished at step 4; to train longer pass --steps M with M > 4" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_its_export_on_resume(stopped_run, tmp_path):
+    """4. The same after a kill between the final checkpoint and the export."""
+    run = _copy(stopped_run, tmp_path)
+    assert train.main(["--resume", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    assert train.main(["--resume", str(run)]) == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert (run / "adapter" / "adapter.safetensors").is_file()
+    assert again["final_loss"] == summary["final_loss"] and again["steps"] == 4
+
+
+def test_a_longer_schedule_on_resume_is_announced_and_empty_events_are_not_logged(stopped_run, tmp_path, capsys):
+    """5. --resume --steps M silently restarted the schedule; events that changed nothing were logged."""
+    run = _copy(stopped_run, tmp_path)
+    assert train.main(["--resume", str(run), "--steps", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "--steps 6 (the run was planned for 4): the schedule is stretched to 6 steps; the learning rate" in out
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    schedule = [e for e in events if e["event"] == "schedule"]
+    assert len(schedule) == 1 and schedule[0]["step"] == 2 and schedule[0]["steps"] == 6
+    assert schedule[0]["lr_after"] == json.loads((run / "metrics.jsonl").read_text().splitlines()[2])["lr"]
+    # an EPnG event time with too few adapted experts to prune or grow any is not an event
+    small = tmp_path / "small"
+    assert train.main(["--policy", "epng", *TINY, "--steps", "6", "--epng-warmup", "2", "--epng-interval", "1",
+                       "--epng-alpha", "0.05", "--epng-beta", "0.05", "--out", str(small)]) == 0
+    assert not (small / "events.jsonl").exists() or all(
+        e["pruned"] or e["grown"] for e in map(json.loads, (small / "events.jsonl").read_text().splitlines()))
+    assert json.loads((small / "summary.json").read_text())["events"] == 0
+
+
+def test_stale_temporaries_are_removed_on_resume(stopped_run, tmp_path, capsys):
+    """7. kill -9 during a save left .checkpoint.tmp-* directories forever."""
+    run = _copy(stopped_run, tmp_path)
+    stale = run / ".checkpoint.tmp-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    assert train.main(["--resume", str(run)]) == 0
+    assert not stale.exists() and f"removed {stale}" in capsys.readouterr().out
+
+
+def test_divergence_stops_the_run_and_nothing_non_finite_is_saved(tmp_path, capsys):
+    """6. --lr 1e3 finished with rc 0 and weights ~4.6e3, every save overwriting the checkpoint; with --lr 1e30
+    --max-grad-norm 0 the "last good checkpoint" held weights ~1e30; --lr 1e38 crashed inside Adam."""
+    run = tmp_path / "diverging"
+    rc = train.main(["--policy", "full", "--lr", "1", "--steps", "30", "--warmup-ratio", "0", "--save-every", "1",
+                     "--batch-size", "8", "--eval-limit", "0", "--out", str(run)])  # the shipped tiny model
+    err = capsys.readouterr().err
+    assert rc == 1 and "the loss diverged:" in err and "above 1.5 x its running median" in err
+    step = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert step == 1 and losses[1] > 1.5 * losses[0]  # nothing was checkpointed once the loss rose
+    assert not (run / "summary.json").exists()
+    for lr, extra, said in (("1e30", ["--max-grad-norm", "0"], "non-finite weights after the optimizer step 1"),
+                            ("1e38", [], "non-finite optimizer step")):
+        out = tmp_path / f"lr{lr}"
+        assert train.main(["--policy", "lora", *TINY, "--steps", "4", "--lr", lr, *extra, "--save-every", "1",
+                           "--out", str(out)]) == 1
+        assert said in capsys.readouterr().err
+        assert not (out / "checkpoint").exists()  # nothing non-finite was ever written
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_optimizer_state(tmp_path):
+    """6. The save itself refuses: weights can be finite while a moment is not (the next step would spread it)."""
+    from minimoe.train.trainer import TrainConfig, Trainer, TrainingError
+
+    trainer = Trainer(TrainConfig(policy="lora", model="tiny-olmoe", out=str(tmp_path / "r"), steps=4, batch_size=2,
+                                  eval_limit=0), show_progress=False)
+    trainer.train_step()
+    trainer.save()
+    before = (tmp_path / "r" / "checkpoint" / "optimizer.pt").read_bytes()
+    next(iter(trainer.optimizer.state.values()))["exp_avg_sq"].view(-1)[0] = float("inf")
+    with pytest.raises(TrainingError, match="non-finite weights or optimizer state at step 1: not saved"):
+        trainer.save()
+    assert (tmp_path / "r" / "checkpoint" / "optimizer.pt").read_bytes() == before

@@ -68,7 +68,10 @@ class EPnG(Policy):
         c = self.config
         if step < c.warmup or step % c.interval:
             return []
-        return [self.event(step, model, optimizer)]
+        record = self.event(step, model, optimizer)
+        # an event time at which nothing could be pruned or grown (too few adapted experts left) changes
+        # nothing: the statistics still decay as Alg. 1 says, but no prune/grow event is logged or counted
+        return [record] if record["pruned"] or record["grown"] else []
 
     def event(self, step, model, optimizer) -> dict:
         c = self.config

@@ -61,6 +61,10 @@ class TrainConfig:
                                            "masked) or all (padding masked)", choices=("response", "all"))
     seed: int = option(0, "seed for data order, adapter init and the tiny model")
     save_every: int = option(0, "also checkpoint every N steps (0: only at the end)")
+    divergence_factor: float = option(1.5, "stop (keeping the last good checkpoint) when the loss stays above this "
+                                           "times its running median, and 0.5 above it, for --divergence-patience "
+                                           "steps in a row (median of the last 20 losses that were not; 0: never)")
+    divergence_patience: int = option(10, "steps in a row the loss must stay diverged before the run stops")
     stop_at: int = option(0, "stop and checkpoint after this step of the schedule (continue later with --resume)")
     log_every: int = option(1, "progress-bar refresh interval in steps")
     gradient_checkpointing: bool = option(False, "activation checkpointing")

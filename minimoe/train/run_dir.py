@@ -95,15 +95,42 @@ class RunDir:
         f = self.path / name
         return sum(1 for line in f.open() if line.strip()) if f.is_file() else 0
 
-    def truncate_logs(self, step: int) -> None:
-        """On resume, drop the log lines written after the checkpoint's step."""
-        if not self.writer:
-            return
+    def truncate_logs(self, step: int) -> list[str]:
+        """On resume, drop the log lines written after the checkpoint's step. An incomplete last line (a
+        crash or a full disk during the append) is dropped too, and said so (the returned messages); any
+        other line that is not a JSON record is an error naming the file and line."""
+        notes = []
         for name in LOGS:
             f = self.path / name
-            if f.is_file():
-                keep = [line for line in f.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            if not f.is_file():
+                continue
+            text = f.read_text(encoding="utf-8", errors="replace")
+            lines = text.split("\n")
+            keep = []
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    record_step = record["step"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    if n == len(lines) and not text.endswith("\n"):  # the last append did not finish
+                        notes.append(f"{f}: dropped an incomplete last line ({len(line)} characters)")
+                        break
+                    raise RunDirError(f"{f}:{n}: not a log record ({type(e).__name__}: {e}); the run's logs "
+                                      "are damaged; move the line away to resume") from None
+                if record_step <= step:
+                    keep.append(line)
+            if self.writer:
                 write_text_atomic(f, "".join(line + "\n" for line in keep))
+        return notes
+
+    def remove_temporaries(self) -> list[Path]:
+        """Remove what an interrupted atomic write left behind (``.NAME.tmp-*``: never read, never complete)."""
+        stale = sorted(self.path.glob(".*.tmp-*")) if self.writer and self.path.is_dir() else []
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return stale
 
     # --- small files --------------------------------------------------------------------------------
     def write_json(self, name: str, obj) -> None:
@@ -121,6 +148,19 @@ class RunDir:
         summary = {**self.read_json(SUMMARY), **values} if (self.path / SUMMARY).is_file() else dict(values)
         self.write_summary(summary)
         return summary
+
+    def finished(self, steps: int) -> str | None:
+        """Why resuming this run for ``steps`` steps would do nothing (None if it would train or finish):
+        it has a summary and its checkpoint is at ``steps`` or beyond. A run killed between its last
+        checkpoint and its export has no summary: resuming it finishes the export."""
+        try:
+            step = ckpt.read_info(self.locate_checkpoint())["step"]
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+        if step >= steps and (self.path / SUMMARY).is_file():
+            return f"{self.path} finished at step {step}; to train longer pass --steps M with M > {step} " \
+                   "(nothing was changed)"
+        return None
 
     # --- checkpoints and the fine-tune --------------------------------------------------------------
     @property

@@ -81,6 +81,13 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
+def _finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` (this process's shards) is finite: one reduction, one sync."""
+    local = [t.detach().to_local() if fsdp.is_sharded(t) else t.detach() for t in tensors]
+    local = [t for t in local if t.numel()]
+    return not local or bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(local)])).all())
+
+
 def check_device(name: str) -> str:
     """``name`` if this machine can train on it, else a TrainingError naming ``--device``."""
     try:
@@ -211,11 +218,29 @@ class Trainer:
         self.stats.load_state_dict(ckpt.routing_stats_state(state))
         self.data.load_state_dict(state["data"])
         self.step = saved["info"]["step"]
-        # the saved lr was computed under the saved --steps; a new --steps takes effect from this step
+        for stale in self.run.remove_temporaries():
+            self._say(f"removed {stale}: left by a write that was interrupted")
+        # the saved lr was computed under the saved --steps; a new --steps stretches the schedule from here
+        before = [g["lr"] for g in self.optimizer.param_groups]
         for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                   self.scheduler.lr_lambdas, strict=True):
             group["lr"] = base * f(self.scheduler.last_epoch)
-        self.run.truncate_logs(self.step)
+        planned, events = saved["info"]["args"]["steps"], []
+        if planned != self.config.steps:
+            after = self.optimizer.param_groups[0]["lr"]
+            self._say(f"--steps {self.config.steps} (the run was planned for {planned}): the schedule is stretched "
+                      f"to {self.config.steps} steps; the learning rate goes from {before[0]:.3g} to {after:.3g} "
+                      f"at step {self.step + 1}, then follows the warm-up/cosine of a {self.config.steps}-step run "
+                      "to 0")
+            events.append({"event": "schedule", "step": self.step, "steps_planned": planned,
+                           "steps": self.config.steps, "lr_before": before[0], "lr_after": after})
+        try:
+            for note in self.run.truncate_logs(self.step):
+                self._say(note)
+        except RunDirError as e:
+            raise TrainingError(str(e)) from None
+        for event in events:  # logged after the logs are cut back to this step
+            self._event(event)
 
     def _start(self) -> None:
         self.run.clear()
@@ -242,6 +267,11 @@ class Trainer:
             tqdm.write(line)
 
     def save(self) -> Path:
+        """Checkpoint the run; non-finite weights or optimizer state are never written (the run stops)."""
+        trained = [p for g in self.optimizer.param_groups for p in g["params"]]
+        moments = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
+        if self.world.any(not (_finite(trained) and _finite(moments)), self.device):
+            self._stop_non_finite(f"weights or optimizer state at step {self.step}: not saved")
         self.stats.sync()
         info = {"step": self.step, "policy": self.config.policy, "args": dataclasses.asdict(self.config),
                 "world_size": self.world.size, "global_batch": self.global_batch,
@@ -256,6 +286,31 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_requested = True
         print("\nCtrl-C: finishing this step, then saving (press again to stop at once)", flush=True)
+
+    def _watch_divergence(self, loss: float) -> None:
+        """Stop when the loss has stayed above ``divergence_factor`` × the median of the last 20 losses that
+        were not (and 0.5 above it) for ``divergence_patience`` steps: the weights are not saved, the last
+        good checkpoint stays. Every process sees the same (global) loss, so all decide alike."""
+        c = self.config
+        if c.divergence_factor <= 0 or not math.isfinite(loss):
+            return
+        history = self._loss_history
+        if history:
+            median = sorted(history)[len(history) // 2]
+            if loss > c.divergence_factor * median and loss > median + 0.5:
+                self._diverged_steps += 1
+                if self._diverged_steps >= c.divergence_patience:
+                    last = self.run.checkpoint_dir
+                    kept = (f"the last checkpoint, from before the loss rose, is {last}" if last.exists()
+                            else "no checkpoint was written")
+                    raise TrainingError(
+                        f"the loss diverged: {loss:.4g} at step {self.step}, above {c.divergence_factor:g} x its "
+                        f"running median {median:.4g} for {self._diverged_steps} steps; stopping without saving "
+                        f"({kept}). Try a lower --lr or --max-grad-norm, or --divergence-factor 0 to train on.")
+                return
+        self._diverged_steps = 0
+        history.append(loss)
+        del history[:-20]
 
     def _stop_non_finite(self, what: str) -> None:
         """Stop before the optimizer steps on it: the weights, and the last checkpoint, stay good."""
@@ -310,7 +365,12 @@ class Trainer:
         if not math.isfinite(grad_norm):
             self._stop_non_finite(f"gradient norm ({grad_norm}) at step {self.step + 1}")
         lr = opt.param_groups[0]["lr"]
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as e:  # e.g. --lr 1e38: the step size overflows inside AdamW
+            self._stop_non_finite(f"optimizer step ({str(e)[:120]}) at step {self.step + 1}")
+        if self.world.any(not _finite(params), self.device):
+            self._stop_non_finite(f"weights after the optimizer step {self.step + 1}")
         self.scheduler.step()
         opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -330,6 +390,7 @@ class Trainer:
                    dynamic_ncols=True, desc=f"{c.policy}")
         record = {}
         self._stop_requested, self._in_step = False, False
+        self._loss_history, self._diverged_steps = [], 0
         handler = None
         if threading.current_thread() is threading.main_thread():
             handler = signal.signal(signal.SIGINT, self._on_sigint)
@@ -348,12 +409,17 @@ class Trainer:
                 record["tokens_per_s"] = record["tokens"] / dt
                 record["elapsed_s"] = time.perf_counter() - t0
                 self.run.append(METRICS, record)
+                self._watch_divergence(record["loss"])
                 bar.update(1)
                 if self.step % c.log_every == 0:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", trainable=f"{record['trainable']:,}")
                 if c.save_every and self.step % c.save_every == 0 and self.step < end:
-                    self.save()
+                    if self._diverged_steps:  # the loss is above its running median: keep the last checkpoint
+                        self._say(f"step {self.step}: not checkpointed while the loss is {record['loss']:.4g}, "
+                                  f"above its running median for {self._diverged_steps} step(s)")
+                    else:
+                        self.save()
         except KeyboardInterrupt:
             bar.close()
             if self._in_step:  # data drawn, statistics counted, maybe a half-applied event: save nothing
@@ -374,6 +440,8 @@ class Trainer:
                                 "(a bug, or different code or data on some process); nothing was saved")
         path = self.save()
         elapsed = time.perf_counter() - t0
+        if "loss" not in record:  # no step in this session (a run resumed only to finish its export)
+            record = (self.run.read_log(METRICS) or [{}])[-1]
         summary = {"policy": c.policy, "model": c.model, "steps": self.step, "final_loss": record.get("loss"),
                    "trainable_parameters": self.model.num_parameters(trainable_only=True),
                    "total_parameters": self.model.num_parameters(),
