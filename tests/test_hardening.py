@@ -155,3 +155,46 @@ def test_a_checkpoint_is_never_written_with_non_finite_optimizer_state(tmp_path)
     with pytest.raises(TrainingError, match="non-finite weights or optimizer state at step 1: not saved"):
         trainer.save()
     assert (tmp_path / "r" / "checkpoint" / "optimizer.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": 123, "response": "x"}', "field 'prompt' must be a string, got int 123"),
+    ('{"prompt": "q", "response": ["a", "b"]}', "field 'response' must be a string, got list [\"a\", \"b\"]"),
+    ('{"question": null, "answer": "4"}', "field 'question' must be a string, got NoneType null"),
+    ('{"prompt": "q", "response": NaN}', "NaN is not JSON"),
+    ('{"prompt": "q", "response": Infinity}', "Infinity is not JSON"),
+    ('{"prompt": "\\ud800", "response": "x"}', "field 'prompt' holds an invalid character (surrogates not allowed"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}',
+     "messages[1] must be an object with 'role' and 'content'"),
+    ('{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}',
+     "messages[0] has role 'wizard'; roles: system, user, assistant, tool"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "'messages' must end with an assistant turn"),
+])
+def test_bad_training_data_is_refused_naming_file_line_and_field(tmp_path, capsys, line, message):
+    """9. Wrong types were trained on silently (123 -> "123", null -> "None"), NaN accepted, a lone surrogate
+    gave a traceback, malformed chat turns passed."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "fine", "response": "ok"}\n' + line + "\n")
+    assert train.main(["--policy", "lora", *TINY, "--steps", "1", "--data", str(data),
+                       "--out", str(tmp_path / "r")]) == 2
+    assert f"error: {data}:2: " in (err := capsys.readouterr().err) and message in err, err
+
+
+def test_non_utf8_bytes_too_long_sequences_and_empty_responses(tmp_path, capsys):
+    """9. Non-UTF-8 bytes gave a traceback; --max-len beyond the model's positions trained silently; empty
+    responses went unreported."""
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"prompt": "ok", "response": "fine"}\n{"prompt": "caf\xe9", "response": "x"}\n')
+    assert train.main(["--policy", "lora", *TINY, "--steps", "1", "--data", str(data),
+                       "--out", str(tmp_path / "r")]) == 2
+    assert f"error: {data}:2: not UTF-8 (byte 0xe9 at column 16)" in capsys.readouterr().err
+    assert train.main(["--policy", "lora", *TINY, "--steps", "1", "--max-len", "4096",
+                       "--out", str(tmp_path / "r")]) == 2
+    assert "--max-len 4096 is above the model's max_position_embeddings (512); pass --max-len 512 or less" \
+        in capsys.readouterr().err
+    data = tmp_path / "empty.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": ""}\n{"prompt": "d", '
+                    '"response": "  "}\n')
+    assert train.main(["--policy", "lora", *TINY, "--steps", "1", "--data", str(data),
+                       "--out", str(tmp_path / "e")]) == 0
+    assert "2 of 3 examples have an empty response" in capsys.readouterr().out

@@ -36,22 +36,52 @@ class DataError(ValueError):
     """Bad training data: names the file and line."""
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _text(value, where: str, field: str) -> str:
+    """A text field: a string of valid Unicode (no lone surrogate such as ``\\ud800``), nothing else."""
+    if not isinstance(value, str):
+        shown = json.dumps(value)[:40]
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__} {shown}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field {field!r} holds an invalid character ({e.reason}: "
+                        f"{value[e.start:e.end]!r} at position {e.start})") from None
+    return value
+
+
+def _messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} turns")
+    for i, m in enumerate(messages):
+        turn = f"messages[{i}]"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: {turn} must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: {turn} has role {m['role']!r}; roles: {', '.join(ROLES)}")
+        _text(m["content"], where, f"{turn}.content")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: 'messages' must end with an assistant turn (the response trained on)")
+    return messages
+
+
 def record_to_pair(record, where: str) -> tuple[str, str]:
-    """One JSON record → (prompt, response) text, or a ``DataError`` naming ``where``."""
+    """One JSON record → (prompt, response) text, or a ``DataError`` naming ``where`` and the field: every
+    text field must be a string (a number, list or null is not silently turned into one)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        messages = record["messages"]
-        if (not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict)
-                or messages[-1].get("role") != "assistant"):
-            raise DataError(f"{where}: 'messages' must be a list ending with an assistant message")
-        return messages[:-1], str(messages[-1].get("content", ""))
+        messages = _messages(record["messages"], where)
+        return messages[:-1], messages[-1]["content"]
     for name, (p, r) in FORMATS.items():
         if p in record and r in record:
-            prompt = str(record[p])
-            if name == "code_alpaca" and record.get("input"):
-                prompt = f"{prompt}\n\n{record['input']}"
-            return prompt, str(record[r])
+            prompt = _text(record[p], where, p)
+            if name == "code_alpaca" and record.get("input") is not None:
+                extra = _text(record["input"], where, "input")
+                prompt = f"{prompt}\n\n{extra}" if extra else prompt
+            return prompt, _text(record[r], where, r)
     keys = ", ".join(sorted(record)) or "none"
     formats = "; ".join(f"{p}/{r}" for p, r in FORMATS.values())
     raise DataError(f"{where}: no known format (keys: {keys}); expected {formats}, or messages")
@@ -62,18 +92,28 @@ def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:
+                raise DataError(f"{path}:{n}: {e}") from None
             pairs.append(record_to_pair(record, f"{path}:{n}"))
     if not pairs:
         raise DataError(f"{path}: the dataset is empty")
     return pairs
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (Python's json module accepts it; minimoe does not)")
 
 
 def synthetic_arith(n: int, seed: int) -> list[tuple[str, str]]:

@@ -176,6 +176,14 @@ class Trainer:
         self._preset_base = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
                              if self.preset and not c.resume else None)
         self.model.gradient_checkpointing = c.gradient_checkpointing
+        limit = self.model.config.max_position_embeddings
+        if c.max_len > limit:  # positions the model never saw: refused rather than trained on silently
+            raise TrainingError(f"--max-len {c.max_len} is above the model's max_position_embeddings ({limit}); "
+                                f"pass --max-len {limit} or less")
+        empty = sum(1 for _, response in pairs if not response.strip())
+        if empty:
+            self._say(f"{c.data}: {empty} of {len(pairs)} examples have an empty response (only the "
+                      "end-of-sequence token is trained on them)")
         self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)
         self.part = (self.world.rank, self.world.size)  # this process's part of every global batch
         self.global_batch = c.batch_size * c.grad_accum * self.world.size
