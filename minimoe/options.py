@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 
-def option(default, help: str, choices: tuple | None = None, cli: bool = True):
+def option(default, help: str, choices: tuple | None = None, cli: bool = True, low=None, high=None):
     """A field with its default (the paper's, where there is one), the ``--help`` text, and the values it
-    may take. ``cli=False``: not a flag of its own. A dict or list default is copied per instance."""
-    metadata = {"help": help, "choices": choices, "cli": cli}
+    may take (``choices``, or the inclusive range ``low``..``high``). ``cli=False``: not a flag of its own.
+    A dict or list default is copied per instance."""
+    metadata = {"help": help, "choices": choices, "cli": cli, "low": low, "high": high}
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -54,6 +56,68 @@ def _add_field(group, name: str, dest: str, f: dataclasses.Field) -> None:
     else:
         group.add_argument(name, dest=dest, type=str if default is None else type(default), default=None,
                            metavar=metavar, help=help_text if default is None else f"{help_text} (default: {default})")
+
+
+def checked(cls, values: dict, where: str) -> dict:
+    """``values`` for dataclass ``cls``, each checked against its field before anything uses it: the type
+    of the field's default (an int is a float too; a bool is no number; a tuple takes a list of strings),
+    its choices and its range. Returns them converted (lists to tuples, ints to floats); a ValueError names
+    ``where`` (e.g. the TOML file or the policy), the key and the value."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        f = fields[key]
+        default, meta = default_of(f), f.metadata
+        bad = f"{where}{key} = {value!r}"
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            value = tuple(value) if ok else value
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(f"{bad}: expected {_kind(default)}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"{bad}: choose from {', '.join(map(str, meta['choices']))}")
+        if meta.get("low") is not None and value < meta["low"] or meta.get("high") is not None and value > meta["high"]:
+            low, high = meta.get("low"), meta.get("high")
+            limits = f"at least {low}" if high is None else f"at most {high}" if low is None else f"in {low}..{high}"
+            raise ValueError(f"{bad}: must be {limits}")
+        out[key] = value
+    return out
+
+
+def _kind(default) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            tuple: "a list of strings"}.get(type(default), type(default).__name__)
+
+
+def to_toml(tables: dict[str, dict]) -> str:
+    """A TOML document of ``{table: {key: value}}`` (strings, numbers, booleans, lists of strings): what a
+    run writes as ``config.toml`` so that ``--config`` repeats it."""
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))  # a JSON string is a TOML basic string
+
+    lines = []
+    for table, keys in tables.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {value(v)}" for k, v in keys.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def check_choices(obj, what: str = "") -> None:

@@ -198,3 +198,32 @@ def test_non_utf8_bytes_too_long_sequences_and_empty_responses(tmp_path, capsys)
     assert train.main(["--policy", "lora", *TINY, "--steps", "1", "--data", str(data),
                        "--out", str(tmp_path / "e")]) == 0
     assert "2 of 3 examples have an empty response" in capsys.readouterr().out
+
+
+def test_toml_values_are_checked_and_a_run_writes_a_config_that_repeats_it(tmp_path, capsys):
+    """10. steps = "ten" gave a traceback, tau = "x" crashed only at the prune; 12. args.json stored
+    policy_options {} (the settings used were not recorded)."""
+    for text, message in (('[train]\nsteps = "ten"\n', "steps = 'ten': expected an integer"),
+                          ('[dmep]\ntau = "x"\n', "[dmep] tau = 'x': expected a number"),
+                          ('[train]\nbatch_size = 0\n', "batch_size = 0: must be at least 1"),
+                          ('[train]\nwarmup_ratio = 2.0\n', "warmup_ratio = 2.0: must be in 0.0..1.0"),
+                          ('[train]\npacking = 1\n', "packing = 1: expected true or false"),
+                          ('[epng]\ntargets = "gate_proj"\n', "[epng] targets = 'gate_proj': expected a list")):
+        toml = tmp_path / "bad.toml"
+        toml.write_text(("policy = \"dmep\"\n" if "dmep" in text else "") + text)
+        with pytest.raises(SystemExit):
+            train.resolve(["--config", str(toml)])
+        assert message in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert train.main(["--policy", "esft", *TINY, "--steps", "2", "--esft-sample-batches", "1",
+                       "--out", str(run)]) == 0
+    args = json.loads((run / "args.json").read_text())
+    assert args["policy_options"] == {"score": "token", "top_p": 0.2, "normalize": "layer", "sample_batches": 1,
+                                      "targets": ["gate_proj", "up_proj", "down_proj"]}  # resolved: 0 -> 0.2
+    again = train.resolve(["--config", str(run / "config.toml")])
+    first = train.resolve(["--policy", "esft", *TINY, "--steps", "2", "--esft-sample-batches", "1",
+                           "--out", str(run)])
+    assert again.policy_options == {**first.policy_options, "score": "token", "top_p": 0.2, "normalize": "layer",
+                                    "targets": ("gate_proj", "up_proj", "down_proj")}
+    assert {k: v for k, v in vars(again).items() if k != "policy_options"} == \
+        {k: v for k, v in vars(first).items() if k != "policy_options"}

@@ -25,18 +25,18 @@ class DMEP(Policy):
 
     @dataclass
     class Config:
-        num_experts: int = option(8, "LoRA experts E per adapted linear")
-        top_k: int = option(2, "experts chosen per token by each module's router")
-        rank: int = option(8, "LoRA rank of every expert")
-        lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)")
-        lb_coef: float = option(0.01, "load-balancing loss coefficient during exploration (off after pruning)")
+        num_experts: int = option(8, "LoRA experts E per adapted linear", low=1)
+        top_k: int = option(2, "experts chosen per token by each module's router", low=1)
+        rank: int = option(8, "LoRA rank of every expert", low=1)
+        lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", low=0.0)
+        lb_coef: float = option(0.01, "load-balancing loss coefficient during exploration (off after pruning)", low=0.0)
         tau: float = option(0.1, "utilisation threshold τ: experts with a smaller share of hard top-k choices "
-                                 "are pruned")
-        k_min: int = option(2, "minimum surviving experts per module (and never fewer than top_k)")
-        prune_step: int = option(0, "step of the one-shot pruning; 0 = the end of the first epoch")
+                                 "are pruned", low=0.0, high=1.0)
+        k_min: int = option(2, "minimum surviving experts per module (and never fewer than top_k)", low=1)
+        prune_step: int = option(0, "step of the one-shot pruning; 0 = the end of the first epoch", low=0)
         drift_threshold: float = option(0.0, "if > 0, prune as soon as every module's routing drift (L1 between "
-                                             "consecutive count distributions) is below it")
-        log_interval: int = option(10, "steps between Gini / entropy / drift measurements in events.jsonl")
+                                             "consecutive count distributions) is below it", low=0.0)
+        log_interval: int = option(10, "steps between Gini / entropy / drift measurements in events.jsonl", low=0)
         targets: tuple[str, ...] = option(
             ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
             "linears that get a LoRA-MoE (dense linears only: on an MoE base, attention and shared expert)")

@@ -24,14 +24,14 @@ class EPnG(Policy):
     @dataclass
     class Config:
         alpha: float = option(0.2, "pruning ratio α: share of the experts that still have an adapter pruned "
-                                   "at each event")
+                                   "at each event", low=0.0, high=1.0)
         beta: float = option(0.2, "growth ratio β: share of the experts (most important first) that receive "
-                                  "freed rank")
-        warmup: int = option(100, "T_w: no prune/grow event before this step")
-        interval: int = option(50, "T_p: a prune/grow event every T_p steps from T_w on")
-        decay: float = option(0.2, "λ: accumulated router importance is multiplied by this after each event")
-        rank: int = option(8, "initial LoRA rank r of every adapted expert")
-        lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r, fixed)")
+                                  "freed rank", low=0.0, high=1.0)
+        warmup: int = option(100, "T_w: no prune/grow event before this step", low=0)
+        interval: int = option(50, "T_p: a prune/grow event every T_p steps from T_w on", low=1)
+        decay: float = option(0.2, "λ: accumulated router importance is multiplied by this after each event", low=0.0, high=1.0)
+        rank: int = option(8, "initial LoRA rank r of every adapted expert", low=1)
+        lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r, fixed)", low=0.0)
         targets: tuple[str, ...] = option(("gate_proj", "up_proj"),
                                           "expert projections that get LoRA (gate_proj, up_proj, down_proj)")
 

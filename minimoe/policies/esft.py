@@ -54,10 +54,10 @@ class ESFT(Policy):
         score: str = option("token", "expert score: token (share of top-k slots) or gate (sum of routing "
                                      "weights)", choices=("token", "gate"))
         top_p: float = option(0.0, "per layer, experts by descending score until their cumulative score "
-                                   "reaches top_p; 0 = the ESFT paper's value (0.2 for token, 0.1 for gate)")
+                                   "reaches top_p; 0 = the ESFT paper's value (0.2 for token, 0.1 for gate)", low=0.0, high=1.0)
         normalize: str = option("layer", "layer (scores normalised per layer, the paper) or global (each "
                                          "expert over layers, the reference code)", choices=("layer", "global"))
-        sample_batches: int = option(32, "training batches scored before training starts")
+        sample_batches: int = option(32, "training batches scored before training starts", low=1)
         targets: tuple[str, ...] = option(("gate_proj", "up_proj", "down_proj"),
                                           "expert projections trained in full for the selected experts")
 

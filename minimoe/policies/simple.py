@@ -14,8 +14,8 @@ class LoRA(Policy):
 
     @dataclass
     class Config:
-        rank: int = option(8, "LoRA rank (EPnG App. A.2)")
-        lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)")
+        rank: int = option(8, "LoRA rank (EPnG App. A.2)", low=1)
+        lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", low=0.0)
         targets: tuple[str, ...] = option(("gate_proj", "up_proj"),
                                           "expert projections that get LoRA (gate_proj, up_proj, down_proj)")
         dense_targets: tuple[str, ...] = option((), "dense linears that get LoRALinear too (e.g. q_proj v_proj; "

@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoint as ckpt
 from ..model.config import PRESETS
-from ..options import add_arguments, option
+from ..options import add_arguments, checked, option
 from ..policies import POLICIES
 
 # With no --model, train.py fine-tunes the shipped tiny model (``embedded``) on tiny-arith with the papers'
@@ -47,26 +47,26 @@ class TrainConfig:
     data: str = option("tiny-arith", "JSONL file (MetaMathQA, GSM8K, Code Alpaca, prompt/response or chat messages) "
                                      "or built-in tiny-arith")
     out: str = option("", "run directory (default runs/<policy>)")
-    steps: int = option(500, "optimizer steps (EPnG App. A.3: 500; without --model: 300)")
-    batch_size: int = option(8, "sequences per micro-batch (without --model: 16)")
-    grad_accum: int = option(1, "micro-batches per step")
-    lr: float = option(1e-4, "peak learning rate (EPnG App. A.3; without --model: 3e-3)")
+    steps: int = option(500, "optimizer steps (EPnG App. A.3: 500; without --model: 300)", low=1)
+    batch_size: int = option(8, "sequences per micro-batch (without --model: 16)", low=1)
+    grad_accum: int = option(1, "micro-batches per step", low=1)
+    lr: float = option(1e-4, "peak learning rate (EPnG App. A.3; without --model: 3e-3)", low=0.0)
     warmup_ratio: float = option(0.1, "linear warm-up share of the steps, then cosine decay to 0 (without --model: "
-                                      "0.05)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
-    max_len: int = option(256, "tokens per example (longer ones are truncated; DMEP §IV: 256)")
+                                      "0.05)", low=0.0, high=1.0)
+    weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)", low=0.0)
+    max_len: int = option(256, "tokens per example (longer ones are truncated; DMEP §IV: 256)", low=2)
     packing: bool = option(False, "pack examples into max_len rows")
     stats_tokens: str = option("response", "tokens counted by routing statistics: response (prompt and padding "
                                            "masked) or all (padding masked)", choices=("response", "all"))
     seed: int = option(0, "seed for data order, adapter init and the tiny model")
-    save_every: int = option(0, "also checkpoint every N steps (0: only at the end)")
+    save_every: int = option(0, "also checkpoint every N steps (0: only at the end)", low=0)
     divergence_factor: float = option(1.5, "stop (keeping the last good checkpoint) when the loss stays above this "
                                            "times its running median, and 0.5 above it, for --divergence-patience "
-                                           "steps in a row (median of the last 20 losses that were not; 0: never)")
-    divergence_patience: int = option(10, "steps in a row the loss must stay diverged before the run stops")
-    stop_at: int = option(0, "stop and checkpoint after this step of the schedule (continue later with --resume)")
-    log_every: int = option(1, "progress-bar refresh interval in steps")
+                                           "steps in a row (median of the last 20 losses that were not; 0: never)", low=0.0)
+    divergence_patience: int = option(10, "steps in a row the loss must stay diverged before the run stops", low=1)
+    stop_at: int = option(0, "stop and checkpoint after this step of the schedule (continue later with --resume)", low=0)
+    log_every: int = option(1, "progress-bar refresh interval in steps", low=1)
     gradient_checkpointing: bool = option(False, "activation checkpointing")
     fsdp: bool = option(False, "several processes: shard the base over them with FSDP2 (the adapters stay whole "
                                "on every process; full fine-tuning shards its trained weights and their state)")
@@ -74,7 +74,7 @@ class TrainConfig:
     dtype: str = option("float32", "dtype of the frozen base weights: bfloat16 halves their memory (lora, epng, dmep "
                                    "only; adapters and their optimizer state stay fp32)", choices=tuple(DTYPES))
     overwrite: bool = option(False, "replace an existing run directory")
-    eval_limit: int = option(100, "tiny-arith test problems scored before and after training (0: off)")
+    eval_limit: int = option(100, "tiny-arith test problems scored before and after training (0: off)", low=0)
     resume: str = option("", "continue the run in this directory (layout, weights, optimizer, data position, RNG); "
                              "its saved arguments apply unless given again")
     policy_options: dict = option({}, "options of the chosen policy (--<policy>-<option>)", cli=False)
@@ -197,9 +197,13 @@ def resolve(argv=None, embedded: Path | None = None, description: str | None = N
     if foreign:
         p.error(f"options {foreign} do not belong to --policy {policy}")
     fields = {f.name: f for f in dataclasses.fields(POLICIES[policy].Config)}
-    chosen = {k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in options.get(policy, {}).items()
-              if k in fields}
     bad = [k for k in options.get(policy, {}) if k not in fields]
     if bad:
         p.error(f"[{policy}] unknown option(s) {bad}; options: {list(fields)}")
+    try:  # every value's type and range, before anything is loaded
+        chosen = checked(POLICIES[policy].Config, options.get(policy, {}), f"[{policy}] ")
+        train = checked(TrainConfig, train, "")
+    except ValueError as e:
+        source = f" (--config {args['config']} or the flags)" if args.get("config") else ""
+        p.error(f"{e}{source}")
     return TrainConfig(**train, policy_options=chosen)

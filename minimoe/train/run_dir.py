@@ -1,6 +1,7 @@
 """``RunDir``: every file of a training run, written in one place.
 
-    RUN/args.json         the resolved arguments (TrainConfig, policy options included)
+    RUN/args.json         the resolved arguments (TrainConfig, every policy option), processes, global batch
+    RUN/config.toml       the same as a TOML file: ``train.py --config RUN/config.toml`` repeats the run
     RUN/metrics.jsonl     one line per optimizer step
     RUN/events.jsonl      one line per prune / grow / slice / selection / routing measurement
     RUN/checkpoint/       everything needed to continue bit for bit (``checkpoint.py``)
@@ -134,8 +135,11 @@ class RunDir:
 
     # --- small files --------------------------------------------------------------------------------
     def write_json(self, name: str, obj) -> None:
+        self.write_text(name, json.dumps(obj, indent=1))
+
+    def write_text(self, name: str, text: str) -> None:
         if self.writer:
-            write_text_atomic(self.path / name, json.dumps(obj, indent=1))
+            write_text_atomic(self.path / name, text)
 
     def read_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())

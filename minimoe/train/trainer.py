@@ -29,7 +29,7 @@ from ..model.config import preset
 from .data import Dataset, load_pairs
 from ..lm import CausalLM, from_pretrained
 from ..model.hf import resolve
-from ..options import check_choices
+from ..options import check_choices, to_toml
 from ..policies import Context, Policy, make_policy
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
@@ -255,8 +255,14 @@ class Trainer:
         if self._preset_base is not None:
             self.run.write_preset_base(self.model, self._preset_base, self.tok)
         self._preset_base = None
-        self.run.write_json("args.json", {**dataclasses.asdict(self.config), "world_size": self.world.size,
+        # what the run was asked for, every policy option resolved (the paper's defaults included), and the
+        # same as a TOML file that --config accepts: any run can be repeated
+        options = dataclasses.asdict(self.policy.config)
+        config = dataclasses.asdict(self.config)
+        self.run.write_json("args.json", {**config, "policy_options": options, "world_size": self.world.size,
                                           "global_batch": self.global_batch})
+        train = {k: v for k, v in config.items() if k not in ("policy_options", "resume", "overwrite")}
+        self.run.write_text("config.toml", to_toml({"train": train, self.config.policy: options}))
         for event in self.policy.start_events():
             self._event(event)
 
