@@ -19,7 +19,7 @@ from pathlib import Path
 
 from minimoe.train.config import TrainConfig, resolve as resolve_config
 from minimoe.train.distributed import exit_with_error, lost_peer
-from minimoe.train.run_dir import RunDir
+from minimoe.train.run_dir import RunDir, RunDirError
 from minimoe.train.trainer import Trainer, TrainingError
 
 EMBEDDED = Path(__file__).resolve().parent / "weights" / "tiny-moe"  # the default base (see minimoe/train/config.py)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         return exit_with_error(done, 2)  # summary.json and everything else untouched
     try:
         trainer = Trainer(config)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    except (TrainingError, RunDirError, ValueError, FileNotFoundError) as e:
         return exit_with_error(str(e), 2)
     c, world = trainer.config, trainer.world
     say = print if world.main else (lambda *a, **k: None)  # one process speaks
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         say(f"tiny-arith test exact match before fine-tuning: {before:.3f} ({c.eval_limit} problems, greedy)")
     try:
         summary = trainer.train()
-    except TrainingError as e:
+    except (TrainingError, RunDirError) as e:
         return exit_with_error(str(e), 1)
     except Exception as e:  # any other failure: with several processes, this one must still leave at once
         if not world.distributed:

@@ -17,6 +17,7 @@ the writer, and every other rank runs the same code against a silent one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -30,6 +31,24 @@ LOGS = (METRICS, EVENTS)
 
 class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (it exists, or holds no run)."""
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn a failed write (read-only or missing directory, full disk: ``OSError``, safetensors' and torch's
+    own errors) into one ``RunDirError`` naming ``path``; what was saved before stays (writes are atomic)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        writer_error = isinstance(e, OSError) or any(s in str(e) for s in ("StreamWriter", "write", "No space"))
+        if isinstance(e, RunDirError) or not writer_error:
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1][:200]
+        raise RunDirError(f"cannot write {path}: {reason}") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise RunDirError(f"cannot write {path}: {str(e)[:200]}") from None
 
 
 class RunDir:
@@ -57,14 +76,28 @@ class RunDir:
             raise RunDirError(f"run directory {self.path} exists and is not empty; pass --overwrite to "
                               f"replace it or --resume {self.path} to continue it")
 
+    def check_writable(self) -> None:
+        """Refuse, before anything is loaded, a run directory that cannot be written (a probe file)."""
+        if not self.writer:
+            return
+        with writing(self.path):
+            existed = self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".minimoe-write-probe"
+            probe.write_text("")
+            probe.unlink()
+            if not existed:
+                self.path.rmdir()
+
     def clear(self) -> None:
         """Start empty: called once the run is known to be able to start (a bad flag, file or target found
         earlier never costs an existing run)."""
         if not self.writer:
             return
-        if self.occupied():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            if self.occupied():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def write_preset_base(self, model, state: dict, tok) -> None:
         """The on-the-fly preset base (``state``: its weights before any adapter) in Hub layout, atomically:
@@ -73,7 +106,7 @@ class RunDir:
             return
         from ..model.hf import write_hub_checkpoint
 
-        with atomic_dir(self.base_dir) as tmp:
+        with writing(self.base_dir), atomic_dir(self.base_dir) as tmp:
             write_hub_checkpoint(model, state, tmp, source=None)
             tok.save(tmp)
 
@@ -85,7 +118,7 @@ class RunDir:
     def append(self, name: str, record: dict) -> None:
         """One JSON line at the end of a log (``METRICS`` or ``EVENTS``)."""
         if self.writer:
-            with (self.path / name).open("a") as f:
+            with writing(self.path / name), (self.path / name).open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def read_log(self, name: str) -> list[dict]:
@@ -139,7 +172,8 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         if self.writer:
-            write_text_atomic(self.path / name, text)
+            with writing(self.path / name):
+                write_text_atomic(self.path / name, text)
 
     def read_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())
@@ -180,7 +214,8 @@ class RunDir:
         weights = ckpt.trainable_state(model, keep=self.writer)
         optimizer_saved = ckpt.optimizer_state(model, optimizer, keep=self.writer)
         if self.writer:
-            ckpt.save_checkpoint(self.path, model, optimizer, scheduler, info, state, weights, optimizer_saved)
+            with writing(self.checkpoint_dir):
+                ckpt.save_checkpoint(self.path, model, optimizer, scheduler, info, state, weights, optimizer_saved)
         return self.checkpoint_dir
 
     def export(self, model, base_fingerprint: str | None = None) -> Path:
@@ -195,8 +230,9 @@ class RunDir:
         path = self.path / ("adapter" if adapted else "model")
         state = None if adapted else ckpt.gathered(model.state_dict(), keep=self.writer)
         if self.writer:
-            if adapted:
-                save_adapter(model, path, overwrite=True, base_fingerprint=base_fingerprint)
-            else:
-                export_merged(model, path, overwrite=True, state=state)
+            with writing(path):
+                if adapted:
+                    save_adapter(model, path, overwrite=True, base_fingerprint=base_fingerprint)
+                else:
+                    export_merged(model, path, overwrite=True, state=state)
         return path

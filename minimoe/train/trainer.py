@@ -158,6 +158,10 @@ class Trainer:
                     problem = str(e)
             if self.world.any(problem is not None, self.device):
                 raise TrainingError(problem or f"run directory {self.run} exists and is not empty (see rank 0)")
+        try:
+            self.run.check_writable()  # before the model is loaded: a read-only or impossible path costs nothing
+        except RunDirError as e:
+            raise TrainingError(str(e)) from None
 
     def _load(self) -> dict | None:
         """Data, model, tokenizer, policy (and, resuming, the saved checkpoint's info and state)."""
