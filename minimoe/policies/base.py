@@ -37,6 +37,29 @@ class Context:
         """This process's part of the next global batch of training data, on the device."""
         return self.dataset.next_batch(self.batch_size, self.part).to(self.device)
 
+    @torch.no_grad()
+    def measure_routing(self, model: nn.Module, batches: int, data_state: dict | None = None) -> RoutingStats:
+        """Routing statistics of ``batches`` training batches (from data position ``data_state``, default the
+        current one) in eval mode, over the response tokens, summed over the processes. The training data
+        order is left where it was: a measurement is not training."""
+        data = self.dataset
+        saved = data.state_dict()
+        was_training = model.training
+        model.eval()
+        stats = RoutingStats(self.all_reduce if self.part[1] > 1 else None)
+        try:
+            if data_state is not None:
+                data.load_state_dict(data_state)
+            for _ in range(batches):
+                batch = self.next_batch()  # several processes: each measures its part of the global batch
+                stats.observe(model(batch.input_ids, attention_mask=batch.attention_mask, output_router=True),
+                              batch.loss_mask)
+            stats.sync()
+        finally:
+            data.load_state_dict(saved)
+            model.train(was_training)
+        return stats
+
 
 class Policy:
     """Base policy. Subclasses set ``name``, a ``Config`` dataclass whose defaults are the paper's,
@@ -72,8 +95,13 @@ class Policy:
         statistics are already fed by then (``ctx.stats``, when ``needs_router``): this hook is for
         anything else a policy wants to see."""
 
-    def start_events(self) -> list[dict]:
+    def start_events(self, model: nn.Module) -> list[dict]:
         """Event records of a new run's start (after ``setup``), e.g. ESFT's expert selection."""
+        return []
+
+    def end_events(self, model: nn.Module, step: int) -> list[dict]:
+        """Event records of the end of training (every process calls it, before the last checkpoint), e.g.
+        EPnG's importance of the fine-tuned model."""
         return []
 
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:

@@ -32,6 +32,9 @@ class EPnG(Policy):
         decay: float = option(0.2, "λ: accumulated router importance is multiplied by this after each event", low=0.0, high=1.0)
         rank: int = option(8, "initial LoRA rank r of every adapted expert", low=1)
         lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r, fixed)", low=0.0)
+        probe_batches: int = option(8, "training batches on which the importance of the base model (at the start) "
+                                       "and of the fine-tuned one (at the end) is measured, for EPnG Fig. 6 / "
+                                       "App. D; 0: off", low=0)
         targets: tuple[str, ...] = option(("gate_proj", "up_proj"),
                                           "expert projections that get LoRA (gate_proj, up_proj, down_proj)")
 
@@ -44,13 +47,36 @@ class EPnG(Policy):
             raise ValueError(f"epng: interval must be positive, got {c.interval}")
         self.stats = RoutingStats()
         self.budget = None  # trainable adapter parameters at the start (the ceiling)
+        self.probe_state = None  # data position of the importance probe (the run's first batches)
+        self.ctx = None
 
     def setup(self, model, ctx: Context) -> None:
         c = self.config
-        self.stats = ctx.stats  # the run's routing statistics: importance of MoE layer units
+        self.stats, self.ctx = ctx.stats, ctx  # the run's routing statistics: importance of MoE layer units
         model.add_expert_lora(c.rank, c.lora_alpha, c.targets, generator=self.generator)
         if self.budget is None:
             self.budget = model.num_adapter_parameters()
+        if self.probe_state is None and ctx.dataset is not None:
+            self.probe_state = ctx.dataset.state_dict()
+
+    def probe(self, model, step: int, which: str) -> dict:
+        """Mean full-softmax importance per (layer, expert) on the probe batches: of the base model at the start
+        (the LoRA B matrices are zero, so the adapted model routes exactly as the base does) and of the
+        fine-tuned model at the end, on the same batches."""
+        stats = self.ctx.measure_routing(model, self.config.probe_batches, self.probe_state)
+        snapshot = stats.snapshot()
+        return {"event": "importance_probe", "step": step, "policy": self.name, "model": which,
+                "batches": self.config.probe_batches,
+                "importance": {str(l): snapshot[l].mean_importance.tolist()
+                               for l in sorted(u for u in snapshot if isinstance(u, int))}}
+
+    def start_events(self, model) -> list[dict]:
+        return [self.probe(model, 0, "base")] if self.config.probe_batches else []
+
+    def end_events(self, model, step: int) -> list[dict]:
+        if not self.config.probe_batches or self.probe_state is None:  # (a run resumed from before probes)
+            return []
+        return [self.probe(model, step, "fine-tuned")]
 
     def trainable_parameters(self, model):
         return model.adapter_parameters()
@@ -141,8 +167,10 @@ class EPnG(Policy):
                 f"parameters {event['params_after']:,} of budget {event['budget']:,}")
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "budget": self.budget}  # the statistics are the trainer's to save
+        return {**super().state_dict(), "budget": self.budget,  # the statistics are the trainer's to save
+                "probe_state": self.probe_state}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.budget = state["budget"]
+        self.probe_state = state.get("probe_state")  # (absent before 2026-12: no probe at the end then)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.selected import SelectedExperts
-from .stats import RoutingStats
 from .base import Context, Policy, option
 
 
@@ -77,25 +76,10 @@ class ESFT(Policy):
         self.selection: dict[int, list[int]] | None = None
         self.scores: dict[int, list[float]] | None = None
 
-    @torch.no_grad()
     def score(self, model, ctx: Context) -> dict[int, torch.Tensor]:
-        """Per MoE layer, the normalised score of every expert on ``sample_batches`` training batches.
-        Uses a copy of the data order so training still starts at the first batch."""
-        data = ctx.dataset
-        saved = data.state_dict()
-        was_training = model.training
-        model.eval()
-        # its own statistics (the scoring pass is not training), summed over the processes like the run's
-        stats = RoutingStats(ctx.all_reduce if ctx.part[1] > 1 else None)
-        try:
-            for _ in range(self.config.sample_batches):
-                batch = ctx.next_batch()  # several processes: each scores its part of the global batch
-                out = model(batch.input_ids, attention_mask=batch.attention_mask, output_router=True)
-                stats.observe(out, batch.loss_mask)
-            stats.sync()  # several processes: every rank scored its own batches
-        finally:
-            data.load_state_dict(saved)
-            model.train(was_training)
+        """Per MoE layer, the normalised score of every expert on ``sample_batches`` training batches (the
+        first ones: training still starts at the first batch)."""
+        stats = ctx.measure_routing(model, self.config.sample_batches)
         table = stats.gate if self.config.score == "gate" else stats.counts  # gate weights, or top-k slots
         sums = {layer: table[layer].cpu() for layer in stats.units() if isinstance(layer, int)}
         return normalize_scores(sums, self.config.normalize)
@@ -116,7 +100,7 @@ class ESFT(Policy):
     def trainable_parameters(self, model):
         return [m.trained for m in model.modules() if isinstance(m, SelectedExperts)]
 
-    def start_events(self) -> list[dict]:
+    def start_events(self, model) -> list[dict]:
         return [self.selection_event()]
 
     def selection_event(self) -> dict:

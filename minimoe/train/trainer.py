@@ -267,7 +267,7 @@ class Trainer:
                                           "global_batch": self.global_batch})
         train = {k: v for k, v in config.items() if k not in ("policy_options", "resume", "overwrite")}
         self.run.write_text("config.toml", to_toml({"train": train, self.config.policy: options}))
-        for event in self.policy.start_events():
+        for event in self.policy.start_events(self.model):
             self._event(event)
 
     # --- messages, events, checkpoints -------------------------------------------------------------
@@ -452,6 +452,9 @@ class Trainer:
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
         bar.close()
+        if self.step >= c.steps:  # the end of training (not a --stop-at): e.g. EPnG's importance probe
+            for event in self.policy.end_events(self.model, self.step):
+                self._event(event)
         trained = [p for g in self.optimizer.param_groups for p in g["params"] if not fsdp.is_sharded(p)]
         if not self.world.replicas_agree(trained):
             raise TrainingError("the trained parameters differ between processes: the run is not data-parallel "
