@@ -22,12 +22,12 @@ from minimoe.train.distributed import exit_with_error, lost_peer
 from minimoe.train.run_dir import RunDir, RunDirError
 from minimoe.train.trainer import Trainer, TrainingError
 
-EMBEDDED = Path(__file__).resolve().parent / "weights" / "tiny-moe"  # the default base (see minimoe/train/config.py)
+WEIGHTS = Path(__file__).resolve().parent / "weights"  # the shipped default bases (see minimoe/train/config.py)
 
 
 def resolve(argv=None) -> TrainConfig:
     """The run's TrainConfig: defaults < embedded-model scaling (no --model given) < TOML < command line."""
-    return resolve_config(argv, embedded=EMBEDDED, description=__doc__)
+    return resolve_config(argv, weights=WEIGHTS, description=__doc__)
 
 
 def task_score(trainer: Trainer, limit: int) -> float:

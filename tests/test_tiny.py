@@ -1,4 +1,4 @@
-"""The embedded default in weights/tiny-moe: loads like a Hub checkpoint, generates, round-trips."""
+"""The embedded defaults in weights/tiny-moe and weights/tiny-dense: load like Hub checkpoints, generate, round-trip."""
 
 import json
 from pathlib import Path
@@ -12,16 +12,26 @@ from minimoe import tiny
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "tiny-moe"
 
 
-def test_shipped_model_loads_generates_and_matches_transformers():
+DENSE = WEIGHTS.parent / "tiny-dense"
+
+
+@pytest.mark.parametrize("weights", [WEIGHTS, DENSE], ids=["tiny-moe", "tiny-dense"])
+def test_shipped_model_loads_generates_and_matches_transformers(weights):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    WEIGHTS = weights
     files = {f.name for f in WEIGHTS.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
     assert sum(f.stat().st_size for f in WEIGHTS.iterdir()) <= 20 * 2**20
     model = minimoe.from_pretrained(WEIGHTS)
     tok = minimoe.load_tokenizer(WEIGHTS)
     cfg = model.config
-    assert cfg.model_type == "olmoe" and 8 <= cfg.num_experts <= 16 and 2 <= cfg.num_experts_per_tok <= 4
+    if weights == DENSE:  # DMEP's setting: a dense Qwen3, the same tokenizer as tiny-moe
+        assert cfg.model_type == "qwen3" and not cfg.num_experts and cfg.tie_word_embeddings
+        assert minimoe.load_tokenizer(DENSE).encode("sort: 5 3") == minimoe.load_tokenizer(DENSE.parent /
+                                                                                          "tiny-moe").encode("sort: 5 3")
+    else:
+        assert cfg.model_type == "olmoe" and 8 <= cfg.num_experts <= 16 and 2 <= cfg.num_experts_per_tok <= 4
     assert 1e6 <= model.num_parameters() <= 10e6
     prompt = "sort: 5 3 9 1 ->"
     ids = torch.tensor([tok.encode(prompt)])

@@ -25,11 +25,13 @@ from ..model.config import PRESETS
 from ..options import add_arguments, checked, option
 from ..policies import POLICIES
 
-# With no --model, train.py fine-tunes the shipped tiny model (``embedded``) on tiny-arith with the papers'
-# methods at a scale that finishes in minutes on a CPU (flags given explicitly still win). EPnG keeps the
+# With no --model, train.py fine-tunes a shipped tiny model (in ``weights``: tiny-moe, or for DMEP, whose
+# paper adapts a dense Qwen3, tiny-dense) on tiny-arith with the papers' methods at a scale that finishes
+# in minutes on a CPU (flags given explicitly still win). EPnG keeps the
 # paper's own T_w = 100, T_p = 50: 5 prune/grow events in 300 steps. (Scaling the paper's 500-step schedule
 # instead -- T_w = 60, T_p = 30, 9 events -- prunes ~81% of the 32 adapted experts and scored 0.06 vs 0.39 on
 # tiny-arith, mean of 3 seeds: see the README's reproduce section.)
+EMBEDDED_MODELS = {"dmep": "tiny-dense"}  # the others: tiny-moe
 EMBEDDED_RUN = {"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.05}
 EMBEDDED_OPTIONS = {"esft": {"sample_batches": 8}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,9 +43,9 @@ class TrainConfig:
 
     policy: str = option("epng", "training method: " + ", ".join(POLICIES))
     model: str = option("", "Hub id, checkpoint directory, or tiny preset (tiny-olmoe, tiny-qwen2-moe, tiny-qwen3, "
-                            "tiny-qwen3-moe: random weights, byte tokenizer); default: the shipped weights/tiny-moe, "
-                            "with the embedded run's scaled defaults (--steps 300 --batch-size 16 --lr 3e-3 "
-                            "--warmup-ratio 0.05)")
+                            "tiny-qwen3-moe: random weights, byte tokenizer); default: the shipped weights/tiny-moe "
+                            "(weights/tiny-dense for dmep), with the embedded run's scaled defaults (--steps 300 "
+                            "--batch-size 16 --lr 3e-3 --warmup-ratio 0.05)")
     data: str = option("tiny-arith", "JSONL file (MetaMathQA, GSM8K, Code Alpaca, prompt/response or chat messages) "
                                      "or built-in tiny-arith")
     out: str = option("", "run directory (default runs/<policy>)")
@@ -151,13 +153,13 @@ def _resumed_batch_size(run, batch_size: int, saved_world: int, given: bool, fai
     return global_batch // world
 
 
-def resolve(argv=None, embedded: Path | None = None, description: str | None = None) -> TrainConfig:
+def resolve(argv=None, weights: Path | None = None, description: str | None = None) -> TrainConfig:
     """A TrainConfig from command-line arguments (see the module docstring for the layers).
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
-        embedded: the shipped tiny model's directory: without ``--model`` (and not resuming) the run trains it
-            with ``EMBEDDED_RUN``'s scaled defaults.
+        weights: the directory of the shipped tiny models: without ``--model`` (and not resuming) the run trains
+            ``weights/tiny-moe`` (``EMBEDDED_MODELS``: tiny-dense for dmep) with ``EMBEDDED_RUN``'s defaults.
         description: the ``--help`` text above the flags.
     """
     p = build_parser(description)
@@ -188,6 +190,7 @@ def resolve(argv=None, embedded: Path | None = None, description: str | None = N
         else:
             train[key] = value
     policy = train.get("policy", TrainConfig.policy)
+    embedded = weights / EMBEDDED_MODELS.get(policy, "tiny-moe") if weights is not None else None
     if not train.get("model") and not resume and embedded is not None and embedded.is_dir():
         train = {**EMBEDDED_RUN, "model": str(embedded), **train}
         options[policy] = {**EMBEDDED_OPTIONS.get(policy, {}), **options.get(policy, {})}
