@@ -17,6 +17,26 @@ class DestinationExists(FileExistsError):
     """The destination exists and overwriting was not requested."""
 
 
+class Unwritable(OSError):
+    """A destination that cannot be written (read-only, a full disk, a file where a directory should be);
+    its message is one line naming the path, for a command to print as is."""
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` (and its parents) if needed, then create and remove a probe file in it. Writers
+    call this before any expensive work, so an unwritable destination costs nothing; raises
+    :class:`Unwritable` naming the directory (or the parent that failed)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise Unwritable(f"cannot write to {e.filename or directory}: {e.strerror or e}") from None
+    return directory
+
+
 def check_destination(dst: str | os.PathLike, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
     """Refuse an existing ``dst`` unless ``overwrite``. Writers call this before any expensive work (loading
     a model, building tensors, pretraining), so a refusal costs nothing; ``atomic_dir`` checks again."""

@@ -49,7 +49,7 @@ class Result:
         return self.status == "passed"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bwrap_problem() -> str | None:
     """Why bubblewrap cannot run programs here (None: it can): missing, or refused namespaces."""
     if shutil.which("bwrap") is None:
@@ -58,7 +58,7 @@ def _bwrap_problem() -> str | None:
     with tempfile.TemporaryDirectory(prefix="minimoe-bwrap-") as work:
         try:
             probe = subprocess.run([*isolation.bwrap_argv(work, []), sys.executable, "-I", "-c", "pass"],
-                                   capture_output=True, text=True, timeout=60)
+                                   capture_output=True, text=True, timeout=60, check=False)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"--sandbox bwrap: bubblewrap failed to start ({e})"
     if probe.returncode != 0:
