@@ -27,13 +27,18 @@ def check_writable(directory: str | os.PathLike) -> Path:
     call this before any expensive work, so an unwritable destination costs nothing; raises
     :class:`Unwritable` naming the directory (or the parent that failed)."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise Unwritable(f"cannot write to {directory}: it is not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Unwritable(f"cannot create {e.filename or directory}: {e.strerror or e}") from None
+    try:
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise Unwritable(f"cannot write to {e.filename or directory}: {e.strerror or e}") from None
+        raise Unwritable(f"cannot write to {directory}: {e.strerror or e}") from None
     return directory
 
 

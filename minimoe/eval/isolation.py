@@ -60,7 +60,7 @@ PROGRAM = "program.py"  # in the temporary directory, which is the program's wor
 STDERR = ".stderr"  # the program's stderr, of which the evaluator reads the tail
 
 # prctl(2) options and capabilities (linux/prctl.h, linux/capability.h)
-PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 4, 24, 36, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 36, 38
 CAP_SYS_PTRACE, CAP_SYS_RESOURCE = 19, 24
 # Landlock (linux/landlock.h): system calls, file-system and network access rights, scopes
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
@@ -318,8 +318,19 @@ def kill_descendants() -> None:
                 pass
 
 
+def _abandon(*_) -> None:
+    """The evaluator is gone or gives up (SIGTERM): kill the program's whole tree, then leave."""
+    kill_descendants()
+    os._exit(1)
+
+
 def supervise(cfg: dict) -> None:
     """Run the program (see the module docstring) and print two JSON lines: its pid, then its outcome."""
+    parent = os.getppid()
+    signal.signal(signal.SIGTERM, _abandon)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # a killed evaluator leaves no program running
+    if os.getppid() != parent:
+        _abandon()
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     prctl(PR_SET_DUMPABLE, 0)
     token = os.urandom(TOKEN_BYTES)

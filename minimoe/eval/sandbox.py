@@ -139,6 +139,19 @@ def _tail(path: Path) -> str:
         return ""
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask the supervisor to kill the program's tree and leave (SIGTERM); SIGKILL it if it does not."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+            return
+        except (ProcessLookupError, PermissionError):
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _supervise(cfg: dict, limit: float) -> tuple[dict | None, str]:
     """Start the supervisor, read its two lines (the program's pid, then its outcome) within ``limit``
     seconds. Returns (outcome, why there is none); a supervisor that is gone or stuck is cleaned up after."""
@@ -148,23 +161,22 @@ def _supervise(cfg: dict, limit: float) -> tuple[dict | None, str]:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
     lines: list[bytes] = []
     buf, deadline, why = b"", time.monotonic() + limit, ""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while len(lines) < 2:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                why = f"the supervisor did not answer within {limit:g} s"
-                break
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            *done, buf = (buf + chunk).split(b"\n")
-            lines += done
-    if proc.poll() is None and len(lines) < 2:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while len(lines) < 2:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    why = f"the supervisor did not answer within {limit:g} s"
+                    break
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                *done, buf = (buf + chunk).split(b"\n")
+                lines += done
+    finally:  # stuck, or we were interrupted (Ctrl-C): it kills the program's tree on SIGTERM
+        if proc.poll() is None and len(lines) < 2:
+            _stop(proc)
     code = proc.wait()
     proc.stdout.close()
     info = [json.loads(line) for line in lines[:2]]
