@@ -20,8 +20,9 @@ PROBLEM = {"task_id": "HumanEval/0", "entry_point": "add", "prompt": "def add(a,
            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
 WRONG = "    return 0\n"  # fails the tests: a program that passes with it has beaten the grader
 
-# Each forges "my tests ran" and leaves before they do. The first is the attack that passed before: the
-# done-marker's name and token were in the child's command line.
+# Each forges "my tests ran" and leaves before they do (placed before the tests, after a completion that
+# fails them). The first is the attack that passed before: the done-marker's name and token were in the
+# child's command line.
 FORGERIES = {
     "marker from the command line": """
 import os, re
@@ -53,6 +54,30 @@ while frame is not None:
             frame.f_locals['audit']({DONE!r})
         except RuntimeError:
             pass
+    frame = frame.f_back
+os._exit(0)
+""",
+    "the bootstrap's globals rebound, then the event": f"""
+import os, sys
+frame = sys._getframe()
+while frame is not None:
+    for name, value in list(frame.f_globals.items()):
+        if value == {DONE!r}:
+            frame.f_globals[name] = "something else"
+    frame = frame.f_back
+try:
+    sys.audit({DONE!r})
+except RuntimeError:
+    pass
+os._exit(0)
+""",
+    "the verdict's writer looked up in the frames": """
+import io, os, sys
+frame = sys._getframe()
+while frame is not None:
+    for value in list(frame.f_locals.values()) + list(frame.f_globals.values()):
+        if isinstance(value, io.BufferedWriter):
+            value.flush()
     frame = frame.f_back
 os._exit(0)
 """,

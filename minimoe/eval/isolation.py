@@ -14,18 +14,19 @@ is left. The supervisor and the program each run in their own session and proces
 Why the verdict cannot come from the program: the supervisor makes a random 32-byte token and hands it to
 the program's process through a pipe that the bootstrap drains and closes before any program code exists.
 The bootstrap writes the token into the *buffer* of a ``BufferedWriter`` on the verdict pipe (nothing is
-written yet) and puts that writer as the only value of a dict whose bound ``pop`` becomes an audit hook:
-a C function, held by nothing but the interpreter's hook list, which Python code cannot list or read. The
-token is now in no argument, environment variable, file, open pipe or Python frame; only the hook event
-``minimoe.sandbox.done`` pops the writer, whose deallocation flushes the token. A guard hook, added first
-(a hook that raises stops the later ones), lets that event through only from the bootstrap's own frame at
-the instruction that follows ``runpy.run_path`` returning normally, i.e. after the program's last line --
-its tests -- ran. It also refuses what could read the buffer or the interpreter around it (``gc`` object
-walks, ``ctypes``, subinterpreters, tracing, opening ``/proc/*/mem``) and ends the process before an
-interpreter shutdown would free, and so flush, the writer. The program's process is not dumpable and, as
-root, loses CAP_SYS_PTRACE, so its children cannot read its memory either. The supervisor passes a program
-only if it exited 0 and the verdict pipe holds exactly the token; ``sys.exit(0)``, ``os._exit(0)``, a
-forged event or bytes written to any descriptor all fail.
+written yet) and puts that writer as the only value of a dict whose bound ``pop`` becomes an audit hook: a C
+function, held by nothing but the interpreter's hook list, which Python code cannot list or read. The token
+is now in no argument, environment variable, file, open pipe or Python frame; only the hook event
+``minimoe.sandbox.done`` pops the writer, whose deallocation flushes the token. A guard hook, added first (a
+hook that raises stops the later ones), lets that event through only from the bootstrap's own frame at the
+instruction that follows ``runpy.run_path`` returning normally, i.e. after the program's last line -- its
+tests -- ran; its state is in its code's constants, which no frame of the program can rebind. It also
+refuses what could read the buffer or the interpreter around it (``gc`` object walks, ``ctypes``,
+subinterpreters, tracing, opening ``/proc/*/mem``) and ends the process before an interpreter shutdown would
+free, and so flush, the writer. No frame of the bootstrap holds the writer once the program runs. The
+program's process is not dumpable and, as root, loses CAP_SYS_PTRACE, so its children cannot read its memory
+either. The supervisor passes a program only if it exited 0 and the verdict pipe holds exactly the token;
+``sys.exit(0)``, ``os._exit(0)``, a forged event or bytes written to any descriptor all fail.
 
 Where the kernel has Landlock (Linux 5.13+; detected at run time), the program's process tree may write
 only in its temporary directory (and ``/dev/null``), may not read ``/proc``, may not bind or connect TCP
@@ -54,7 +55,6 @@ import subprocess
 import sys
 
 DONE = "minimoe.sandbox.done"  # the hook event that releases the verdict (see the module docstring)
-START = "minimoe.sandbox.start"  # the bootstrap's frame introduces itself with this event, once
 TOKEN_BYTES = 32
 PROGRAM = "program.py"  # in the temporary directory, which is the program's working directory
 STDERR = ".stderr"  # the program's stderr, of which the evaluator reads the tail
@@ -156,40 +156,47 @@ def drop_capabilities(caps=(CAP_SYS_PTRACE, CAP_SYS_RESOURCE)) -> None:
 # The program's process
 # ----------------------------------------------------------------------------------------------------
 
-def _guard(runner_code, done_at: frozenset, exit_now):
-    """The first audit hook (see the module docstring). Its frame holds nothing secret: a frame the program
-    reaches (its own ``f_back`` chain, a signal handler's, a finaliser's) shows only these names."""
-    from sys import _getframe
+# The guard hook. Its state (the bootstrap's frame, the DONE call's offsets, the functions it calls) goes
+# into its code's constants in place of the "@..." placeholders: a program that reaches the guard's frame
+# (a signal handler or a finaliser running inside it) can rebind a frame's globals and, since Python 3.13,
+# its locals and cells, but not the constants of its code. Nothing here looks a name up.
+_GUARD = """
+def guard(event, args):
+    if event == "minimoe.sandbox.done":
+        if "@getframe"(1) is not "@runner" or "@getframe"(1).f_lasti not in "@done_at":
+            raise "@RuntimeError"("sandbox: only the bootstrap reports that the tests ran")
+    elif event == "cpython.PyInterpreterState_Clear" or event == "cpython._PySys_ClearAuditHooks":
+        "@exit"(1)  # an interpreter shutdown would free the verdict's writer, and so flush it
+    elif event in {"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace", "sys.setprofile",
+                   "sys._settraceallthreads", "sys._setprofileallthreads", "sys.monitoring.register_callback",
+                   "cpython.PyInterpreterState_New"} or event.startswith("ctypes."):
+        raise "@RuntimeError"("sandbox: " + event + " is not allowed")
+    elif event == "import" and "@startswith"(args[0], ("_test", "_xxsubinterpreters", "_xxinterp", "_interp",
+                                                       "interpreters")):
+        raise "@ImportError"("sandbox: CPython's test modules and subinterpreters are not allowed")
+    elif event == "open" and "@type"(args[0]) is "@str" and args[0].rsplit("/", 1)[-1] == "mem":
+        raise "@PermissionError"("sandbox: process memory is not readable")
+    elif event == "open" and "@type"(args[0]) is "@bytes" and args[0].rsplit(b"/", 1)[-1] == b"mem":
+        raise "@PermissionError"("sandbox: process memory is not readable")
+"""
 
-    refused = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace", "sys.setprofile",
-                         "sys._settraceallthreads", "sys._setprofileallthreads", "sys.monitoring.register_callback",
-                         "cpython.PyInterpreterState_New"})
-    ending = frozenset({"cpython.PyInterpreterState_Clear", "cpython._PySys_ClearAuditHooks"})
-    # CPython's C-API test modules, and subinterpreters (which run without this interpreter's hooks)
-    unsafe_modules = ("_test", "_xxsubinterpreters", "_xxinterp", "_interp", "interpreters")
-    runner = []  # the bootstrap's frame, set by its START event
 
-    def guard(event, args):
-        if event == DONE:
-            frame = _getframe(1)
-            if not runner or frame is not runner[0] or frame.f_lasti not in done_at:
-                raise RuntimeError("sandbox: only the bootstrap reports that the tests ran")
-        elif event in ending:
-            exit_now(1)  # an interpreter shutdown would free the verdict's writer, and so flush it
-        elif event == START:
-            frame = _getframe(1)
-            if not runner and frame.f_code is runner_code:
-                runner.append(frame)
-        elif event in refused or event.startswith("ctypes."):
-            raise RuntimeError(f"sandbox: {event} is not allowed")
-        elif event == "import" and str.startswith(args[0], unsafe_modules):
-            raise ImportError(f"sandbox: {str(args[0])!r} is not allowed")
-        elif event == "open" and type(args[0]) in (str, bytes):
-            name = args[0].rsplit("/" if type(args[0]) is str else b"/", 1)[-1]
-            if name in ("mem", b"mem"):
-                raise PermissionError(f"sandbox: {args[0]!r} is not readable")
+def _guard(runner, done_at: frozenset, exit_now):
+    """The first audit hook (see the module docstring): DONE only from ``runner`` at ``done_at``; no ``gc``
+    object walks, ``ctypes``, tracing, C-API test modules or subinterpreters (they run without this
+    interpreter's hooks), ``/proc/*/mem``; the process ends where an interpreter shutdown would begin."""
+    import types
+    import warnings
 
-    return guard
+    values = {"@getframe": sys._getframe, "@runner": runner, "@done_at": done_at, "@exit": exit_now,
+              "@RuntimeError": RuntimeError, "@ImportError": ImportError, "@PermissionError": PermissionError,
+              "@startswith": str.startswith, "@type": type, "@str": str, "@bytes": bytes}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)  # calling and comparing the placeholder strings
+        module = compile(_GUARD, "<sandbox guard>", "exec")
+    code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+    code = code.replace(co_consts=tuple(values.get(c, c) if type(c) is str else c for c in code.co_consts))
+    return types.FunctionType(code, {"__builtins__": {}})
 
 
 def _report(exc: BaseException) -> None:
@@ -209,10 +216,32 @@ def _report(exc: BaseException) -> None:
         pass
 
 
-def _runner(run_path, audit, _exit, report):
-    """Run the program as ``__main__``; the DONE event below is reached only if it returned normally. Every
+def _verdict_writer(token_fd: int, verdict_fd: int):
+    """A writer on the verdict pipe with the token in its buffer, not written yet; the token pipe is closed."""
+    buf = bytearray(TOKEN_BYTES)
+    got = 0
+    while got < TOKEN_BYTES:
+        n = os.readv(token_fd, [memoryview(buf)[got:]])
+        if n == 0:
+            os._exit(3)
+        got += n
+    os.close(token_fd)
+    os.set_inheritable(verdict_fd, False)  # a program it executes does not get it; a fork does
+    writer = open(verdict_fd, "wb", buffering=4096)  # noqa: SIM115 (freed, and so flushed, by the hook)
+    writer.write(buf)
+    buf[:] = bytes(TOKEN_BYTES)
+    return writer
+
+
+def _runner(token_fd, verdict_fd, run_path, audit, _exit, report):
+    """Arm the hooks, then run the program as ``__main__``; the DONE event below is reached only if it
+    returned normally. The verdict's writer is referenced nowhere else (no caller's frame holds it); every
     name used after the program started is a local bound before it did; the process always ends here."""
-    audit(START)
+    frame = sys._getframe()
+    writer = _verdict_writer(token_fd, verdict_fd)
+    sys.addaudithook(_guard(frame, _done_offsets(frame.f_code), _exit))
+    sys.addaudithook({DONE: writer}.pop)  # the only owner of the writer, and of the token in its buffer
+    del writer, frame
     try:
         try:
             run_path(PROGRAM, run_name="__main__")
@@ -246,32 +275,17 @@ def _done_offsets(code) -> frozenset:
 
 
 def program_main(cfg: dict) -> None:
-    """Bootstrap of the program's process: take the token, confine, limit, arm the hooks, run the program."""
+    """Bootstrap of the program's process: confine, limit, take the token, arm the hooks, run the program."""
     import resource
     import runpy
 
-    buf = bytearray(TOKEN_BYTES)
-    got = 0
-    while got < TOKEN_BYTES:
-        n = os.readv(cfg["token_fd"], [memoryview(buf)[got:]])
-        if n == 0:
-            os._exit(3)
-        got += n
-    os.close(cfg["token_fd"])
-    os.set_inheritable(cfg["verdict_fd"], False)  # a program it executes does not get it; a fork does
-    writer = open(cfg["verdict_fd"], "wb", buffering=4096)  # noqa: SIM115 (freed, and so flushed, by the hook)
-    writer.write(buf)
-    buf[:] = bytes(TOKEN_BYTES)
     prctl(PR_SET_DUMPABLE, 0)
     drop_capabilities()
     if cfg["landlock"]:
         landlock([os.getcwd(), *cfg["writable"]])
     for name, value in cfg["limits"]:
         resource.setrlimit(getattr(resource, name), (value, value))
-    sys.addaudithook(_guard(_runner.__code__, _done_offsets(_runner.__code__), os._exit))
-    sys.addaudithook({DONE: writer}.pop)
-    del writer
-    _runner(runpy.run_path, sys.audit, os._exit, _report)
+    _runner(cfg["token_fd"], cfg["verdict_fd"], runpy.run_path, sys.audit, os._exit, _report)
 
 
 # ----------------------------------------------------------------------------------------------------
