@@ -111,6 +111,15 @@ for obj in gc.get_objects():
                 value.flush()
 os._exit(0)
 """,
+    "the interpreter's memory through ctypes": """
+import os
+try:
+    import _ctypes, ctypes
+    ctypes.string_at(id(os), 64)
+except (ImportError, RuntimeError):
+    pass
+os._exit(0)
+""",
     "the process's memory": """
 import os
 open('/proc/self/mem', 'rb')

@@ -171,9 +171,9 @@ def guard(event, args):
                    "sys._settraceallthreads", "sys._setprofileallthreads", "sys.monitoring.register_callback",
                    "cpython.PyInterpreterState_New"} or event.startswith("ctypes."):
         raise "@RuntimeError"("sandbox: " + event + " is not allowed")
-    elif event == "import" and "@startswith"(args[0], ("_test", "_xxsubinterpreters", "_xxinterp", "_interp",
-                                                       "interpreters")):
-        raise "@ImportError"("sandbox: CPython's test modules and subinterpreters are not allowed")
+    elif event == "import" and "@startswith"(args[0], ("ctypes", "_ctypes", "_test", "_xxsubinterpreters",
+                                                       "_xxinterp", "_interp", "interpreters")):
+        raise "@ImportError"("sandbox: ctypes, CPython's test modules and subinterpreters are not allowed")
     elif event == "open" and "@type"(args[0]) is "@str" and args[0].rsplit("/", 1)[-1] == "mem":
         raise "@PermissionError"("sandbox: process memory is not readable")
     elif event == "open" and "@type"(args[0]) is "@bytes" and args[0].rsplit(b"/", 1)[-1] == b"mem":
@@ -183,8 +183,9 @@ def guard(event, args):
 
 def _guard(runner, done_at: frozenset, exit_now):
     """The first audit hook (see the module docstring): DONE only from ``runner`` at ``done_at``; no ``gc``
-    object walks, ``ctypes``, tracing, C-API test modules or subinterpreters (they run without this
-    interpreter's hooks), ``/proc/*/mem``; the process ends where an interpreter shutdown would begin."""
+    object walks, ``ctypes`` (whose ``Py_DECREF`` raises no event), tracing, C-API test modules or
+    subinterpreters (they run without this interpreter's hooks), ``/proc/*/mem``; the process ends where an
+    interpreter shutdown would begin."""
     import types
     import warnings
 
@@ -276,6 +277,7 @@ def _done_offsets(code) -> frozenset:
 
 def program_main(cfg: dict) -> None:
     """Bootstrap of the program's process: confine, limit, take the token, arm the hooks, run the program."""
+    import gc
     import resource
     import runpy
 
@@ -283,6 +285,9 @@ def program_main(cfg: dict) -> None:
     drop_capabilities()
     if cfg["landlock"]:
         landlock([os.getcwd(), *cfg["writable"]])
+    for name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes")]:
+        del sys.modules[name]  # what the bootstrap used: the program imports it anew, which the guard refuses
+    gc.collect()
     for name, value in cfg["limits"]:
         resource.setrlimit(getattr(resource, name), (value, value))
     _runner(cfg["token_fd"], cfg["verdict_fd"], runpy.run_path, sys.audit, os._exit, _report)
