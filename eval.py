@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N problems")
     p.add_argument("--out", type=Path, help="output directory (default runs/eval/<what>/<task>, <what> the run "
                    "of --adapter, else the --model or --completions name)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (and start over "
+                   "where OUT.partial holds the progress of a different evaluation)")
     p.add_argument("--completions", type=Path, help="score these completions (JSONL: task_id or index, and "
                    "completion or completions) instead of generating; no model is loaded")
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
