@@ -283,8 +283,10 @@ def program_main(cfg: dict) -> None:
 
     prctl(PR_SET_DUMPABLE, 0)
     drop_capabilities()
-    if cfg["landlock"]:
-        landlock([os.getcwd(), *cfg["writable"]])
+    if cfg["landlock"] and landlock_abi() and not landlock([os.getcwd(), *cfg["writable"]]):
+        # never weaker than summary.json says (it records the kernel's ABI): fail every program, loudly
+        os.write(2, b"sandbox: the kernel has Landlock, but confining the program failed\n")
+        os._exit(4)
     for name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes")]:
         del sys.modules[name]  # what the bootstrap used: the program imports it anew, which the guard refuses
     gc.collect()
