@@ -60,7 +60,11 @@ class Progress:
     def _prepare(path: Path, run: dict, restart: bool) -> str | None:
         described = path / "run.json"
         if described.is_file():
-            before = json.loads(described.read_text())
+            try:
+                before = json.loads(described.read_text())
+            except ValueError:  # not written by this version: another evaluation as far as we know
+                before = {}
+            before = before if isinstance(before, dict) else {}
             if before == run:
                 return None
             if not restart:
