@@ -62,7 +62,7 @@ def _bwrap_problem() -> str | None:
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"--sandbox bwrap: bubblewrap failed to start ({e})"
     if probe.returncode != 0:
-        return f"--sandbox bwrap: bubblewrap cannot run programs here: {probe.stderr.strip()[-300:]}"
+        return f"--sandbox bwrap: bubblewrap cannot run programs here: {' '.join(probe.stderr.split())[-300:]}"
     return None
 
 
