@@ -317,6 +317,31 @@ def test_a_killed_evaluation_resumes_where_it_stopped(tmp_path, graded_programs,
     assert (tmp_path / "other/samples.jsonl").read_text() == (tmp_path / "whole/samples.jsonl").read_text()
 
 
+
+def test_a_resumed_model_evaluation_neither_generates_nor_grades_again(tmp_path, monkeypatch, graded_programs):
+    from minimoe.eval import runners
+    from minimoe.eval.progress import Progress
+
+    args = ["--model", str(ROOT / "weights" / "tiny-moe"), "--device", "cpu", "--task", "humaneval", "--data",
+            str(_jsonl(tmp_path / "he.jsonl", HUMANEVAL)), "--max-new-tokens", "8", "--k", "1"]
+    assert evaluate.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    record = Progress.record
+
+    def interrupted(self, index, records):  # Ctrl-C once the first problem is on disk
+        record(self, index, records)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main([*args, "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(Progress, "record", record)
+    monkeypatch.setattr(runners, "generate_all", lambda *a, **k: pytest.fail("generated again"))
+    graded_programs.clear()
+    assert evaluate.main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert len(graded_programs) == 1  # the second problem only
+    for name in ("summary.json", "samples.jsonl"):
+        assert (tmp_path / "out" / name).read_text() == (tmp_path / "whole" / name).read_text()
+
 def test_an_unwritable_output_is_refused_before_anything_is_evaluated(tmp_path, capsys, monkeypatch):
     data = _jsonl(tmp_path / "he.jsonl", HUMANEVAL)
     samples = _jsonl(tmp_path / "c.jsonl", [{"task_id": "T/0", "completion": "    return a + b\n"},
