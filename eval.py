@@ -116,16 +116,26 @@ def evaluation(args) -> dict:
     return run
 
 
+def unwritable(directory: Path) -> str | None:
+    """Why no file can be written in ``directory`` (one line naming it), or None."""
+    try:
+        check_writable(directory)
+    except Unwritable as e:
+        return str(e)
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or default_out(args)
     try:  # before the evaluation: an existing or unwritable destination, or a missing sandbox, costs nothing
         check_destination(out, args.overwrite, flag="--overwrite (or --out DIR)")
-        check_writable(out.parent)
         check_sandbox(args.sandbox)
-    except (FileExistsError, Unwritable, ValueError) as e:
+    except (FileExistsError, ValueError) as e:
         return exit_with_error(str(e), 2)
     world = World.from_env(args.device or "")  # torchrun: the problems are shared out over the processes
+    if error := world.gather(unwritable(out.parent) if world.main else None)[0]:  # one probe, every process told
+        return exit_with_error(error, 2)
     dec = Decoding(args.max_new_tokens, args.n, args.temperature, args.top_p, args.batch_size, args.seed)
     try:
         task = get_task(args.task).configure(args)

@@ -23,22 +23,34 @@ class Unwritable(OSError):
 
 
 def check_writable(directory: str | os.PathLike) -> Path:
-    """Create ``directory`` (and its parents) if needed, then create and remove a probe file in it. Writers
-    call this before any expensive work, so an unwritable destination costs nothing; raises
-    :class:`Unwritable` naming the directory (or the parent that failed)."""
+    """Check that files can be created in ``directory``: create it (and missing parents), create and remove a
+    probe file in it, then remove the directories it created (the writer makes them again when it writes,
+    and a run that fails before then leaves nothing behind). Writers call this before any expensive work, so
+    an unwritable destination costs nothing; raises :class:`Unwritable` naming the directory (or the parent
+    that could not be created)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise Unwritable(f"cannot write to {directory}: it is not a directory")
+    created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise Unwritable(f"cannot create {e.filename or directory}: {e.strerror or e}") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise Unwritable(f"cannot write to {directory}: {e.strerror or e}") from None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Unwritable(f"cannot create {e.filename or directory}: {e.strerror or e}") from None
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise Unwritable(f"cannot write to {directory}: {e.strerror or e}") from None
+    finally:
+        for p in created:
+            try:
+                p.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break  # something else is in it now
     return directory
 
 
