@@ -8,20 +8,25 @@
 
 The tasks (listed below) are the objects of minimoe.eval.tasks' registry: this command asks the chosen one
 for its rows, prompts, grader, metric and way of scoring (generation, option log-likelihood, perplexity),
-and adds its own options (mc: --mc-mode loglik|letter). Code tasks run programs in a sandboxed subprocess.
-Writes OUT/summary.json (scores and the decoding settings) and OUT/samples.jsonl (one line per sample).
+and adds its own options (mc: --mc-mode loglik|letter). Code tasks run programs in a sandboxed subprocess
+(--sandbox process|bwrap). Writes OUT/summary.json (scores, decoding settings, sandbox) and OUT/samples.jsonl
+(one line per sample, with its prompt and reference). While it runs, OUT.partial/ keeps the completions and
+every graded problem: if the evaluation is killed, the same command resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
 
+from minimoe.eval.progress import Progress, partial_dir
 from minimoe.eval.runners import Decoding, grade, read_rows, run_task, task_rows, write_results
-from minimoe.files import atomic_dir, check_destination
-from minimoe.eval.tasks import TASKS, Task, get_task
+from minimoe.eval.sandbox import SANDBOXES, check_sandbox
+from minimoe.eval.tasks import GENERATE, TASKS, Task, get_task
+from minimoe.files import DestinationExists, Unwritable, atomic_dir, check_destination, check_writable
 from minimoe.train.distributed import World, exit_with_error
 
 
@@ -46,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N problems")
     p.add_argument("--out", type=Path, help="output directory (default runs/eval/<what>/<task>, <what> the run "
                    "of --adapter, else the --model or --completions name)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (and start over "
+                   "where OUT.partial holds the progress of a different evaluation)")
     p.add_argument("--completions", type=Path, help="score these completions (JSONL: task_id or index, and "
                    "completion or completions) instead of generating; no model is loaded")
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
@@ -61,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_arguments(p)  # mc: --mc-mode
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program (default 10)")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
+    p.add_argument("--sandbox", choices=SANDBOXES, default="process",
+                   help="how generated programs are isolated: process (default; a supervised process tree, confined "
+                        "by Landlock where the kernel has it) or bwrap (also in bubblewrap's namespaces: no network, "
+                        "read-only root; needs the bwrap command). See README, Evaluation")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     return p
@@ -95,30 +105,56 @@ def default_out(args) -> Path:
     return Path("runs/eval") / (what or "model") / args.task
 
 
+def evaluation(args) -> dict:
+    """What an evaluation is, for resuming it: the arguments that change its results, and the digests of the
+    files it reads (a rerun resumes ``OUT.partial`` only if all are the same)."""
+    run = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
+           if k not in ("out", "overwrite", "device")}
+    for name in ("data", "completions"):
+        if run.get(name) and Path(run[name]).is_file():
+            run[f"{name}_sha256"] = hashlib.sha256(Path(run[name]).read_bytes()).hexdigest()
+    return run
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why no file can be written in ``directory`` (one line naming it), or None."""
+    try:
+        check_writable(directory)
+    except Unwritable as e:
+        return str(e)
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or default_out(args)
-    try:
-        check_destination(out, args.overwrite, flag="--overwrite (or --out DIR)")  # before the evaluation
-    except FileExistsError as e:
+    try:  # before the evaluation: an existing or unwritable destination, or a missing sandbox, costs nothing
+        check_destination(out, args.overwrite, flag="--overwrite (or --out DIR)")
+        check_sandbox(args.sandbox)
+    except (FileExistsError, ValueError) as e:
         return exit_with_error(str(e), 2)
     world = World.from_env(args.device or "")  # torchrun: the problems are shared out over the processes
+    if error := world.gather(unwritable(out.parent) if world.main else None)[0]:  # one probe, every process told
+        return exit_with_error(error, 2)
     dec = Decoding(args.max_new_tokens, args.n, args.temperature, args.top_p, args.batch_size, args.seed)
     try:
         task = get_task(args.task).configure(args)
         rows = task_rows(task, args.data, args.limit)
         if args.completions:
             task.check_completions()
+        progress = None
+        if task.scoring == GENERATE:  # completions and graded problems are kept as they come (OUT.partial)
+            progress = Progress.open(partial_dir(out), evaluation(args), world, restart=args.overwrite)
+        if args.completions:
             summary, records = grade(task, rows, load_completions(args.completions, rows), args.k,
-                                     args.timeout, args.memory_mb, world=world)
+                                     args.timeout, args.memory_mb, world=world, progress=progress)
             summary.update(task=args.task, completions=str(args.completions))
             dec = None
         else:
-            summary, records = run_model(args, task, rows, dec, world)
+            summary, records = run_model(args, task, rows, dec, world, progress)
         if world.main:  # every process holds the whole result; one writes it
-            with atomic_dir(out, args.overwrite, flag="--overwrite") as tmp:
-                write_results(tmp, summary, records, dec)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+            write_output(out, args.overwrite, summary, records, dec, progress)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, Unwritable) as e:
         return exit_with_error(str(e), 2)
     if world.main:
         print(json.dumps({k: v for k, v in summary.items() if k != "decoding"}))
@@ -126,7 +162,24 @@ def main(argv=None) -> int:
     return world.finish(0)
 
 
-def run_model(args, task: Task, rows, dec: Decoding, world: World = World()) -> tuple[dict, list[dict]]:
+def write_output(out: Path, overwrite: bool, summary: dict, records: list[dict], dec, progress) -> None:
+    """OUT/summary.json and OUT/samples.jsonl, written together (atomically); then OUT.partial goes. A failed
+    write (a full disk, a read-only directory) is one line naming OUT; the graded problems stay in OUT.partial
+    and the same command writes them without grading again."""
+    try:
+        with atomic_dir(out, overwrite, flag="--overwrite") as tmp:
+            write_results(tmp, summary, records, dec)
+    except DestinationExists:
+        raise
+    except OSError as e:
+        kept = f"; the graded problems are kept in {progress.path}: rerun the command to write them" if progress else ""
+        raise Unwritable(f"cannot write {out}: {e.strerror or e}{kept}") from None
+    if progress:
+        progress.remove()
+
+
+def run_model(args, task: Task, rows, dec: Decoding, world: World = World(),
+              progress: Progress | None = None) -> tuple[dict, list[dict]]:
     """Load --model (and --adapter) and score it on the task the way the task is scored."""
     import torch
 
@@ -144,7 +197,8 @@ def run_model(args, task: Task, rows, dec: Decoding, world: World = World()) -> 
         model.load_adapter(args.adapter, check_base=not args.no_check_base)
     model.eval()
     tok = minimoe.load_tokenizer(args.model)
-    summary, records = run_task(task, model, tok, rows, dec, args.k, args.timeout, args.memory_mb, world=world)
+    summary, records = run_task(task, model, tok, rows, dec, args.k, args.timeout, args.memory_mb, world=world,
+                                progress=progress)
     summary.update(task=args.task, model=args.model, adapter=args.adapter, data=args.data)
     return summary, records
 

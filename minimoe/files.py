@@ -17,6 +17,43 @@ class DestinationExists(FileExistsError):
     """The destination exists and overwriting was not requested."""
 
 
+class Unwritable(OSError):
+    """A destination that cannot be written (read-only, a full disk, a file where a directory should be);
+    its message is one line naming the path, for a command to print as is."""
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Check that files can be created in ``directory``: create it (and missing parents), create and remove a
+    probe file in it, then remove the directories it created (the writer makes them again when it writes,
+    and a run that fails before then leaves nothing behind). Writers call this before any expensive work, so
+    an unwritable destination costs nothing; raises :class:`Unwritable` naming the directory (or the parent
+    that could not be created)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise Unwritable(f"cannot write to {directory}: it is not a directory")
+    created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
+    try:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Unwritable(f"cannot create {e.filename or directory}: {e.strerror or e}") from None
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise Unwritable(f"cannot write to {directory}: {e.strerror or e}") from None
+    finally:
+        for p in created:
+            try:
+                p.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break  # something else is in it now
+    return directory
+
+
 def check_destination(dst: str | os.PathLike, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
     """Refuse an existing ``dst`` unless ``overwrite``. Writers call this before any expensive work (loading
     a model, building tensors, pretraining), so a refusal costs nothing; ``atomic_dir`` checks again."""

@@ -1,7 +1,10 @@
 """eval.py: scoring completions from elsewhere, a train.py run followed by eval.py, and the task split."""
 
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -233,3 +236,258 @@ def test_the_registry_holds_the_builtin_tasks_in_order():
                                                               "perplexity": tasks.PERPLEXITY}
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         evaluation.task_rows("nope", None, None)
+
+
+# --- graded code cannot beat the grader; killed evaluations resume; unwritable outputs; full records -------
+
+ROOT = Path(__file__).resolve().parents[1]
+FOUR = [dict(p, task_id=f"T/{i}") for i, p in enumerate(HUMANEVAL * 2)]  # add, neg, add, neg
+
+
+def _eval_cli(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "eval.py"), *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def _records(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def graded_programs(monkeypatch):
+    """Counts the programs this process runs (those an evaluation grades rather than reads back)."""
+    from minimoe.eval import tasks
+
+    ran = []
+    real = tasks.run_program
+
+    def counting(*a, **kw):
+        ran.append(a[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tasks, "run_program", counting)
+    return ran
+
+
+def test_a_completion_that_kills_its_parent_does_not_kill_eval(tmp_path):
+    data = _jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    kill = "    return a + b\nimport os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+    samples = _jsonl(tmp_path / "c.jsonl", [{"task_id": "T/0", "completion": kill},
+                                            {"task_id": "T/1", "completion": "    return -a\n"}])
+    proc = _eval_cli("--task", "humaneval", "--data", data, "--completions", samples, "--k", "1",
+                     "--out", tmp_path / "out")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]  # was -9: eval.py itself was the program's parent
+    assert [r["status"] for r in _records(tmp_path / "out")] == ["failed", "passed"]
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["pass@1"] == 0.5 and summary["sandbox"] == "process" and "landlock_abi" in summary
+
+
+def test_a_killed_evaluation_resumes_where_it_stopped(tmp_path, graded_programs, capsys):
+    data = _jsonl(tmp_path / "he.jsonl", FOUR)
+    slow = "    import time\n    time.sleep(3)\n    return a + b\n"  # problem 2: gives us time to kill eval.py
+    samples = _jsonl(tmp_path / "c.jsonl", [
+        {"task_id": "T/0", "completion": "    return a + b\n"}, {"task_id": "T/1", "completion": "    return a\n"},
+        {"task_id": "T/2", "completion": slow}, {"task_id": "T/3", "completion": "    return -a\n"}])
+    args = ["--task", "humaneval", "--data", data, "--completions", samples, "--k", "1"]
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    proc = _eval_cli(*args, "--out", out)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+            (partial / "rank-0.jsonl").is_file() and len((partial / "rank-0.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert not out.exists() and len((partial / "rank-0.jsonl").read_text().splitlines()) == 2
+    # the same command again: problems 0 and 1 are read back, 2 and 3 graded
+    assert evaluate.main([*map(str, args), "--out", str(out)]) == 0
+    assert len(graded_programs) == 2 and not partial.exists()
+    assert evaluate.main([*map(str, args), "--out", str(tmp_path / "whole")]) == 0  # uninterrupted
+    for name in ("summary.json", "samples.jsonl"):
+        assert (out / name).read_text() == (tmp_path / "whole" / name).read_text()
+    assert [r["status"] for r in _records(out)] == ["passed", "failed", "passed", "passed"]
+    # the progress of a different evaluation is not resumed: refused, or started over with --overwrite
+    other = tmp_path / "other.partial"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"task": "humaneval", "timeout": 1.0}))
+    capsys.readouterr()
+    assert evaluate.main([*map(str, args), "--out", str(tmp_path / "other")]) == 2
+    assert "other.partial holds the progress of a different evaluation" in capsys.readouterr().err
+    assert evaluate.main([*map(str, args), "--out", str(tmp_path / "other"), "--overwrite"]) == 0
+    assert (tmp_path / "other/samples.jsonl").read_text() == (tmp_path / "whole/samples.jsonl").read_text()
+
+
+
+def test_a_resumed_model_evaluation_neither_generates_nor_grades_again(tmp_path, monkeypatch, graded_programs):
+    from minimoe.eval import runners
+    from minimoe.eval.progress import Progress
+
+    args = ["--model", str(ROOT / "weights" / "tiny-moe"), "--device", "cpu", "--task", "humaneval", "--data",
+            str(_jsonl(tmp_path / "he.jsonl", HUMANEVAL)), "--max-new-tokens", "8", "--k", "1"]
+    assert evaluate.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    record = Progress.record
+
+    def interrupted(self, index, records):  # Ctrl-C once the first problem is on disk
+        record(self, index, records)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main([*args, "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(Progress, "record", record)
+    monkeypatch.setattr(runners, "generate_all", lambda *a, **k: pytest.fail("generated again"))
+    graded_programs.clear()
+    assert evaluate.main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert len(graded_programs) == 1  # the second problem only
+    for name in ("summary.json", "samples.jsonl"):
+        assert (tmp_path / "out" / name).read_text() == (tmp_path / "whole" / name).read_text()
+
+def test_an_unwritable_output_is_refused_before_anything_is_evaluated(tmp_path, capsys, monkeypatch):
+    data = _jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    samples = _jsonl(tmp_path / "c.jsonl", [{"task_id": "T/0", "completion": "    return a + b\n"},
+                                            {"task_id": "T/1", "completion": "    return -a\n"}])
+    monkeypatch.setattr(evaluate, "grade", lambda *a, **k: pytest.fail("graded into an unwritable destination"))
+    afile = tmp_path / "afile"
+    afile.write_text("a regular file where a directory should be\n")
+    # chmod 0o555 does not stop root: then /sys (sysfs, where even root creates no files) is the read-only one
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.geteuid() == 0:
+        readonly = Path("/sys")
+    cases = {afile / "out": f"cannot write to {afile}: it is not a directory",
+             afile / "sub" / "out": f"cannot create {afile / 'sub'}: Not a directory",
+             readonly / "out": f"cannot write to {readonly}: "}
+    for out, said in cases.items():
+        assert evaluate.main(["--task", "humaneval", "--data", str(data), "--completions", str(samples),
+                              "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + said) and err.count("\n") == 1, err  # one line, no traceback
+
+
+def test_a_failed_final_write_keeps_the_graded_problems(tmp_path, capsys, monkeypatch, graded_programs):
+    """The disk fills up after grading (here: a file-size limit makes the write really fail): one line naming
+    OUT, and the rerun writes the results from OUT.partial without grading again."""
+    import resource
+
+    data = _jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    samples = _jsonl(tmp_path / "c.jsonl", [{"task_id": "T/0", "completion": "    return a + b\n"},
+                                            {"task_id": "T/1", "completion": "    return a\n"}])
+    args = ["--task", "humaneval", "--data", str(data), "--completions", str(samples), "--k", "1"]
+    real = evaluate.write_results
+
+    def full_disk(*a, **k):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
+        try:
+            real(*a, **k)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    monkeypatch.setattr(evaluate, "write_results", full_disk)
+    out = tmp_path / "out"
+    assert evaluate.main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {out}: File too large; the graded problems are kept in "
+                          f"{tmp_path / 'out.partial'}") and err.count("\n") == 1, err
+    assert not out.exists() and len(graded_programs) == 2
+    monkeypatch.setattr(evaluate, "write_results", real)
+    assert evaluate.main([*args, "--out", str(out)]) == 0
+    assert len(graded_programs) == 2  # nothing graded again
+    assert [r["status"] for r in _records(out)] == ["passed", "failed"]
+
+
+def test_records_carry_the_prompt_and_the_reference(tmp_path):
+    from minimoe.eval.runners import task_prompt
+
+    he = _jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    comp = _jsonl(tmp_path / "c.jsonl", [{"task_id": "T/0", "completion": "    return a + b\n"},
+                                         {"task_id": "T/1", "completion": "    return a\n"}])
+    assert evaluate.main(["--task", "humaneval", "--data", str(he), "--completions", str(comp), "--k", "1",
+                          "--out", str(tmp_path / "he")]) == 0
+    records = _records(tmp_path / "he")
+    assert [(r["prompt"], r["reference"]) for r in records] == [(p["prompt"], p["test"]) for p in HUMANEVAL]
+    assert list(records[0])[:4] == ["index", "sample", "task_id", "completion"] and list(records[0])[-1] == "correct"
+    gsm = _jsonl(tmp_path / "gsm.jsonl", [{"question": "1+1?", "answer": "1 + 1 = 2\n#### 2"}])
+    assert evaluate.main(["--task", "gsm8k", "--data", str(gsm), "--completions",
+                          str(_jsonl(tmp_path / "g.jsonl", [{"index": 0, "completion": "#### 2"}])),
+                          "--out", str(tmp_path / "g")]) == 0
+    (rec,) = _records(tmp_path / "g")
+    assert rec["reference"] == "1 + 1 = 2\n#### 2" and "prompt" not in rec  # no model: no chat template to show
+    mc = _jsonl(tmp_path / "mc.jsonl", [{"question": "Sky?", "choices": ["blue", "green"], "answer": 0},
+                                        {"question": "Grass?", "choices": ["blue", "green"], "answer": "B"}])
+    model = ["--model", str(ROOT / "weights" / "tiny-moe"), "--max-new-tokens", "4", "--device", "cpu"]
+    for mode in ("loglik", "letter"):
+        assert evaluate.main([*model, "--task", "mc", "--data", str(mc), "--mc-mode", mode,
+                              "--out", str(tmp_path / mode)]) == 0
+        assert [r["reference"] for r in _records(tmp_path / mode)] == ["A. blue", "B. green"]
+        assert all(r["prompt"].count("Sky?") + r["prompt"].count("Grass?") == 1 for r in _records(tmp_path / mode))
+    assert evaluate.main([*model, "--task", "tiny-arith", "--limit", "2", "--out", str(tmp_path / "t")]) == 0
+    tok = minimoe.load_tokenizer(str(ROOT / "weights" / "tiny-moe"))
+    rows = tiny_arith_split("test")[:2]
+    assert [(r["prompt"], r["reference"]) for r in _records(tmp_path / "t")] == \
+        [(task_prompt("tiny-arith", {"question": q}, tok), a) for q, a in rows]
+
+
+def test_grading_shared_out_over_processes_resumes_with_another_count(tmp_path, graded_programs):
+    """The world plumbing with OUT.partial: each process grades i % N == rank into its own file; a rerun with
+    another number of processes grades nothing again, and every process gets the one-process result."""
+    from dataclasses import dataclass
+
+    from minimoe.eval.progress import Progress
+    from minimoe.eval.runners import grade
+    from minimoe.train.distributed import World
+
+    @dataclass(frozen=True)
+    class Rank(World):
+        parts: tuple = ()  # what each process contributes to a gather (this one's own: its value)
+
+        def gather(self, value, device="cpu"):
+            return [value if r == self.rank else (self.parts[r] if self.parts else []) for r in range(self.size)]
+
+    rows = FOUR + FOUR[:1]
+    completions = [["    return a + b\n", "    return a\n"] if p["entry_point"] == "add" else ["    return -a\n"]
+                   for p in rows]
+    one = grade("humaneval", rows, completions, ks=(1,))
+    programs = len(graded_programs)
+    path = tmp_path / "out.partial"
+    Progress.open(path, {"run": 1})
+    for r in (0, 1):  # two processes, one after the other here
+        grade("humaneval", rows, completions, ks=(1,), world=Rank(r, 2), progress=Progress(path, Rank(r, 2)))
+    assert sorted(p.name for p in path.iterdir()) == ["rank-0.jsonl", "rank-1.jsonl", "run.json"]
+    assert len(graded_programs) == 2 * programs
+    done = Progress(path).graded()
+    for size in (1, 3):  # resumed by one process, then by three
+        parts = tuple([(i, done[i]) for i in sorted(done) if i % size == r] for r in range(size))
+        for r in range(size):
+            got = grade("humaneval", rows, completions, ks=(1,), world=Rank(r, size, 0, parts),
+                        progress=Progress(path, Rank(r, size)))
+            assert got == one
+    assert len(graded_programs) == 2 * programs  # nothing graded again
+
+
+def test_the_sandbox_is_chosen_recorded_or_refused_up_front(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from minimoe.eval import sandbox
+
+    data = _jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    samples = _jsonl(tmp_path / "c.jsonl", [{"task_id": "T/0", "completion": "    return a + b\n"},
+                                            {"task_id": "T/1", "completion": "    return a\n"}])
+    args = ["--task", "humaneval", "--data", str(data), "--completions", str(samples), "--k", "1"]
+    if shutil.which("bwrap"):
+        assert evaluate.main([*args, "--sandbox", "bwrap", "--out", str(tmp_path / "b")]) == 0
+        summary = json.loads((tmp_path / "b/summary.json").read_text())
+        assert summary["sandbox"] == "bwrap" and summary["pass@1"] == 0.5
+    # without bubblewrap (here: made to look missing), asking for it is an error before anything is graded
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    monkeypatch.setattr(evaluate, "grade", lambda *a, **k: pytest.fail("graded without the sandbox asked for"))
+    sandbox._bwrap_problem.cache_clear()
+    try:
+        capsys.readouterr()
+        assert evaluate.main([*args, "--sandbox", "bwrap", "--out", str(tmp_path / "n")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --sandbox bwrap needs bubblewrap") and err.count("\n") == 1
+        assert not (tmp_path / "n").exists() and not (tmp_path / "n.partial").exists()
+    finally:
+        sandbox._bwrap_problem.cache_clear()

@@ -111,10 +111,11 @@ def test_children_and_escaped_grandchildren_are_killed(tmp_path):
              "a = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
              "b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
              f"open({str(pids)!r}, 'w').write(f'{{a.pid}} {{b.pid}}')\n")
-    assert run_program(spawn).passed  # the program itself exits 0 at once
+    # writable: where Landlock confines writes to the program's own directory, let it leave the pids here
+    assert run_program(spawn, writable=[tmp_path]).passed  # the program itself exits 0 at once
     assert not any(_alive(int(p)) for p in pids.read_text().split())
     hang = spawn + "import time; time.sleep(60)\n"
-    assert run_program(hang, timeout=1).status == "timeout"
+    assert run_program(hang, timeout=1, writable=[tmp_path]).status == "timeout"
     assert not any(_alive(int(p)) for p in pids.read_text().split())
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..train.data import prompt_text
 from ..train.distributed import World
+from .progress import Progress
 from .tasks import CODE_STOPS, GENERATE, OPTION_LOGLIK, PERPLEXITY, Task, get_task, read_rows
 from .tasks import TASKS as _REGISTRY
 
@@ -116,8 +117,18 @@ def clean_code(task: str | Task, completion: str) -> str:
     return _task(task).code(completion)
 
 
+def _prompt(task: Task, row: dict) -> str | None:
+    """The prompt of ``row`` when it does not depend on a model's template (HumanEval's does not), else None:
+    a prompt recorded without a model (``--completions``) must be the one a model would have seen."""
+    try:
+        return task.prompt(row, None)
+    except Exception:  # needs the tokenizer's template, or the task has no prompts
+        return None
+
+
 def grade(task: str | Task, rows: list[dict], completions: list[list[str]], ks=(1, 10), timeout: float = 10.0,
-          memory_mb: int = 1024, world: World = World()) -> tuple[dict, list[dict]]:
+          memory_mb: int = 1024, world: World = World(), prompts: list[str] | None = None,
+          progress: Progress | None = None) -> tuple[dict, list[dict]]:
     """Score completions with the task's grader and summarise them with its metric.
 
     Args:
@@ -128,30 +139,44 @@ def grade(task: str | Task, rows: list[dict], completions: list[list[str]], ks=(
         timeout: seconds per generated program (code tasks).
         memory_mb: address-space limit per generated program (code tasks).
         world: several processes: each grades problems i with i % N == rank; all get every result.
+        prompts: the prompts the model saw (recorded); without them, the task's prompt where it needs no model.
+        progress: where graded problems are kept as they are graded (``OUT.partial``); problems found there
+            are not graded again.
 
     Returns:
-        (summary, per-sample records): ``{"problems": N, **metric}`` and, per sample, its index, sample
-        number, task_id and completion, then the task's grading fields (``correct`` last).
+        (summary, per-sample records): ``{"problems": N, **metric, **task.grading_info()}`` and, per sample, its
+        index, sample number, task_id, completion, prompt and reference (where they exist), then the task's
+        grading fields (``correct`` last).
     """
     task = _task(task)
+    done = progress.graded() if progress else {}
     graded = []  # (problem, its records)
     for i, (row, samples) in enumerate(zip(rows, completions)):
         if i % world.size != world.rank:
             continue
+        if i in done:
+            graded.append((i, done[i]))
+            continue
+        extra = {"prompt": prompts[i] if prompts is not None else _prompt(task, row), "reference": task.reference(row)}
+        extra = {k: v for k, v in extra.items() if v is not None}
         records = []
         for j, c in enumerate(samples):
-            rec = {"index": i, "sample": j, "task_id": row.get("task_id"), "completion": c}
+            rec = {"index": i, "sample": j, "task_id": row.get("task_id"), "completion": c, **extra}
             fields = dict(task.grade_sample(row, c, timeout=timeout, memory_mb=memory_mb))
             ok = bool(fields.pop("correct"))
             records.append({**rec, **fields, "correct": ok})
+        if progress:
+            progress.record(i, records)
         graded.append((i, records))
     graded = sorted((x for part in world.gather(graded) for x in part), key=lambda x: x[0])
     per_problem = [[r["correct"] for r in records] for _, records in graded]
-    return {"problems": len(per_problem), **task.summarize(per_problem, ks)}, [r for _, rs in graded for r in rs]
+    summary = {"problems": len(per_problem), **task.summarize(per_problem, ks), **task.grading_info()}
+    return summary, [r for _, rs in graded for r in rs]
 
 
 def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(1, 10), timeout: float = 10.0,
-             memory_mb: int = 1024, world: World = World()) -> tuple[dict, list[dict]]:
+             memory_mb: int = 1024, world: World = World(),
+             progress: Progress | None = None) -> tuple[dict, list[dict]]:
     """Score a model on a task the way the task says (``Task.scoring``): generate and grade, compare the
     options' log-likelihoods, or measure perplexity.
 
@@ -166,6 +191,8 @@ def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(
         memory_mb: address-space limit per generated program (code tasks).
         world: several processes (torchrun): the problems are shared out and every process returns the
             whole result, the same as one process's.
+        progress: generated tasks: where the completions and the graded problems are kept, so a rerun of a
+            killed evaluation neither generates nor grades again what it finished (``OUT.partial``).
 
     Returns:
         (summary, per-sample records), as written by :func:`write_results`.
@@ -177,8 +204,13 @@ def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(
         return mc_loglik(model, tok, rows, world=world)
     if task.scoring != GENERATE:
         raise ValueError(f"task {task.name}: unknown scoring {task.scoring!r}")
-    completions = generate_all(model, tok, [task.prompt(r, tok) for r in rows], dec, world=world)
-    return grade(task, rows, completions, ks, timeout, memory_mb, world=world)
+    prompts = [task.prompt(r, tok) for r in rows]
+    completions = progress.completions() if progress else None
+    if completions is None:
+        completions = generate_all(model, tok, prompts, dec, world=world)
+        if progress:
+            progress.save_completions(completions)
+    return grade(task, rows, completions, ks, timeout, memory_mb, world=world, prompts=prompts, progress=progress)
 
 
 @torch.no_grad()
@@ -194,7 +226,8 @@ def option_loglik(model, tok, context: str, option: str) -> float:
 def mc_loglik(model, tok, rows: list[dict], world: World = World()) -> tuple[dict, list[dict]]:
     """Pick the option with the highest log-likelihood (``accuracy``) and with the highest log-likelihood
     per byte of the option (``accuracy_norm``, lm-eval's acc_norm: long options are not penalised).
-    Several processes (``world``): each scores rows i with i % N == rank; all get every record."""
+    Several processes (``world``): each scores rows i with i % N == rank; all get every record. A record
+    carries the prompt the options were scored after and the correct option (``reference``)."""
     records = []
     for i, row in enumerate(rows):
         if i % world.size != world.rank:
@@ -207,7 +240,8 @@ def mc_loglik(model, tok, rows: list[dict], world: World = World()) -> tuple[dic
         pick_norm = max(range(len(normed)), key=normed.__getitem__)
         want = row["answer"] if isinstance(row["answer"], int) else "ABCDEFGHIJ".index(row["answer"])
         records.append({"index": i, "scores": scores, "choice": pick, "correct": pick == want,
-                        "choice_norm": pick_norm, "correct_norm": pick_norm == want})
+                        "choice_norm": pick_norm, "correct_norm": pick_norm == want, "prompt": context,
+                        "reference": f"{'ABCDEFGHIJ'[want]}. {row['choices'][want]}"})
     records = sorted((r for part in world.gather(records) for r in part), key=lambda r: r["index"])
     correct, correct_norm = sum(r["correct"] for r in records), sum(r["correct_norm"] for r in records)
     return {"problems": len(rows), "accuracy": correct / len(rows), "accuracy_norm": correct_norm / len(rows)}, records

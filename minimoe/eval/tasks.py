@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..train.data import prompt_text, tiny_arith_split
-from .sandbox import humaneval_program, mbpp_program, run_program
+from .sandbox import humaneval_program, mbpp_program, run_program, sandbox_info
 from .scoring import extract_choice, gsm8k_correct, math_correct, pass_at_k
 
 if TYPE_CHECKING:
@@ -127,6 +127,15 @@ class Task:
             memory_mb: address-space limit of a generated program (code tasks).
         """
         return {"correct": self.correct(row, completion)}
+
+    def reference(self, row: dict):
+        """What a completion of ``row`` is graded against, recorded in ``samples.jsonl`` so a record can be read
+        on its own: the row's ``answer``, else its ``solution`` or ``reference``; None (not recorded) if none."""
+        return next((row[k] for k in ("answer", "solution", "reference") if k in row), None)
+
+    def grading_info(self) -> dict:
+        """How the grading was done, for summary.json (code tasks: the sandbox); nothing by default."""
+        return {}
 
     def summarize(self, per_problem: list[list[bool]], ks=(1, 10)) -> dict:
         """The metric over problems from each problem's per-sample correctness: exact match, which with
@@ -237,6 +246,11 @@ class MultipleChoice(Task):
         want = row["answer"] if isinstance(row["answer"], str) else LETTERS[row["answer"]]
         return extract_choice(completion, LETTERS[:len(row["choices"])]) == want
 
+    def reference(self, row):
+        """The correct option as the letter prompt lists it, e.g. ``"B. green"``."""
+        i = row["answer"] if isinstance(row["answer"], int) else LETTERS.index(row["answer"])
+        return f"{LETTERS[i]}. {row['choices'][i]}"
+
     def check_completions(self):
         if self.scoring != GENERATE:
             raise ValueError(f"--completions cannot score {self.name} by log-likelihood "
@@ -257,9 +271,11 @@ class CodeTask(Task):
     Args:
         stops: without a fenced block, the completion is cut at the first of these (HumanEval's
             completions continue a function body; MBPP's are whole programs and are kept whole).
+        sandbox: how programs are isolated (``eval.py --sandbox``): ``"process"`` or ``"bwrap"``.
     """
 
     stops: tuple[str, ...] = ()
+    sandbox: str = "process"
 
     def program(self, row: dict, code: str) -> str:
         """The program to run: the problem's code around ``code``, then its tests."""
@@ -275,8 +291,15 @@ class CodeTask(Task):
         return completion[:cut]
 
     def grade_sample(self, row, completion, *, timeout=10.0, memory_mb=1024):
-        result = run_program(self.program(row, self.code(completion)), timeout, memory_mb)
+        result = run_program(self.program(row, self.code(completion)), timeout, memory_mb, sandbox=self.sandbox)
         return {"status": result.status, "detail": result.detail[-300:], "correct": result.passed}
+
+    def grading_info(self):
+        return sandbox_info(self.sandbox)
+
+    def configure(self, args):
+        """The task with ``eval.py --sandbox`` (an option of eval.py, shared by the code tasks)."""
+        return replace(self, sandbox=getattr(args, "sandbox", None) or self.sandbox)
 
     def summarize(self, per_problem, ks=(1, 10)):
         """Unbiased pass@k for each k <= n (the fewest samples of any problem); none is an error."""
@@ -297,6 +320,10 @@ class HumanEval(CodeTask):
     def program(self, row, code):
         return humaneval_program(row, code)
 
+    def reference(self, row):
+        """The tests the program is run against."""
+        return row["test"]
+
 
 class MBPP(CodeTask):
     """The prompt is the description and the asserts; the program is the code, setup, imports, asserts."""
@@ -307,6 +334,10 @@ class MBPP(CodeTask):
 
     def program(self, row, code):
         return mbpp_program(row, code)
+
+    def reference(self, row):
+        """The asserts the program is run against."""
+        return "\n".join(row.get("test_list", []))
 
 
 class Perplexity(Task):
@@ -324,6 +355,9 @@ class Perplexity(Task):
 
     def prompt(self, row, tok):
         raise ValueError(f"task {self.name} is scored by perplexity: it has no prompts")
+
+    def reference(self, row):
+        return None
 
     def grade_sample(self, row, completion, *, timeout=10.0, memory_mb=1024):
         raise ValueError(f"task {self.name} is scored by perplexity: it has no completions to grade")
