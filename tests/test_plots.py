@@ -10,17 +10,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _written(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (run / "plots").iterdir()}
+
+
 def test_plots_of_epng_and_dmep_runs(tmp_path):
     assert train.main(["--policy", "epng", "--model", "tiny-olmoe", "--steps", "6", "--batch-size", "4", "--eval-limit", "0",
-                       "--epng-warmup", "2", "--epng-interval", "2", "--out", str(tmp_path / "e")]) == 0
+                       "--epng-warmup", "2", "--epng-interval", "2", "--epng-probe-batches", "2",
+                       "--out", str(tmp_path / "e")]) == 0
     assert main([str(tmp_path / "e")]) == 0
-    assert {p.name for p in (tmp_path / "e/plots").iterdir()} == {"loss.png", "epng_importance.png", "epng_ranks.png"}
+    files = _written(tmp_path / "e")
+    figures = {"loss.png", "epng_importance.png", "epng_ranks.png", "epng_prune_grow.png", "epng_importance_shift.png"}
+    assert set(files) == figures | {"index.md"}
+    assert all(files[f].startswith(PNG) and len(files[f]) > 5000 for f in figures)  # a drawn figure, not a blank
+    index = files["index.md"].decode()
+    assert all(f"]({f})" in index for f in figures) and "| policy | epng |" in index
+
     assert train.main(["--policy", "dmep", "--model", "tiny-qwen3", "--eval-limit", "0", "--steps", "4",
                        "--batch-size", "2", "--dmep-prune-step", "2",
-                       "--dmep-log-interval", "1", "--dmep-targets", "q_proj", "--out", str(tmp_path / "d")]) == 0
+                       "--dmep-log-interval", "1", "--out", str(tmp_path / "d")]) == 0
     assert main([str(tmp_path / "d")]) == 0
-    assert {"dmep_survivors.png", "dmep_gini.png"} <= {p.name for p in (tmp_path / "d/plots").iterdir()}
-    assert (tmp_path / "d/plots/dmep_gini.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    files = _written(tmp_path / "d")
+    figures = {"loss.png", "dmep_survivors.png", "dmep_gini.png", "dmep_routing.png"}
+    assert set(files) == figures | {"index.md"}
+    assert all(files[f].startswith(PNG) and len(files[f]) > 5000 for f in figures)
+    assert "| policy | dmep |" in files["index.md"].decode()
 
 
 def test_without_matplotlib_the_command_says_how_to_install(tmp_path, monkeypatch, capsys):
