@@ -1,16 +1,23 @@
-"""The papers' comparison in miniature, offline: every policy on the embedded task, several seeds.
+"""The papers' comparisons in miniature, offline: each paper's methods on the embedded task, several seeds.
 
-    python -m minimoe.reproduce --seeds 3            # ~15 minutes on 2 CPU cores
+    python -m minimoe.reproduce --seeds 3            # ~25 minutes on 2 CPU cores
 
-Runs ``train.py --policy P --seed S`` for lora, epng, dmep, esft and full on the shipped tiny model
-and ``tiny-arith`` (lora and epng at the same LoRA budget: rank 8 on the experts' gate+up), scores
-the test split (greedy exact match), and prints a table like the papers': trainable parameters,
-training tokens/s, score mean ± std over seeds. Runs go to ``runs/reproduce/<policy>-seed<S>``, the
-table to ``runs/reproduce/table.md``.
+Two tables, one per paper, each row ``train.py --policy P --seed S`` on ``tiny-arith`` (greedy exact match
+on the test split):
+
+* **EPnG** (its Table 2's methods) on the shipped tiny MoE ``weights/tiny-moe``: ``lora`` and ``epng`` at the
+  same LoRA budget (rank 8 on the experts' gate+up), ``esft`` and ``full``;
+* **DMEP** (its Table I) on the shipped dense ``weights/tiny-dense``, every row on all seven linears (q, k, v,
+  o, gate, up, down): ``dense-lora`` (plain LoRA, rank 8), ``lora-moe`` (the symmetric LoRA-MoE: 8 experts
+  per linear, LB loss on throughout, never pruned) and ``dmep`` (the same, pruned once at the end of the
+  first epoch, LB loss off after). Besides the whole run's throughput it reports the second half's, when
+  DMEP's pruned modules are in place (the paper's post-pruning throughput).
+
+Runs go to ``runs/reproduce/<row>-seed<S>``, the tables to ``runs/reproduce/table.md``.
 
 Earlier runs are never replaced silently: before anything starts, every run directory that already
-holds files is either reused (``--reuse``, when it is a finished run with the same policy, seed and
-steps) or replaced (``--overwrite``); otherwise the command stops and names them.
+holds files is either reused (``--reuse``, when it is a finished run of the same row, seed and steps)
+or replaced (``--overwrite``); otherwise the command stops and names them.
 """
 
 from __future__ import annotations
@@ -20,22 +27,73 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import write_text_atomic
 
-POLICIES = ("lora", "epng", "dmep", "esft", "full")
+ROOT = Path(__file__).resolve().parents[1]
+SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def finished(out: Path, policy: str, seed: int, steps: int) -> dict | None:
-    """The summary of a completed earlier run with the same policy, seed and steps, else None."""
+@dataclass(frozen=True)
+class Row:
+    """One row of a table: a policy on a shipped model, with the flags that make it that paper's method."""
+
+    policy: str
+    model: str  # a directory under weights/
+    flags: tuple[str, ...] = ()
+    options: dict = field(default_factory=dict)  # policy_options a finished run of this row has in args.json
+    never_prune: bool = False  # DMEP's prune step placed after the last step
+
+    def argv(self, steps: int) -> list[str]:
+        never = ["--dmep-prune-step", str(steps + 1)] if self.never_prune else []
+        return ["--policy", self.policy, "--model", str(ROOT / "weights" / self.model), *self.flags, *never]
+
+    def expected(self, steps: int) -> dict:
+        return {**self.options, **({"prune_step": steps + 1} if self.never_prune else {})}
+
+
+ROWS = {
+    "lora": Row("lora", "tiny-moe", options={"dense_targets": []}),
+    "epng": Row("epng", "tiny-moe"),
+    "esft": Row("esft", "tiny-moe"),
+    "full": Row("full", "tiny-moe"),
+    "dense-lora": Row("lora", "tiny-dense", ("--lora-dense-targets", *SEVEN), {"dense_targets": list(SEVEN)}),
+    "lora-moe": Row("dmep", "tiny-dense", never_prune=True),
+    "dmep": Row("dmep", "tiny-dense", options={"prune_step": 0}),
+}
+TABLES = {"EPnG: expert LoRA on the tiny MoE (weights/tiny-moe)": ("lora", "epng", "esft", "full"),
+          "DMEP: all seven linears of the dense tiny model (weights/tiny-dense)": ("dense-lora", "lora-moe", "dmep")}
+POLICIES = tuple(ROWS)  # (the name --policies kept from when every row was a policy)
+
+
+def finished(out: Path, row: str, seed: int, steps: int) -> dict | None:
+    """The summary of a completed earlier run of the same row (policy, model, options), seed and steps, else None."""
     try:
         args = json.loads((out / "args.json").read_text())
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    same = args.get("policy") == policy and args.get("seed") == seed and args.get("steps") == steps
+    spec = ROWS[row]
+    options = args.get("policy_options", {})
+    same = (args.get("policy") == spec.policy and args.get("seed") == seed and args.get("steps") == steps
+            and Path(args.get("model", "")).name == spec.model
+            and all(options.get(k) == v for k, v in spec.expected(steps).items()))
     return summary if same else None
+
+
+def late_throughput(out: Path, steps: int) -> float | None:
+    """Training tokens/s over the second half of a run (``metrics.jsonl``: per-step tokens, cumulative time)."""
+    try:
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    half = [m for m in metrics if m["step"] > steps // 2]
+    start = [m["elapsed_s"] for m in metrics if m["step"] == steps // 2]
+    if not half or not start or half[-1]["elapsed_s"] <= start[0]:
+        return None
+    return sum(m["tokens"] for m in half) / (half[-1]["elapsed_s"] - start[0])
 
 
 def occupied(out: Path) -> bool:
@@ -43,70 +101,86 @@ def occupied(out: Path) -> bool:
     return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
 
-def run_one(policy: str, seed: int, out: Path, extra: list[str], overwrite: bool = False) -> dict:
+def run_one(row: str, seed: int, out: Path, steps: int, overwrite: bool = False) -> dict:
     """``train.py`` in a subprocess; ``--overwrite`` reaches it only when the user passed it here."""
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "train.py"), "--policy", policy, "--seed", str(seed), "--out", str(out),
-           *(["--overwrite"] if overwrite else []), *extra]
+    cmd = [sys.executable, str(ROOT / "train.py"), *ROWS[row].argv(steps), "--steps", str(steps), "--seed", str(seed),
+           "--out", str(out), *(["--overwrite"] if overwrite else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     return json.loads((out / "summary.json").read_text())
 
 
+def _mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| policy | trainable params | tokens/s | tiny-arith exact match (mean ± std) | seeds |",
-             "|---|---:|---:|---:|---:|"]
-    for policy, runs in results.items():
-        scores = [r["task_score_after"] for r in runs]
-        std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        counts = sorted({r["trainable_parameters"] for r in runs})  # DMEP's survivors differ by seed
-        trainable = f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}–{counts[-1]:,}"
-        lines.append(f"| {policy} | {trainable} | "
-                     f"{statistics.mean(r['tokens_per_s'] for r in runs):,.0f} | "
-                     f"{statistics.mean(scores):.3f} ± {std:.3f} | {len(runs)} |")
-    base = [r["task_score_before"] for runs in results.values() for r in runs if r.get("task_score_before") is not None]
-    if base:
-        lines.append(f"\nbase model before fine-tuning: {statistics.mean(base):.3f}")
-    return "\n".join(lines)
+    """One markdown table per paper, of the rows in ``results`` (row name -> summaries of its seeds; a summary
+    may carry ``tokens_per_s_late``, the second half's throughput, shown in the DMEP table)."""
+    out = []
+    for title, rows in TABLES.items():
+        rows = [r for r in rows if r in results]
+        if not rows:
+            continue
+        late = "DMEP" in title
+        out += [f"**{title}**", "",
+                "| method | trainable params | tokens/s" + (" | tokens/s, 2nd half" if late else "")
+                + " | tiny-arith exact match (mean ± std) | seeds |",
+                "|---|---:|---:|" + ("---:|" if late else "") + "---:|---:|"]
+        for row in rows:
+            runs = results[row]
+            counts = sorted({r["trainable_parameters"] for r in runs})  # DMEP's survivors differ by seed
+            trainable = f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}–{counts[-1]:,}"
+            cells = [row, trainable, f"{statistics.mean(r['tokens_per_s'] for r in runs):,.0f}"]
+            if late:
+                speeds = [r["tokens_per_s_late"] for r in runs if r.get("tokens_per_s_late")]
+                cells.append(f"{statistics.mean(speeds):,.0f}" if speeds else "–")
+            cells += [_mean_std([r["task_score_after"] for r in runs]), str(len(runs))]
+            out.append("| " + " | ".join(cells) + " |")
+        base = [r["task_score_before"] for row in rows for r in results[row] if r.get("task_score_before") is not None]
+        if base:
+            out.append(f"\nbase model before fine-tuning: {statistics.mean(base):.3f}")
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minimoe.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per policy (default 3)")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
+    p.add_argument("--policies", "--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW",
+                   help="rows to run (default all: " + ", ".join(ROWS) + ")")
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     p.add_argument("--steps", type=int, default=300, help="steps per run (default 300, the embedded default's)")
     p.add_argument("--reuse", action="store_true",
-                   help="keep finished runs already under --out (same policy, seed and steps); run the rest")
+                   help="keep finished runs already under --out (same row, seed and steps); run the rest")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing run directories under --out (with --reuse: those it does not reuse)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1:
         p.error(f"--seeds and --steps must be at least 1, got {args.seeds} and {args.steps}")
-    extra = ["--steps", str(args.steps)]
-    plan = [(policy, seed, args.out / f"{policy}-seed{seed}") for policy in args.policies
-            for seed in range(args.seeds)]
+    plan = [(row, seed, args.out / f"{row}-seed{seed}") for row in args.policies for seed in range(args.seeds)]
     # decided before anything runs, so a refusal comes now rather than after minutes of training
     reused = {}
-    for policy, seed, out in plan:
-        summary = finished(out, policy, seed, args.steps) if args.reuse else None
+    for row, seed, out in plan:
+        summary = finished(out, row, seed, args.steps) if args.reuse else None
         if summary is not None:
             reused[out] = summary
     blocked = [str(out) for _, _, out in plan if out not in reused and occupied(out)]
     if blocked and not args.overwrite:
-        why = (" that --reuse cannot keep (not a finished run of the same policy, seed and steps)" if args.reuse
+        why = (" that --reuse cannot keep (not a finished run of the same row, seed and steps)" if args.reuse
                else "")
         hint = "pass --overwrite to replace them" + ("" if args.reuse else ", or --reuse to keep finished runs")
         print(f"error: run directories under --out {args.out} already hold files{why}: {', '.join(blocked)}; "
               f"{hint} (nothing was run)", file=sys.stderr)
         return 2
     results: dict[str, list[dict]] = {}
-    for policy, seed, out in plan:
-        summary = reused[out] if out in reused else run_one(policy, seed, out, extra, overwrite=args.overwrite)
-        results.setdefault(policy, []).append(summary)
-        print(f"{policy} seed {seed}: {summary['task_score_before']:.3f} -> {summary['task_score_after']:.3f} "
+    for row, seed, out in plan:
+        summary = reused[out] if out in reused else run_one(row, seed, out, args.steps, overwrite=args.overwrite)
+        summary = {**summary, "tokens_per_s_late": late_throughput(out, args.steps)}
+        results.setdefault(row, []).append(summary)
+        print(f"{row} seed {seed}: {summary['task_score_before']:.3f} -> {summary['task_score_after']:.3f} "
               f"({summary['trainable_parameters']:,} trainable, {summary['tokens_per_s']:,.0f} tok/s)", flush=True)
     text = table(results)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -51,26 +51,55 @@ def test_without_matplotlib_the_command_says_how_to_install(tmp_path, monkeypatc
 def test_reproduce_table_reports_mean_and_std():
     from minimoe.reproduce import table
 
-    runs = {"lora": [{"task_score_after": s, "task_score_before": 0.1, "trainable_parameters": 12288,
-                      "tokens_per_s": 1000.0} for s in (0.2, 0.4)],
-            "epng": [{"task_score_after": 0.5, "task_score_before": 0.1, "trainable_parameters": 12288,
-                      "tokens_per_s": 900.0}],
-            "dmep": [{"task_score_after": 1.0, "task_score_before": 0.1, "trainable_parameters": n,
-                      "tokens_per_s": 500.0} for n in (3000, 2500)]}
-    text = table(runs)
-    assert "| lora | 12,288 | 1,000 | 0.300 ± 0.141 | 2 |" in text
-    assert "| epng | 12,288 | 900 | 0.500 ± 0.000 | 1 |" in text and "before fine-tuning: 0.100" in text
-    assert "| dmep | 2,500–3,000 | 500 | 1.000 ± 0.000 | 2 |" in text  # survivors differ by seed
+    def runs(scores, trainable=(12288,), speed=1000.0, late=None):
+        return [{"task_score_after": s, "task_score_before": 0.1, "trainable_parameters": n, "tokens_per_s": speed,
+                 "tokens_per_s_late": late} for s, n in zip(scores, trainable * len(scores))]
+
+    text = table({"lora": runs((0.2, 0.4)), "epng": runs((0.5,), speed=900.0),
+                  "lora-moe": runs((0.9, 0.9), (3000,), 400.0, 450.0),
+                  "dmep": [*runs((1.0,), (3000,), 500.0, 700.0), *runs((1.0,), (2500,), 500.0, 500.0)]})
+    epng, dmep = text.split("**DMEP")
+    assert "| lora | 12,288 | 1,000 | 0.300 ± 0.141 | 2 |" in epng
+    assert "| epng | 12,288 | 900 | 0.500 ± 0.000 | 1 |" in epng and "before fine-tuning: 0.100" in epng
+    assert "tokens/s, 2nd half" in dmep and "2nd half" not in epng
+    assert "| dmep | 2,500–3,000 | 500 | 600 | 1.000 ± 0.000 | 2 |" in dmep  # survivors differ by seed
+    assert "| lora-moe | 3,000 | 400 | 450 | 0.900 ± 0.000 | 2 |" in dmep
+
+
+def _run(path, args, summary=None, metrics=()):
+    path.mkdir()
+    (path / "args.json").write_text(json.dumps(args))
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps(summary))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
 def test_reproduce_reuses_only_matching_finished_runs(tmp_path):
     from minimoe.reproduce import finished
 
-    run = tmp_path / "epng-seed1"
-    run.mkdir()
-    (run / "args.json").write_text(json.dumps({"policy": "epng", "seed": 1, "steps": 300}))
-    assert finished(run, "epng", 1, 300) is None  # no summary: the run did not finish
-    (run / "summary.json").write_text(json.dumps({"task_score_after": 0.4}))
-    assert finished(run, "epng", 1, 300) == {"task_score_after": 0.4}
-    assert finished(run, "epng", 1, 200) is None and finished(run, "epng", 2, 300) is None
-    assert finished(run, "lora", 1, 300) is None
+    epng = {"policy": "epng", "seed": 1, "steps": 300, "model": "/x/weights/tiny-moe"}
+    _run(tmp_path / "a", epng)
+    assert finished(tmp_path / "a", "epng", 1, 300) is None  # no summary: the run did not finish
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({"task_score_after": 0.4}))
+    assert finished(tmp_path / "a", "epng", 1, 300) == {"task_score_after": 0.4}
+    assert finished(tmp_path / "a", "epng", 1, 200) is None and finished(tmp_path / "a", "epng", 2, 300) is None
+    assert finished(tmp_path / "a", "lora", 1, 300) is None
+    # DMEP's rows differ by model and options: a symmetric LoRA-MoE run is not a DMEP run, nor dense LoRA plain LoRA
+    moe = {"policy": "dmep", "seed": 0, "steps": 300, "model": "weights/tiny-dense", "policy_options": {"prune_step": 301}}
+    _run(tmp_path / "m", moe, {"task_score_after": 0.9})
+    assert finished(tmp_path / "m", "lora-moe", 0, 300) and finished(tmp_path / "m", "dmep", 0, 300) is None
+    assert finished(tmp_path / "m", "lora-moe", 0, 200) is None  # never pruned in 200 steps is prune_step 201
+    dense = {"policy": "lora", "seed": 0, "steps": 300, "model": "weights/tiny-dense",
+             "policy_options": {"dense_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"]}}
+    _run(tmp_path / "d", dense, {"task_score_after": 0.8})
+    assert finished(tmp_path / "d", "dense-lora", 0, 300) and finished(tmp_path / "d", "lora", 0, 300) is None
+
+
+def test_second_half_throughput_from_metrics(tmp_path):
+    from minimoe.reproduce import late_throughput
+
+    metrics = [{"step": s, "tokens": 100 * s, "elapsed_s": float(s * s)} for s in range(1, 7)]
+    _run(tmp_path / "r", {}, metrics=metrics)
+    assert late_throughput(tmp_path / "r", 6) == (400 + 500 + 600) / (36.0 - 9.0)  # steps 4-6, after step 3's time
+    assert late_throughput(tmp_path / "r", 20) is None  # the run never reached its second half

@@ -16,7 +16,10 @@ def _summary(policy, seed):
 
 def _finished_run(out, policy, seed, steps):
     out.mkdir(parents=True)
-    (out / "args.json").write_text(json.dumps({"policy": policy, "seed": seed, "steps": steps}))
+    model = "weights/tiny-dense" if policy == "dmep" else "weights/tiny-moe"
+    options = {"dense_targets": []} if policy == "lora" else {"prune_step": 0} if policy == "dmep" else {}
+    (out / "args.json").write_text(json.dumps({"policy": policy, "seed": seed, "steps": steps, "model": model,
+                                               "policy_options": options}))
     (out / "summary.json").write_text(json.dumps(_summary(policy, seed)))
 
 
@@ -78,4 +81,17 @@ def test_overwrite_replaces_existing_runs_only_when_asked(tmp_path, calls):
     _finished_run(root / "dmep-seed0", "dmep", 0, steps=300)
     assert reproduce.main(["--seeds", "1", "--policies", "dmep", "--out", str(root), "--overwrite"]) == 0
     assert len(calls) == 1 and "--overwrite" in calls[0]
-    assert "| dmep | 1,000 | 100 | 0.500 ± 0.000 | 1 |" in (root / "table.md").read_text()
+    assert "| dmep | 1,000 | 100 | – | 0.500 ± 0.000 | 1 |" in (root / "table.md").read_text()
+
+
+def test_dmep_rows_run_the_papers_three_methods_on_the_dense_model(tmp_path, calls):
+    root = tmp_path / "rep"
+    assert reproduce.main(["--seeds", "1", "--rows", "dense-lora", "lora-moe", "dmep", "--steps", "40",
+                           "--out", str(root)]) == 0
+    dense, moe, dmep = (dict(zip(c, c[1:])) for c in calls)
+    assert [a["--policy"] for a in (dense, moe, dmep)] == ["lora", "dmep", "dmep"]
+    assert all(Path(a["--model"]) == reproduce.ROOT / "weights/tiny-dense" for a in (dense, moe, dmep))
+    targets = calls[0][calls[0].index("--lora-dense-targets") + 1:][:7]
+    assert targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert moe["--dmep-prune-step"] == "41" and "--dmep-prune-step" not in dmep  # symmetric: never pruned
+    assert "**DMEP" in (root / "table.md").read_text() and "**EPnG" not in (root / "table.md").read_text()

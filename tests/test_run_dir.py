@@ -3,6 +3,7 @@ its own help and choices, and resolve() lives in the package."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +68,13 @@ def test_every_train_option_carries_its_help_and_resolve_is_reusable(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('[train]\nsteps = 5\n[epng]\nalpha = 0.3\n')
     assert resolve(["--config", str(toml)]).policy_options == {"alpha": 0.3}
+
+
+def test_a_shipped_model_trains_with_the_embedded_defaults_whether_named_or_default():
+    weights = Path(__file__).resolve().parents[1] / "weights"
+    bare = resolve(["--policy", "dmep"], weights=weights)
+    assert Path(bare.model) == weights / "tiny-dense" and (bare.steps, bare.batch_size, bare.lr) == (300, 16, 3e-3)
+    named = resolve(["--policy", "lora", "--model", str(weights / "tiny-dense"), "--lr", "1e-3"], weights=weights)
+    assert Path(named.model) == weights / "tiny-dense" and (named.steps, named.batch_size, named.lr) == (300, 16, 1e-3)
+    preset = resolve(["--policy", "lora", "--model", "tiny-qwen3"], weights=weights)
+    assert (preset.steps, preset.batch_size) == (TrainConfig.steps, TrainConfig.batch_size)  # not a shipped model

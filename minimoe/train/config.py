@@ -44,8 +44,8 @@ class TrainConfig:
     policy: str = option("epng", "training method: " + ", ".join(POLICIES))
     model: str = option("", "Hub id, checkpoint directory, or tiny preset (tiny-olmoe, tiny-qwen2-moe, tiny-qwen3, "
                             "tiny-qwen3-moe: random weights, byte tokenizer); default: the shipped weights/tiny-moe "
-                            "(weights/tiny-dense for dmep), with the embedded run's scaled defaults (--steps 300 "
-                            "--batch-size 16 --lr 3e-3 --warmup-ratio 0.05)")
+                            "(weights/tiny-dense for dmep); a shipped model, named or by default, trains with the embedded "
+                            "run's scaled defaults (--steps 300 --batch-size 16 --lr 3e-3 --warmup-ratio 0.05)")
     data: str = option("tiny-arith", "JSONL file (MetaMathQA, GSM8K, Code Alpaca, prompt/response or chat messages) "
                                      "or built-in tiny-arith")
     out: str = option("", "run directory (default runs/<policy>)")
@@ -159,7 +159,8 @@ def resolve(argv=None, weights: Path | None = None, description: str | None = No
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
         weights: the directory of the shipped tiny models: without ``--model`` (and not resuming) the run trains
-            ``weights/tiny-moe`` (``EMBEDDED_MODELS``: tiny-dense for dmep) with ``EMBEDDED_RUN``'s defaults.
+            ``weights/tiny-moe`` (``EMBEDDED_MODELS``: tiny-dense for dmep); a shipped model, by default or named
+            (``--model weights/tiny-dense --policy lora``), trains with ``EMBEDDED_RUN``'s defaults.
         description: the ``--help`` text above the flags.
     """
     p = build_parser(description)
@@ -190,10 +191,12 @@ def resolve(argv=None, weights: Path | None = None, description: str | None = No
         else:
             train[key] = value
     policy = train.get("policy", TrainConfig.policy)
-    embedded = weights / EMBEDDED_MODELS.get(policy, "tiny-moe") if weights is not None else None
-    if not train.get("model") and not resume and embedded is not None and embedded.is_dir():
-        train = {**EMBEDDED_RUN, "model": str(embedded), **train}
-        options[policy] = {**EMBEDDED_OPTIONS.get(policy, {}), **options.get(policy, {})}
+    if weights is not None and not resume:  # the embedded run: a shipped model, by default or named
+        model = train.get("model") or str(weights / EMBEDDED_MODELS.get(policy, "tiny-moe"))
+        shipped = {(weights / name).resolve() for name in (*EMBEDDED_MODELS.values(), "tiny-moe")}
+        if Path(model).resolve() in shipped and Path(model).is_dir():
+            train = {**EMBEDDED_RUN, **train, "model": model}
+            options[policy] = {**EMBEDDED_OPTIONS.get(policy, {}), **options.get(policy, {})}
     if policy not in POLICIES:
         p.error(f"--policy {policy!r}: unknown; choose from {', '.join(POLICIES)}")
     foreign = [f"--{k}-*" for k in options if k != policy]
