@@ -46,7 +46,8 @@ def _add_field(group, name: str, dest: str, f: dataclasses.Field) -> None:
     if default == "":  # the help text says what an unset string means
         help_text, default = help_text.replace("%", "%%"), None
     if choices:
-        group.add_argument(name, dest=dest, choices=choices, default=None, help=f"{help_text} (default: {default})")
+        group.add_argument(name, dest=dest, choices=choices, default=None,
+                           help=help_text if default is None else f"{help_text} (default: {default})")
     elif f.type in ("bool", bool):
         group.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help_text} (default: {default})")
