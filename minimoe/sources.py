@@ -139,18 +139,19 @@ def select(records: list[tuple[str, dict]], filters, spec: str) -> list[tuple[st
 # --- files ------------------------------------------------------------------------------------------------
 def _read_file(name: str, path: Path) -> list[tuple[str, dict]]:
     """One file's records; the format is told by its first bytes (Parquet, gzip, then JSON)."""
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic == b"PAR1":
-        return _parquet(name, path)
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic == b"PAR1":
+            return _parquet(name, path)
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{name}: cannot be read ({e.strerror or e})") from None
     if magic[:2] == b"\x1f\x8b":
         try:
-            with gzip.open(path, "rb") as f:
-                data = f.read()
+            data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{name}: not a readable gzip file ({e})") from None
-    else:
-        data = path.read_bytes()
     data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (some editors write one)
     if data.lstrip()[:1] == b"[":
         return _json_array(name, data)

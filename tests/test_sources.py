@@ -364,3 +364,62 @@ def test_eval_reads_humaneval_jsonl_gz_as_distributed_and_filters_problems(hub, 
                           "type=Algebra", "--completions", str(answers), "--out", str(tmp_path / "math")]) == 0
     summary = json.loads((tmp_path / "math/summary.json").read_text())
     assert summary["exact_match"] == 0.5 and summary["problems"] == 2
+
+
+def test_online_a_split_is_listed_by_the_hub_and_failures_are_named(hub, tmp_path, monkeypatch):
+    """Online (HF_HUB_OFFLINE unset), with huggingface_hub's two calls stubbed (no network in tests): the
+    repo listing picks the split's files, an unreachable Hub falls back to the cached snapshot, and the
+    Hub's own errors become one line."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    test = tmp_path / "test.jsonl"
+    test.write_bytes(_jsonl(GSM8K))
+    calls = []
+
+    def download(repo_id, filename, repo_type=None, revision=None):
+        calls.append((repo_id, filename, repo_type, revision))
+        return str(test)
+
+    listing = ["README.md", "main/test-00000-of-00001.parquet", "main/train-00000-of-00001.parquet"]
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, repo_type, revision: listing)
+    url = "hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet"
+    assert read_records("openai/gsm8k@test")[0] == (f"{url}:1", GSM8K[0])
+    assert calls == [("openai/gsm8k", "main/test-00000-of-00001.parquet", "dataset", None)]
+
+    def unreachable(self, repo_id, repo_type, revision):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    hub("openai/gsm8k", {"main/test-00000-of-00001.jsonl": _jsonl(GSM8K)})
+    calls.clear()
+    assert len(read_records("openai/gsm8k:main@test")) == 2  # the cached snapshot's files
+    assert calls == [("openai/gsm8k", "main/test-00000-of-00001.jsonl", "dataset", None)]
+    with pytest.raises(DataError, match=r"^other/set@test: the Hub cannot be reached \(ConnectionError\) and "
+                                        r"dataset other/set is not in the Hub cache"):
+        read_records("other/set@test")
+
+    class RepositoryNotFoundError(Exception):  # huggingface_hub's errors are told apart by class name
+        pass
+
+    class GatedRepoError(RepositoryNotFoundError):
+        pass
+
+    def missing(*args, **kwargs):
+        raise RepositoryNotFoundError("404")
+
+    def gated(*args, **kwargs):
+        raise GatedRepoError("403")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", missing)
+    with pytest.raises(DataError) as e:
+        read_records("nobody/nothing@train")
+    assert str(e.value) == "nobody/nothing@train: no dataset nobody/nothing on the Hub (a private one needs a " \
+                           "login: hf auth login)"
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(DataError) as e:
+        read_records("hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet")
+    assert str(e.value) == ("hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet: dataset cais/mmlu is gated: "
+                            "accept its terms on the Hub, then log in (hf auth login)")
