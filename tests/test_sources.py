@@ -334,6 +334,8 @@ def test_train_runs_on_a_hub_dataset_with_a_filter(hub, tmp_path, capsys):
     assert info["step"] == 2 and info["data"]["size"] == 2  # the two Algebra problems of four
     args = json.loads((run / "args.json").read_text())
     assert args["data"] == "hendrycks/competition_math:train.jsonl" and args["data_filter"] == ["type=Algebra"]
+    assert train.main(["--resume", str(run), "--steps", "3"]) == 0  # the saved spec and filter: the same 2 examples
+    assert json.loads((run / "checkpoint/trainer.json").read_text())["step"] == 3
     assert train.main(["--policy", "lora", "--model", "tiny-qwen3", "--steps", "1", "--eval-limit", "0",
                        "--data", "hendrycks/competition_math:train.jsonl", "--data-filter", "type=Geometry",
                        "--out", str(tmp_path / "none")]) == 2
