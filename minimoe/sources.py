@@ -125,7 +125,8 @@ def select(records: list[tuple[str, dict]], filters, spec: str) -> list[tuple[st
                 raise DataError(f"{where}: --data-filter {key}=...: the record has no field {key!r} "
                                 f"(fields: {fields})")
             value = record[key] if isinstance(record[key], str) else json.dumps(record[key], default=str)
-            seen[key].add(value)
+            if len(seen[key]) <= 12:  # enough to show in an error
+                seen[key].add(value)
             keep = keep and value in values
         if keep:
             kept.append((where, record))
@@ -153,7 +154,8 @@ def _read_file(name: str, path: Path) -> list[tuple[str, dict]]:
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{name}: not a readable gzip file ({e})") from None
     data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (some editors write one)
-    if data.lstrip()[:1] == b"[":
+    start = re.match(rb"[ \t\r\n]*", data).end()
+    if data[start:start + 1] == b"[":
         return _json_array(name, data)
     return _json_lines(name, data)
 
