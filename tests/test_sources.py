@@ -425,3 +425,17 @@ def test_online_a_split_is_listed_by_the_hub_and_failures_are_named(hub, tmp_pat
         read_records("hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet")
     assert str(e.value) == ("hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet: dataset cais/mmlu is gated: "
                             "accept its terms on the Hub, then log in (hf auth login)")
+
+
+def test_the_environment_alone_points_at_the_cache(hub, tmp_path):
+    """In a fresh process, HF_HUB_CACHE and HF_HUB_OFFLINE=1 from the environment are all it takes."""
+    import subprocess
+
+    hub("meta-math/MetaMathQA", {"MetaMathQA-395K.json": json.dumps(METAMATHQA).encode()})
+    code = ("from minimoe.sources import read_records; "
+            "print(len(read_records('meta-math/MetaMathQA:MetaMathQA-395K.json')))")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf-home"),
+           "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout == "2\n", done.stderr
