@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..sources import select
 from ..train.data import prompt_text
 from ..train.distributed import World
 from .progress import Progress
@@ -52,15 +53,19 @@ class Decoding:
     seed: int = 0
 
 
-def task_rows(task: str | Task, data: str | None, limit: int | None) -> list[dict]:
+def task_rows(task: str | Task, data: str | None, limit: int | None, filters=()) -> list[dict]:
     """The problems of a task (``Task.rows``: a built-in split, or ``--data``), the first ``limit`` if given.
 
     Args:
         task: a registered task's name, or a task object.
-        data: the ``--data`` path, or None.
+        data: the ``--data`` spec (a file or Hub dataset: :mod:`minimoe.sources`), or None.
         limit: score only the first ``limit`` problems (None or 0: all).
+        filters: ``--data-filter`` ``KEY=VALUE`` strings, applied before ``limit`` (e.g. ``type=Algebra``).
     """
     rows = _task(task).rows(data)
+    if filters:
+        rows = [row for _, row in select([(f"{data}: problem {i}", row) for i, row in enumerate(rows)], filters,
+                                         str(data))]
     return rows[:limit] if limit else rows
 
 

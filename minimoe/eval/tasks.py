@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from ..sources import holds_records, read_records
 from ..train.data import prompt_text, tiny_arith_split
 from .sandbox import humaneval_program, mbpp_program, run_program, sandbox_info
 from .scoring import extract_choice, gsm8k_correct, math_correct, pass_at_k
@@ -56,24 +57,14 @@ CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The JSON objects of a JSONL file; a missing, malformed or empty file is an error naming it.
+    """The records of a data spec; a missing, malformed or empty one is an error naming it (and the line).
 
     Args:
-        path: the JSONL file (one object per line; blank lines are skipped).
+        path: a local JSON array, JSONL, gzip (HumanEval.jsonl.gz as distributed) or Parquet file, or a Hub
+            dataset (``hf://datasets/OWNER/NAME/FILE``, ``OWNER/NAME:FILE``, ``OWNER/NAME[:DIR]@SPLIT``):
+            see :mod:`minimoe.sources`.
     """
-    rows = []
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+    return [record for _, record in read_records(str(path))]
 
 
 @dataclass(frozen=True)
@@ -349,7 +340,7 @@ class Perplexity(Task):
         return PERPLEXITY
 
     def rows(self, data):
-        if data is not None and not str(data).endswith(".jsonl"):
+        if data is not None and not holds_records(str(data)):
             return [{"text": Path(data).read_text(encoding="utf-8")}]
         return super().rows(data)
 

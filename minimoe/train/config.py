@@ -52,8 +52,12 @@ class TrainConfig:
                             "tiny-qwen3-moe: random weights, byte tokenizer); default: the shipped weights/tiny-moe "
                             "(weights/tiny-dense for dmep); a shipped model, named or by default, trains with the embedded "
                             "run's scaled defaults (--steps 300 --batch-size 16 --lr 3e-3 --warmup-ratio 0.05)")
-    data: str = option("tiny-arith", "JSONL file (MetaMathQA, GSM8K, Code Alpaca, prompt/response or chat messages) "
-                                     "or built-in tiny-arith")
+    data: str = option("tiny-arith", "data file (JSON, JSONL, .gz, Parquet) or Hub dataset (hf://datasets/OWNER/NAME/"
+                                     "FILE, OWNER/NAME:FILE, OWNER/NAME[:DIR]@SPLIT) of MetaMathQA, GSM8K, Code Alpaca, "
+                                     "MATH, prompt/response or chat-messages records; or built-in tiny-arith")
+    data_filter: tuple = option((), "keep only the records whose field KEY equals VALUE (every key must match; a "
+                                    "key given twice: either value); e.g. type=Algebra for MATH's algebra subset",
+                                metavar="KEY=VALUE")
     out: str = option("", "run directory (default runs/<policy>)")
     steps: int = option(500, "optimizer steps (EPnG App. A.3: 500; without --model: 300)", low=1)
     batch_size: int = option(8, "sequences per micro-batch (without --model: 16)", low=1)

@@ -181,7 +181,7 @@ class Trainer:
         self.preset = is_preset(c.model)  # a tiny preset: random weights, written to RUN/base/
         if not self.preset:
             resolve(c.model)
-        pairs = load_pairs(c.data, c.seed)
+        pairs = load_pairs(c.data, c.seed, c.data_filter)
         self.policy: Policy = make_policy(c.policy, c.policy_options)
         torch.manual_seed(c.seed)
         # --fsdp: the whole base is read into CPU memory only; each process's shard goes to the device later
