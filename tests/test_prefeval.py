@@ -4,6 +4,7 @@
 import http.server
 import json
 import re
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -249,7 +250,7 @@ def test_retries_back_off_exponentially_and_honour_retry_after(stub, tmp_path):
     slept = []
     judge = ChatJudge(stub.url, "judge-1", "STUB_JUDGE_KEY", VerdictCache(tmp_path / "c.jsonl"), backoff=0.5,
                       retries=3, sleep=slept.append)
-    stub.script = [(429, [("Retry-After", "7")]), (500, []), (503, [])]
+    stub.script = [(429, [("Retry-After", "7")]), (500, []), (200, [])]  # the 200 is not a chat completion
     message = [{"role": "user", "content": "VIOLATE\nAssistant response: GOOD yes"}]
     assert judge.ask(message) == "<explanation>good</explanation>\n<answer>No</answer>"
     assert slept == [7.0, 1.0, 2.0] and judge.requests == 4
@@ -277,9 +278,13 @@ def test_an_unreachable_judge_and_a_missing_key_are_clear_errors(tmp_path, monke
     monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
     with pytest.raises(JudgeError, match=r"\$NO_SUCH_JUDGE_KEY \(--judge-key-env\), which is not set"):
         ChatJudge("http://127.0.0.1:9/v1", "m", "NO_SUCH_JUDGE_KEY").ask([{"role": "user", "content": "x"}])
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     slept = []
-    closed = ChatJudge("http://127.0.0.1:9/v1", "m", "", retries=2, timeout=5, sleep=slept.append)  # port 9: discard
-    with pytest.raises(JudgeError, match=r"127.0.0.1:9/v1/chat/completions did not answer after 3 attempts; last: "):
+    closed = ChatJudge(f"http://127.0.0.1:{port}/v1", "m", "", retries=2, timeout=5, sleep=slept.append)
+    with pytest.raises(JudgeError, match=rf"127.0.0.1:{port}/v1/chat/completions did not answer after 3 attempts; "
+                                         "last: .*refused"):
         closed.ask([{"role": "user", "content": "x"}])
     assert slept == [1.0, 2.0]
     assert chat_url("http://h:1/v1/chat/completions/") == "http://h:1/v1/chat/completions"
@@ -389,8 +394,9 @@ def test_a_model_answers_the_official_conversation_and_resumes_without_generatin
     assert len(stub.requests) == 3  # the second response only
     records = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     # the tiny model's tokenizer is plain text: the messages joined by blank lines, then the reply
-    assert records[0]["prompt"] == "\n\n".join(["You are a helpful assistant.", "I avoid gluten.", first[0], "u1", "a1",
-                                                "Where should I eat in Rome? (Please respond within 4 words.)"]) + "\n\n\n"
+    chat = ["You are a helpful assistant.", "I avoid gluten.", first[0], "u1", "a1",
+            "Where should I eat in Rome? (Please respond within 4 words.)"]
+    assert records[0]["prompt"] == "\n\n".join(chat) + "\n\n\n"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["problems"] == 2 and summary["inter_turns"] == 1 and summary["words"] == 4
     assert summary["preference_following_accuracy"] == 1.0  # the stub finds plain answers fine

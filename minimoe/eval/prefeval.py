@@ -108,7 +108,8 @@ def history(row: dict) -> list[dict]:
         if "response_to_pref" not in row:
             raise ValueError(f"PrefEval row {row.get('task_id')}: the model's reply to the preference is not generated "
                              "yet (response_to_pref)")
-        return [{"role": "user", "content": row["preference"]}, {"role": "assistant", "content": row["response_to_pref"]}]
+        return [{"role": "user", "content": row["preference"]},
+                {"role": "assistant", "content": row["response_to_pref"]}]
     if kind == "choice":  # the official order: the dict's order, user for query and user_selection
         return [{"role": "user" if k in ("query", "user_selection") else "assistant", "content": v}
                 for k, v in row["conversation"].items()]
@@ -321,8 +322,8 @@ class PrefEval(Task):
         if args.prefeval_inter_turns:
             turns = args.prefeval_turns or find_in_checkout(args.data, "benchmark_dataset/filtered_inter_turns.json")
             if turns is None:
-                raise FileNotFoundError("PrefEval's filtered_inter_turns.json was not found in a directory above --data; "
-                                        "pass --prefeval-turns FILE")
+                raise FileNotFoundError("PrefEval's filtered_inter_turns.json was not found in a directory above "
+                                        "--data; pass --prefeval-turns FILE")
             inter = inter_turns(turns, args.prefeval_inter_turns)
         cache = args.judge_cache or partial_dir(args.out) / "judge-cache.jsonl"
         judge = ChatJudge(args.judge_url, args.judge_model, args.judge_key_env, VerdictCache(cache),
