@@ -240,6 +240,9 @@ def test_verdicts_follow_the_official_decision():
     # a hallucinated restatement without an acknowledgement does not count; a missing answer reads as No
     assert classify({"acknowledge": "No", "violate": "", "hallucinate": "Yes", "helpful": ""})[2] == {
         "acknowledgement": False, "hallucination": False, "violation": False}
+    # substrings, as the official script reads answers: "Not really" is a no, "Yes." a yes
+    assert classify({"acknowledge": "Yes.", "violate": "Not really", "hallucinate": "no", "helpful": "Not really"})[
+        :2] == (False, "unhelpful")
     assert prefeval.tag("<preference>x</preference>\n<ANSWER> Yes </ANSWER>", "answer") == "Yes"
     assert prefeval.tag("<answer>No", "answer") == "No" and prefeval.tag("yes", "answer") is None
 
