@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         return exit_with_error(error, 2)
     dec = Decoding(args.max_new_tokens, args.n, args.temperature, args.top_p, args.batch_size, args.seed)
     try:
-        task = get_task(args.task).configure(args)
+        task = get_task(args.task).configure(argparse.Namespace(**{**vars(args), "out": out}))  # files near OUT
         rows = task_rows(task, args.data, args.limit, args.data_filter)
         if args.completions:
             task.check_completions()

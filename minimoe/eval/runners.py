@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -175,8 +175,10 @@ def grade(task: str | Task, rows: list[dict], completions: list[list[str]], ks=(
         graded.append((i, records))
     graded = sorted((x for part in world.gather(graded) for x in part), key=lambda x: x[0])
     per_problem = [[r["correct"] for r in records] for _, records in graded]
-    summary = {"problems": len(per_problem), **task.summarize(per_problem, ks), **task.grading_info()}
-    return summary, [r for _, rs in graded for r in rs]
+    records = [r for _, rs in graded for r in rs]
+    summary = {"problems": len(per_problem), **task.summarize(per_problem, ks), **task.summarize_records(records),
+               **task.grading_info()}
+    return summary, records
 
 
 def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(1, 10), timeout: float = 10.0,
@@ -209,6 +211,7 @@ def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(
         return mc_loglik(model, tok, rows, world=world)
     if task.scoring != GENERATE:
         raise ValueError(f"task {task.name}: unknown scoring {task.scoring!r}")
+    rows = task.prepare(rows, tok, lambda prompts: _first_turns(model, tok, prompts, dec, world, progress))
     prompts = [task.prompt(r, tok) for r in rows]
     completions = progress.completions() if progress else None
     if completions is None:
@@ -216,6 +219,17 @@ def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(
         if progress:
             progress.save_completions(completions)
     return grade(task, rows, completions, ks, timeout, memory_mb, world=world, prompts=prompts, progress=progress)
+
+
+def _first_turns(model, tok, prompts: list[str], dec: Decoding, world: World, progress: Progress | None) -> list[str]:
+    """One completion per prompt for :meth:`Task.prepare` (a reply the graded prompt is built on), kept in
+    ``OUT.partial`` so a resumed evaluation builds the same prompts without generating them again."""
+    saved = progress.load("first-turns.json") if progress else None
+    if saved is None or len(saved) != len(prompts):
+        saved = [c[0] for c in generate_all(model, tok, prompts, replace(dec, n=1), world=world)]
+        if progress:
+            progress.save("first-turns.json", saved)
+    return saved
 
 
 @torch.no_grad()

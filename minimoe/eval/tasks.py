@@ -128,6 +128,23 @@ class Task:
         """How the grading was done, for summary.json (code tasks: the sandbox); nothing by default."""
         return {}
 
+    def prepare(self, rows: list[dict], tok: Tokenizer, generate) -> list[dict]:
+        """The rows ready to be prompted. A task whose prompt holds the model's own earlier reply (PrefEval's
+        stated preference, answered first) generates it here with ``generate(prompts) -> [completion]``;
+        by default the rows as they are.
+
+        Args:
+            rows: the problems.
+            tok: the model's tokenizer.
+            generate: one completion per prompt, with the run's decoding settings (kept in ``OUT.partial``).
+        """
+        return rows
+
+    def summarize_records(self, records: list[dict]) -> dict:
+        """More of the summary, from the graded records (the fields :meth:`grade_sample` returned, e.g. an
+        error-type breakdown); nothing by default."""
+        return {}
+
     def summarize(self, per_problem: list[list[bool]], ks=(1, 10)) -> dict:
         """The metric over problems from each problem's per-sample correctness: exact match, which with
         n > 1 samples per problem is the mean over all samples (greedy n = 1 is the papers' setting).
