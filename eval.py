@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a minimoe adapter directory to load onto --model")
     p.add_argument("--no-check-base", action="store_true",
                    help="load --adapter even if --model is not the base it was saved on")
+    p.add_argument("--recipe", help="run the evaluations of a paper's recipe (python train.py --recipe list) instead "
+                   "of one --task; the other flags apply to each")
     p.add_argument("--task", required=True, choices=list(TASKS), help="the benchmark (tasks: below)")
     p.add_argument("--data", help="the task's data: a JSON, JSONL, .jsonl.gz or Parquet file, or a Hub dataset "
                    "(hf://datasets/OWNER/NAME/FILE, OWNER/NAME:FILE, OWNER/NAME[:DIR]@SPLIT); a text file for perplexity")
@@ -134,7 +136,37 @@ def unwritable(directory: Path) -> str | None:
     return None
 
 
+def run_recipe(name: str, argv: list[str]) -> int:
+    """``--recipe NAME``: every evaluation the recipe's paper reports for its row, one after the other, each
+    into its own directory (``--out DIR``: DIR/<task>; else the default per task); the other flags apply to
+    each (e.g. ``--adapter``, ``--limit``). Stops at the first that fails."""
+    from minimoe.train.recipes import get_recipe, listing
+
+    if name == "list":
+        print(listing())
+        return 0
+    try:
+        recipe = get_recipe(name)
+    except KeyError as e:
+        return exit_with_error(e.args[0], 2)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--out", type=Path)
+    known, rest = pre.parse_known_args(argv)
+    for ev in recipe.evals:
+        out = ["--out", str(known.out / (Path(ev.data.split("@")[0].split(":")[0]).name + "-" + ev.task))] if known.out else []
+        print(f"{recipe.name}: eval.py {' '.join(ev.argv())}", flush=True)
+        if rc := main([*ev.argv(), *rest, *out]):
+            return rc
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    known, rest = pre.parse_known_args(argv)
+    if known.recipe:
+        return run_recipe(known.recipe, rest)
     args = build_parser().parse_args(argv)
     out = args.out or default_out(args)
     try:  # before the evaluation: an existing or unwritable destination, or a missing sandbox, costs nothing

@@ -45,14 +45,9 @@ class Row:
     model: str  # a directory under weights/
     flags: tuple[str, ...] = ()
     options: dict = field(default_factory=dict)  # policy_options a finished run of this row has in args.json
-    never_prune: bool = False  # DMEP's prune step placed after the last step
 
-    def argv(self, steps: int) -> list[str]:
-        never = ["--dmep-prune-step", str(steps + 1)] if self.never_prune else []
-        return ["--policy", self.policy, "--model", str(ROOT / "weights" / self.model), *self.flags, *never]
-
-    def expected(self, steps: int) -> dict:
-        return {**self.options, **({"prune_step": steps + 1} if self.never_prune else {})}
+    def argv(self) -> list[str]:
+        return ["--policy", self.policy, "--model", str(ROOT / "weights" / self.model), *self.flags]
 
 
 ROWS = {
@@ -62,7 +57,7 @@ ROWS = {
     "esft": Row("esft", "tiny-moe"),
     "full": Row("full", "tiny-moe"),
     "dense-lora": Row("lora", "tiny-dense", ("--lora-dense-targets", *SEVEN), {"dense_targets": list(SEVEN)}),
-    "lora-moe": Row("dmep", "tiny-dense", never_prune=True),
+    "lora-moe": Row("dmep", "tiny-dense", ("--dmep-prune-step", "-1"), {"prune_step": -1}),  # never pruned
     "dmep": Row("dmep", "tiny-dense", options={"prune_step": 0}),
 }
 TABLES = {"EPnG: expert LoRA on the tiny MoE (weights/tiny-moe)": ("lora", "epng", "epng-final", "esft", "full"),
@@ -81,7 +76,7 @@ def finished(out: Path, row: str, seed: int, steps: int) -> dict | None:
     options = args.get("policy_options", {})
     same = (args.get("policy") == spec.policy and args.get("seed") == seed and args.get("steps") == steps
             and Path(args.get("model", "")).name == spec.model
-            and all(options.get(k) == v for k, v in spec.expected(steps).items()))
+            and all(options.get(k) == v for k, v in spec.options.items()))
     return summary if same else None
 
 
@@ -105,7 +100,7 @@ def occupied(out: Path) -> bool:
 
 def run_one(row: str, seed: int, out: Path, steps: int, overwrite: bool = False) -> dict:
     """``train.py`` in a subprocess; ``--overwrite`` reaches it only when the user passed it here."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *ROWS[row].argv(steps), "--steps", str(steps), "--seed", str(seed),
+    cmd = [sys.executable, str(ROOT / "train.py"), *ROWS[row].argv(), "--steps", str(steps), "--seed", str(seed),
            "--out", str(out), *(["--overwrite"] if overwrite else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:

@@ -10,6 +10,8 @@ Gini, normalised entropy and drift of each module's counts are logged every ``lo
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +40,8 @@ class DMEP(Policy):
         tau: float = option(0.1, "utilisation threshold τ: experts with a smaller share of hard top-k choices "
                                  "are pruned", low=0.0, high=1.0)
         k_min: int = option(2, "minimum surviving experts per module (and never fewer than top_k)", low=1)
-        prune_step: int = option(0, "step of the one-shot pruning; 0 = the end of the first epoch", low=0)
+        prune_step: int = option(0, "step of the one-shot pruning; 0 = the end of the first epoch; -1 = never (the "
+                                    "symmetric LoRA-MoE baseline: LB loss on throughout)", low=-1)
         drift_threshold: float = option(0.0, "if > 0, prune as soon as every module's routing drift (L1 between "
                                              "consecutive count distributions) is below it", low=0.0)
         log_interval: int = option(10, "steps between Gini / entropy / drift measurements in events.jsonl", low=0)
@@ -61,7 +64,7 @@ class DMEP(Policy):
         c = self.config
         self.stats, self.log, self.all_reduce = ctx.stats, ctx.log, ctx.all_reduce
         model.add_lora_moe(c.num_experts, c.top_k, c.rank, c.lora_alpha, c.targets, generator=self.generator)
-        self.prune_step = c.prune_step or ctx.steps_per_epoch
+        self.prune_step = math.inf if c.prune_step < 0 else c.prune_step or ctx.steps_per_epoch
         if self.pruned_at is not None:  # resumed after pruning: the LB loss stays off
             for m in model.lora_moe_modules().values():
                 m.lb_enabled = False

@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from ..model.config import PRESETS
 from ..options import add_arguments, checked, option
 from ..policies import POLICIES
+from .recipes import get_recipe, listing
 
 # With no --model, train.py fine-tunes a shipped tiny model (in ``weights``: tiny-moe, or for DMEP, whose
 # paper adapts a dense Qwen3, tiny-dense) on tiny-arith with the papers' methods at a scale that finishes
@@ -58,6 +59,10 @@ class TrainConfig:
     data_filter: tuple = option((), "keep only the records whose field KEY equals VALUE (every key must match; a "
                                     "key given twice: either value); e.g. type=Algebra for MATH's algebra subset",
                                 metavar="KEY=VALUE")
+    answer_only: bool = option(False, "train on the final answer only: a response becomes '#### ANSWER' from the text "
+                                      "after its last '####' (DMEP's GSM8K: direct answer, no chain of thought)")
+    recipe: str = option("", "a paper's setting by name (model, data, schedule, batch, options: the bottom layer, "
+                             "flags and TOML still win); 'list' prints them all")
     out: str = option("", "run directory (default runs/<policy>)")
     steps: int = option(500, "optimizer steps (EPnG App. A.3: 500; without --model: 300)", low=1)
     batch_size: int = option(8, "sequences per micro-batch (without --model: 16)", low=1)
@@ -208,6 +213,17 @@ def resolve(argv=None, weights: Path | None = None, description: str | None = No
         train = {**saved, **train}
         options = {saved["policy"]: {**saved_options, **options.get(saved["policy"], {})},
                    **{k: v for k, v in options.items() if k != saved["policy"]}}
+    recipe = args.get("recipe") or train.get("recipe")
+    if recipe == "list":
+        print(listing())
+        raise SystemExit(0)
+    if recipe and not resume:  # the bottom layer: the TOML file and the flags still win
+        try:
+            r = get_recipe(recipe)
+        except KeyError as e:
+            p.error(e.args[0])
+        train = {**r.train, **train, "recipe": recipe}
+        options = {**options, r.train["policy"]: {**r.options, **options.get(r.train["policy"], {})}}
     for key, value in args.items():
         if value is None or key == "config":
             continue

@@ -135,6 +135,18 @@ def load_pairs(data: str, seed: int = 0, filters=()) -> list[tuple[str, str]]:
     return read_pairs(data, filters)
 
 
+def answer_only(pairs: list[tuple], data: str) -> list[tuple]:
+    """``--answer-only``: each response cut to ``#### ANSWER``, the text after its last ``####`` (DMEP trains
+    GSM8K as direct answer prediction, without the chain of thought)."""
+    out = []
+    for i, (prompt, response) in enumerate(pairs, 1):
+        if "####" not in response:
+            raise DataError(f"{data}: example {i}: --answer-only needs a final answer after '####'; its response "
+                            f"has none: {response[:60]!r}")
+        out.append((prompt, "#### " + response.rsplit("####", 1)[1].strip()))
+    return out
+
+
 def prompt_text(tok: Tokenizer, prompt) -> str:
     """The prompt as the model sees it, in training and in evaluation alike (chat messages or text;
     ChatML with its reply header, or plain text followed by a newline)."""

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from . import fsdp
 from ..model.config import preset
-from .data import Dataset, load_pairs
+from .data import Dataset, answer_only, load_pairs
 from ..lm import CausalLM, from_pretrained
 from ..model.hf import resolve
 from ..options import check_choices, to_toml
@@ -182,6 +182,8 @@ class Trainer:
         if not self.preset:
             resolve(c.model)
         pairs = load_pairs(c.data, c.seed, c.data_filter)
+        if c.answer_only:
+            pairs = answer_only(pairs, c.data)
         self.policy: Policy = make_policy(c.policy, c.policy_options)
         torch.manual_seed(c.seed)
         # --fsdp: the whole base is read into CPU memory only; each process's shard goes to the device later
