@@ -8,10 +8,11 @@
 
 The tasks (listed below) are the objects of minimoe.eval.tasks' registry: this command asks the chosen one
 for its rows, prompts, grader, metric and way of scoring (generation, option log-likelihood, perplexity),
-and adds its own options (mc: --mc-mode loglik|letter). Code tasks run programs in a sandboxed subprocess
-(--sandbox process|bwrap). Writes OUT/summary.json (scores, decoding settings, sandbox) and OUT/samples.jsonl
-(one line per sample, with its prompt and reference). While it runs, OUT.partial/ keeps the completions and
-every graded problem: if the evaluation is killed, the same command resumes it.
+and adds its own options (mc: --mc-mode loglik|letter; math: --math-grader). Code tasks run programs in a
+sandboxed subprocess (--sandbox process|bwrap). Writes OUT/summary.json (scores, decoding settings, the
+sandbox or MATH grader, skipped rows) and OUT/samples.jsonl (one line per sample, with its prompt and
+reference). While it runs, OUT.partial/ keeps the completions and every graded problem: if the evaluation is
+killed, the same command resumes it.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import pytest
 
 from minimoe.eval import scoring
 from minimoe.eval.mc_rows import mc_rows
+from minimoe.eval.tasks import get_task
 from minimoe.eval.scoring import extract_gsm8k, final_answer, gsm8k_correct, math_correct, math_grader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -212,6 +213,10 @@ def test_every_layout_reads_into_question_choices_answer_index():
                                    + SCIENCEQA_HINT["question"]) and rows[6]["answer"] == 0
     assert rows[7] == {"question": MMLU["question"], "choices": ["0", "4", "2", "6"], "answer": 1}
     assert rows[8] == {"question": "Sky?", "choices": ["blue", "green"], "answer": 1, "task_id": "own/0"}
+    # a row handed to the task directly, not read through its rows(), is graded the same
+    mc = get_task("mc")
+    assert mc.reference(ARC_DIGITS) == "D. sound" and mc.correct(ARC_DIGITS, "D") and not mc.correct(ARC_DIGITS, "A")
+    assert mc.correct({"question": "Sky?", "choices": ["blue", "green"], "answer": "B"}, "(B)")
 
 
 @pytest.mark.parametrize("row, why", [

@@ -34,6 +34,8 @@ MATH_MARKERS = (BOXED, ANSWER_IS)  # "####" is GSM8K's; MetaMathQA's MATH answer
 _ENDS_SOLUTION = (HASHES, ANSWER_IS)  # a solution's last line; a box may sit anywhere in it
 
 HENDRYCKS = "hendrycks-normalisation"  # summary.json's "grader" of MATH without math-verify
+_NO_MATH_VERIFY = ("the math-verify grader needs the math-verify package: pip install 'minimoe[math]' "
+                   "(or pip install math-verify)")
 
 
 def _to_number(text: str) -> float | None:
@@ -193,15 +195,21 @@ def math_grader(use_math_verify: bool | None = None) -> str:
     """
     v = math_verify_version() if use_math_verify is not False else None
     if use_math_verify and v is None:
-        raise ValueError("the math-verify grader needs the math-verify package: pip install 'minimoe[math]' "
-                         "(or pip install math-verify)")
+        raise ValueError(_NO_MATH_VERIFY)
     return f"math-verify {v}" if v else HENDRYCKS
 
 
-def _math_verify_equal(got: str, want: str) -> bool:
-    """math-verify's verdict on two extracted answers, each parsed as one LaTeX expression (``$...$``)."""
-    from math_verify import parse, verify
-
+def _math_verify_equal(got: str, want: str, use_math_verify: bool | None) -> bool:
+    """math-verify's verdict on two extracted answers, each parsed as one LaTeX expression (``$...$``); False
+    where it is not installed (an error if ``use_math_verify`` asks for it) or not wanted."""
+    if use_math_verify is False:
+        return False
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        if use_math_verify:
+            raise ValueError(_NO_MATH_VERIFY) from None
+        return False
     # its time limits use SIGALRM, which only the main thread may set; elsewhere it runs without one
     limit = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(f"${want}$", parsing_timeout=limit)
@@ -219,7 +227,7 @@ def math_equal(got: str, want: str, use_math_verify: bool | None = None) -> bool
     """
     if normalize_math(got) == normalize_math(want):
         return True
-    return math_grader(use_math_verify) != HENDRYCKS and _math_verify_equal(got, want)
+    return _math_verify_equal(got, want, use_math_verify)
 
 
 def math_correct(completion: str, reference: str, use_math_verify: bool | None = None) -> bool:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ..train.data import prompt_text, tiny_arith_split
 from .sandbox import humaneval_program, mbpp_program, run_program, sandbox_info
-from .mc_rows import LETTERS, mc_rows
+from .mc_rows import LETTERS, mc_row, mc_rows
 from .scoring import extract_choice, gsm8k_correct, math_correct, math_grader, pass_at_k
 
 if TYPE_CHECKING:
@@ -245,6 +245,14 @@ class Math(Task):
         return task
 
 
+def _scored_form(row: dict) -> dict:
+    """A multiple-choice row as :meth:`MultipleChoice.rows` returns it (answer an index), also when it was not
+    read through it (a row of another layout, or a letter answer, handed to the task directly)."""
+    if isinstance(row.get("answer"), int) and isinstance(row.get("choices"), list):
+        return row
+    return mc_row(row) or row
+
+
 @dataclass(frozen=True)
 class MultipleChoice(Task):
     """Multiple choice scored by option log-likelihood (``mode="loglik"``: the model is not asked to write
@@ -256,10 +264,12 @@ class MultipleChoice(Task):
 
     Args:
         mode: ``"loglik"`` or ``"letter"``.
+        skipped: what the last :meth:`rows` left out, ``{"image": N}``, for summary.json. The one field filled
+            in place (the object is otherwise frozen); :meth:`configure` gives each configured copy its own.
     """
 
     mode: str = "loglik"
-    skipped: dict = field(default_factory=dict, compare=False, repr=False)  # what rows() left out: {"image": N}
+    skipped: dict = field(default_factory=dict, compare=False, repr=False)
     MODES: ClassVar[tuple[str, ...]] = ("loglik", "letter")
 
     def __post_init__(self):
@@ -284,14 +294,17 @@ class MultipleChoice(Task):
         return {"skipped_rows": dict(self.skipped)} if self.skipped else {}
 
     def prompt(self, row, tok):
+        row = _scored_form(row)
         options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
         return prompt_text(tok, f"{row['question']}\n{options}\nAnswer with the letter of the correct option.")
 
     def correct(self, row, completion):
+        row = _scored_form(row)
         return extract_choice(completion, LETTERS[:len(row["choices"])]) == LETTERS[row["answer"]]
 
     def reference(self, row):
         """The correct option as the letter prompt lists it, e.g. ``"B. green"``."""
+        row = _scored_form(row)
         return f"{LETTERS[row['answer']]}. {row['choices'][row['answer']]}"
 
     def check_completions(self):
