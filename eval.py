@@ -145,7 +145,10 @@ def main(argv=None) -> int:
             task.check_completions()
         progress = None
         if task.scoring == GENERATE:  # completions and graded problems are kept as they come (OUT.partial)
-            progress = Progress.open(partial_dir(out), evaluation(args), world, restart=args.overwrite)
+            run = evaluation(args)
+            if "grader" in (info := task.grading_info()):  # MATH: resumed only by the grader that began it
+                run["grader"] = info["grader"]
+            progress = Progress.open(partial_dir(out), run, world, restart=args.overwrite)
         if args.completions:
             summary, records = grade(task, rows, load_completions(args.completions, rows), args.k,
                                      args.timeout, args.memory_mb, world=world, progress=progress)

@@ -165,6 +165,21 @@ def test_asking_for_math_verify_without_it_is_an_error_before_anything_runs(tmp_
         "completions": str(comp)}
 
 
+def test_an_interrupted_math_evaluation_resumes_only_with_the_grader_that_began_it(tmp_path, capsys,
+                                                                                   no_math_verify):
+    data = _jsonl(tmp_path / "math.jsonl", [{"problem": "1+1?", "solution": "$\\boxed{2}$"}])
+    comp = _jsonl(tmp_path / "c.jsonl", [{"index": 0, "completion": "The answer is: 2"}])
+    argv = ["--task", "math", "--data", str(data), "--completions", str(comp), "--out", str(tmp_path / "m")]
+    partial = tmp_path / "m.partial"
+    partial.mkdir()  # what an evaluation graded by math-verify left when it was killed
+    run = {**evaluate.evaluation(evaluate.build_parser().parse_args(argv)), "grader": "math-verify 0.9.0"}
+    (partial / "run.json").write_text(json.dumps(run))
+    assert evaluate.main(argv) == 2
+    assert "differs in: grader" in capsys.readouterr().err
+    (partial / "run.json").write_text(json.dumps({**run, "grader": "hendrycks-normalisation"}))
+    assert evaluate.main(argv) == 0 and not partial.exists()
+
+
 # --- multiple choice: the benchmarks' rows as distributed -------------------------------------------------
 
 GEORGE = "George wants to warm his hands quickly by rubbing them. Which skin surface will produce the most heat?"
