@@ -64,9 +64,12 @@ def test_the_first_final_line_ends_the_solution_and_the_last_marker_before_it_co
     assert extract_gsm8k("The answer is: 752\n\nQuestion: Tom has 9 apples ...\nThe answer is: 9") == "752"
     assert extract_gsm8k("#### 72\nThe answer is: 72\n\nQuestion: ...\n#### 9") == "72"
     assert final_answer("The answer is: 5\n\nProblem: Find $y$.\n... $\\boxed{7}$") == "5"
-    # before it, the last marker: a box then the final line; the final line then nothing
+    # the final line's answer, not a box before it; a box after the marker on its line; else the last box
     assert final_answer("$\\boxed{3}$ is wrong; redo: $\\boxed{4}$.\nThe answer is: 4") == "4"
-    assert final_answer("first $\\boxed{3}$, then $\\boxed{4}$") == "4"  # no final line: the last box
+    assert final_answer("$\\boxed{3}$.\nThe answer is: 4") == "4"
+    assert final_answer("first $\\boxed{3}$, then $\\boxed{4}$") == "4"
+    assert final_answer("$\\boxed{3}$.\nThe answer is:") == "3"  # an empty final line answers nothing
+    assert extract_gsm8k("#### 7 #### 12") == "7" and extract_gsm8k("#### 72 The answer is: 9") == "72"
     # a marked answer beats the last number of the text (the old fallback)
     assert extract_gsm8k("So she earns $\\boxed{72}$ over the 3 days") == "72"
     assert extract_gsm8k("She earns 72 over the 3 days") == "3"

@@ -3,8 +3,9 @@
 * A solution's final answer is marked by ``\\boxed{...}`` (MATH's convention), ``#### X`` (GSM8K's) or
   ``The answer is: X`` (MetaMathQA's last line, which a model fine-tuned on it writes). The first ``####`` or
   "The answer is:" ends the solution at the end of its line (a model that goes on to invent the next
-  problem is graded on its own answer); of the markers before that, the last one counts (MetaMathQA writes
-  ``$\\boxed{5}$`` and then "The answer is: 5"; "The answer is: $\\boxed{5}$" gives the box's 5).
+  problem is graded on its own answer) and gives the answer (MetaMathQA writes ``$\\boxed{5}$`` and then
+  "The answer is: 5"), or a box after it on its line does ("The answer is: $\\boxed{5}$"); a solution
+  without such a line is answered by its last box.
 * GSM8K: the first number of the marked answer (``\\boxed``, ``####``, "The answer is:"), else the last
   number in the text; compared numerically.
 * MATH: the marked answer (``\\boxed``/``\\fbox`` or "The answer is:"), equal to the reference's when
@@ -82,20 +83,24 @@ def _line_value(text: str) -> str | None:
 def final_answer(text: str, markers=MATH_MARKERS) -> str | None:
     """The marked final answer of a solution (see the module's docstring), or None when it has none.
 
-    The solution ends with the line of its first ``####`` / "The answer is:" (those of ``markers``): what
-    follows is a model going on past its answer. Of the markers before that, the last with a value counts.
+    The solution ends with the line of its first ``####`` / "The answer is:" (of ``markers``): what follows
+    is a model going on past its answer. That marker's value is the answer, unless a box follows it on its
+    line ("The answer is: $\\boxed{5}$"); without such a line (or with nothing after it), the last box.
 
     Args:
         text: a completion or a reference solution.
         markers: the patterns that mark an answer (:data:`GSM8K_MARKERS` or :data:`MATH_MARKERS`).
     """
+    found = []  # (start, end, is a box) of the candidates
     ends = [m for pattern in markers if pattern in _ENDS_SOLUTION for m in [pattern.search(text)] if m]
     if ends:
         first = min(ends, key=lambda m: m.start())
         cut = text.find("\n", first.end())
         text = text if cut < 0 else text[:cut]
-    found = sorted((m.start(), m.end(), pattern is BOXED) for pattern in markers for m in pattern.finditer(text))
-    for start, end, boxed in reversed(found):
+        found.append((first.start(), first.end(), False))
+    if BOXED in markers:
+        found += [(m.start(), m.end(), True) for m in BOXED.finditer(text)]
+    for start, end, boxed in sorted(found, reverse=True):
         value = _boxed_at(text, start) if boxed else _line_value(text[end:])
         if value:
             return value
