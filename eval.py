@@ -28,6 +28,7 @@ from minimoe.eval.runners import Decoding, grade, read_rows, run_task, task_rows
 from minimoe.eval.sandbox import SANDBOXES, check_sandbox
 from minimoe.eval.tasks import GENERATE, TASKS, Task, get_task
 from minimoe.files import DestinationExists, Unwritable, atomic_dir, check_destination, check_writable
+from minimoe.sources import hub_parts, resolve
 from minimoe.train.distributed import World, exit_with_error
 
 
@@ -48,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check-base", action="store_true",
                    help="load --adapter even if --model is not the base it was saved on")
     p.add_argument("--task", required=True, choices=list(TASKS), help="the benchmark (tasks: below)")
-    p.add_argument("--data", help="the task's JSONL file (text file for perplexity)")
+    p.add_argument("--data", help="the task's data: a JSON, JSONL, .jsonl.gz or Parquet file, or a Hub dataset "
+                   "(hf://datasets/OWNER/NAME/FILE, OWNER/NAME:FILE, OWNER/NAME[:DIR]@SPLIT); a text file for perplexity")
+    p.add_argument("--data-filter", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="score only the problems whose field KEY equals VALUE (e.g. type=Algebra for MATH-algebra)")
     p.add_argument("--limit", type=int, help="score only the first N problems")
     p.add_argument("--out", type=Path, help="output directory (default runs/eval/<what>/<task>, <what> the run "
                    "of --adapter, else the --model or --completions name)")
@@ -114,6 +118,11 @@ def evaluation(args) -> dict:
     for name in ("data", "completions"):
         if run.get(name) and Path(run[name]).is_file():
             run[f"{name}_sha256"] = hashlib.sha256(Path(run[name]).read_bytes()).hexdigest()
+        elif name == "data" and run.get(name) and hub_parts(run[name]):  # the Hub files, as cached
+            digest = hashlib.sha256()
+            for _, path in resolve(run[name]):
+                digest.update(path.read_bytes())
+            run["data_sha256"] = digest.hexdigest()
     return run
 
 
@@ -139,8 +148,8 @@ def main(argv=None) -> int:
         return exit_with_error(error, 2)
     dec = Decoding(args.max_new_tokens, args.n, args.temperature, args.top_p, args.batch_size, args.seed)
     try:
-        task = get_task(args.task).configure(args)
-        rows = task_rows(task, args.data, args.limit)
+        task = get_task(args.task).configure(argparse.Namespace(**{**vars(args), "out": out}))  # files near OUT
+        rows = task_rows(task, args.data, args.limit, args.data_filter)
         if args.completions:
             task.check_completions()
         progress = None

@@ -13,11 +13,12 @@ import dataclasses
 import json
 
 
-def option(default, help: str, choices: tuple | None = None, cli: bool = True, low=None, high=None):
+def option(default, help: str, choices: tuple | None = None, cli: bool = True, low=None, high=None,
+           metavar: str | None = None):
     """A field with its default (the paper's, where there is one), the ``--help`` text, and the values it
     may take (``choices``, or the inclusive range ``low``..``high``). ``cli=False``: not a flag of its own.
-    A dict or list default is copied per instance."""
-    metadata = {"help": help, "choices": choices, "cli": cli, "low": low, "high": high}
+    ``metavar``: how ``--help`` names a value. A dict or list default is copied per instance."""
+    metadata = {"help": help, "choices": choices, "cli": cli, "low": low, "high": high, "metavar": metavar}
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -46,13 +47,14 @@ def _add_field(group, name: str, dest: str, f: dataclasses.Field) -> None:
     if default == "":  # the help text says what an unset string means
         help_text, default = help_text.replace("%", "%%"), None
     if choices:
-        group.add_argument(name, dest=dest, choices=choices, default=None, help=f"{help_text} (default: {default})")
+        group.add_argument(name, dest=dest, choices=choices, default=None,
+                           help=help_text if default is None else f"{help_text} (default: {default})")
     elif f.type in ("bool", bool):
         group.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help_text} (default: {default})")
     elif isinstance(default, tuple):
-        group.add_argument(name, dest=dest, nargs="+", default=None, metavar="NAME",
-                           help=f"{help_text} (default: {' '.join(default)})")
+        group.add_argument(name, dest=dest, nargs="+", default=None, metavar=f.metadata.get("metavar") or "NAME",
+                           help=f"{help_text} (default: {' '.join(default) or 'none'})")
     else:
         group.add_argument(name, dest=dest, type=str if default is None else type(default), default=None,
                            metavar=metavar, help=help_text if default is None else f"{help_text} (default: {default})")

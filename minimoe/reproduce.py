@@ -6,7 +6,8 @@ Two tables, one per paper, each row ``train.py --policy P --seed S`` on ``tiny-a
 on the test split):
 
 * **EPnG** (its Table 2's methods) on the shipped tiny MoE ``weights/tiny-moe``: ``lora`` and ``epng`` at the
-  same LoRA budget (rank 8 on the experts' gate+up), ``esft`` and ``full``;
+  same LoRA budget (rank 8 on the experts' gate+up), ``epng-final`` (with Alg. 1's event at the last step,
+  ``--epng-final-event``), ``esft`` and ``full``;
 * **DMEP** (its Table I) on the shipped dense ``weights/tiny-dense``, every row on all seven linears (q, k, v,
   o, gate, up, down): ``dense-lora`` (plain LoRA, rank 8), ``lora-moe`` (the symmetric LoRA-MoE: 8 experts
   per linear, LB loss on throughout, never pruned) and ``dmep`` (the same, pruned once at the end of the
@@ -56,14 +57,15 @@ class Row:
 
 ROWS = {
     "lora": Row("lora", "tiny-moe", options={"dense_targets": []}),
-    "epng": Row("epng", "tiny-moe"),
+    "epng": Row("epng", "tiny-moe", options={"final_event": False}),
+    "epng-final": Row("epng", "tiny-moe", ("--epng-final-event",), {"final_event": True}),  # Alg. 1 literally
     "esft": Row("esft", "tiny-moe"),
     "full": Row("full", "tiny-moe"),
     "dense-lora": Row("lora", "tiny-dense", ("--lora-dense-targets", *SEVEN), {"dense_targets": list(SEVEN)}),
     "lora-moe": Row("dmep", "tiny-dense", never_prune=True),
     "dmep": Row("dmep", "tiny-dense", options={"prune_step": 0}),
 }
-TABLES = {"EPnG: expert LoRA on the tiny MoE (weights/tiny-moe)": ("lora", "epng", "esft", "full"),
+TABLES = {"EPnG: expert LoRA on the tiny MoE (weights/tiny-moe)": ("lora", "epng", "epng-final", "esft", "full"),
           "DMEP: all seven linears of the dense tiny model (weights/tiny-dense)": ("dense-lora", "lora-moe", "dmep")}
 POLICIES = tuple(ROWS)  # (the name --policies kept from when every row was a policy)
 

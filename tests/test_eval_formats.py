@@ -216,21 +216,28 @@ MMLU = {"question": "Find the degree for the given field extension Q(sqrt(2), sq
 
 
 def test_every_layout_reads_into_question_choices_answer_index():
-    rows, skipped = mc_rows([ARC_HUB, ARC_JSONL, ARC_DIGITS, OBQA_HUB, OBQA_JSONL, SCIENCEQA_TEXT, SCIENCEQA_HINT,
-                             SCIENCEQA_IMAGE, MMLU, {"question": "Sky?", "choices": ["blue", "green"], "answer": "B",
-                                                     "task_id": "own/0"}], "mixed.jsonl")
+    native = [ARC_HUB, ARC_JSONL, ARC_DIGITS, OBQA_HUB, OBQA_JSONL, SCIENCEQA_TEXT, SCIENCEQA_HINT, SCIENCEQA_IMAGE,
+              MMLU, {"question": "Sky?", "choices": ["blue", "green"], "answer": "B", "task_id": "own/0"}]
+    rows, skipped = mc_rows([(f"mixed.jsonl:{n}", row) for n, row in enumerate(native, 1)], "mixed.jsonl")
     assert skipped == 1 and len(rows) == 9
+    scored = [{k: r[k] for k in ("question", "choices", "answer")} for r in rows]
     george = {"question": GEORGE, "choices": WARM, "answer": 0}
-    assert rows[0] == rows[1] == george
-    assert rows[2] == {"question": ARC_DIGITS["question"], "choices": ["chemical", "light", "electrical", "sound"],
-                       "answer": 3}
-    assert rows[3] == rows[4] == {"question": "The sun is responsible for", "choices": OBQA_HUB["choices"]["text"],
-                                  "answer": 3}
-    assert rows[5] == {"question": SCIENCEQA_TEXT["question"], "choices": SCIENCEQA_TEXT["choices"], "answer": 1}
-    assert rows[6]["question"] == ("Context: Pick the word that comes between the guide words.\n"
-                                   + SCIENCEQA_HINT["question"]) and rows[6]["answer"] == 0
-    assert rows[7] == {"question": MMLU["question"], "choices": ["0", "4", "2", "6"], "answer": 1}
-    assert rows[8] == {"question": "Sky?", "choices": ["blue", "green"], "answer": 1, "task_id": "own/0"}
+    assert scored[0] == scored[1] == george
+    assert scored[2] == {"question": ARC_DIGITS["question"], "choices": ["chemical", "light", "electrical", "sound"],
+                         "answer": 3}
+    assert scored[3] == scored[4] == {"question": "The sun is responsible for", "choices": OBQA_HUB["choices"]["text"],
+                                      "answer": 3}
+    assert scored[5] == {"question": SCIENCEQA_TEXT["question"], "choices": SCIENCEQA_TEXT["choices"], "answer": 1}
+    assert scored[6]["question"] == ("Context: Pick the word that comes between the guide words.\n"
+                                     + SCIENCEQA_HINT["question"]) and scored[6]["answer"] == 0
+    assert scored[7] == {"question": MMLU["question"], "choices": ["0", "4", "2", "6"], "answer": 1}
+    assert scored[8] == {"question": "Sky?", "choices": ["blue", "green"], "answer": 1}
+    # the other fields stay (for --data-filter, task_id for --completions); what was read into the three goes
+    assert rows[0] == rows[1] | {"id": "Mercury_SC_415702"} and rows[2]["id"] == "NYSEDREGENTS_2015_4_8"
+    assert rows[4] == scored[4] | {"id": "7-980", "fact1": OBQA_JSONL["fact1"]}
+    kept = ("task", "grade", "subject", "topic", "category", "skill", "lecture", "solution")  # not image, hint
+    assert rows[5] == scored[5] | {k: SCIENCEQA_TEXT[k] for k in kept}
+    assert rows[7] == scored[7] | {"subject": "abstract_algebra"} and rows[8]["task_id"] == "own/0"
     # a row handed to the task directly, not read through its rows(), is graded the same
     mc = get_task("mc")
     assert mc.reference(ARC_DIGITS) == "D. sound" and mc.correct(ARC_DIGITS, "D") and not mc.correct(ARC_DIGITS, "A")
@@ -244,18 +251,18 @@ def test_every_layout_reads_into_question_choices_answer_index():
     ({**ARC_HUB, "answerKey": "E"}, "answer 'E' is not one of its labels A, B, C, D"),
     ({"question": "Sky?", "choices": "blue or green", "answer": 0}, "choices are neither"),
 ])
-def test_a_row_that_fits_no_layout_names_the_file_the_row_and_its_keys(tmp_path, capsys, row, why):
+def test_a_row_that_fits_no_layout_names_the_file_the_line_and_its_keys(tmp_path, capsys, row, why):
     data = _jsonl(tmp_path / "arc.jsonl", [ARC_HUB, row])
     comp = _jsonl(tmp_path / "c.jsonl", [{"index": 0, "completion": "A"}, {"index": 1, "completion": "A"}])
     assert evaluate.main(["--task", "mc", "--mc-mode", "letter", "--data", str(data), "--completions", str(comp),
                           "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
-    assert f"{data}: row 2: " in err and why in err and f"(its keys: {', '.join(row)})" in err
+    assert f"{data}:2: " in err and why in err and f"(its keys: {', '.join(row)})" in err
 
 
 def test_only_image_rows_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no text-only multiple-choice rows .1 rows with an image skipped"):
-        mc_rows([SCIENCEQA_IMAGE], "sqa.jsonl")
+        mc_rows([("sqa.jsonl:1", SCIENCEQA_IMAGE)], "sqa.jsonl")
 
 
 def test_letter_mode_grades_native_rows_and_reports_the_skipped_images(tmp_path):
@@ -274,6 +281,22 @@ def test_letter_mode_grades_native_rows_and_reports_the_skipped_images(tmp_path)
     assert [r["reference"] for r in records] == ["A. dry palms", "A. dry palms", "D. sound",
                                                  "D. plants sprouting, blooming and wilting", "B. future tense",
                                                  "B. 4"]
+
+
+def test_a_json_array_row_is_named_by_its_line_and_rows_are_filtered_by_their_own_fields(tmp_path, capsys):
+    data = tmp_path / "mmlu.json"
+    data.write_text(json.dumps([MMLU, {**MMLU, "subject": "anatomy", "choices": ["a", "b"], "answer": 0}],
+                               indent=1))
+    comp = _jsonl(tmp_path / "c.jsonl", [{"index": 0, "completion": "B"}])
+    assert evaluate.main(["--task", "mc", "--mc-mode", "letter", "--data", str(data), "--completions", str(comp),
+                          "--data-filter", "subject=abstract_algebra", "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m/summary.json").read_text())["exact_match"] == 1.0
+    data.write_text(json.dumps([MMLU, {"question": "Sky?", "choices": ["blue", "green"]}], indent=1))
+    assert evaluate.main(["--task", "mc", "--mc-mode", "letter", "--data", str(data), "--completions", str(comp),
+                          "--out", str(tmp_path / "m2")]) == 2
+    lines = data.read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if '"Sky?"' in text) - 1  # the line its object starts on
+    assert f"{data}:{line} (item 1): it is no multiple-choice row" in capsys.readouterr().err
 
 
 def test_loglik_mode_scores_native_rows_with_a_model(tmp_path):

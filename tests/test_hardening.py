@@ -218,12 +218,12 @@ def test_toml_values_are_checked_and_a_run_writes_a_config_that_repeats_it(tmp_p
     assert train.main(["--policy", "esft", *TINY, "--steps", "2", "--esft-sample-batches", "1",
                        "--out", str(run)]) == 0
     args = json.loads((run / "args.json").read_text())
-    assert args["policy_options"] == {"score": "token", "top_p": 0.2, "normalize": "layer", "sample_batches": 1,
+    assert args["policy_options"] == {"score": "token", "top_p": 0.2, "normalize": "global", "sample_batches": 1,
                                       "targets": ["gate_proj", "up_proj", "down_proj"]}  # resolved: 0 -> 0.2
     again = train.resolve(["--config", str(run / "config.toml")])
     first = train.resolve(["--policy", "esft", *TINY, "--steps", "2", "--esft-sample-batches", "1",
                            "--out", str(run)])
-    assert again.policy_options == {**first.policy_options, "score": "token", "top_p": 0.2, "normalize": "layer",
+    assert again.policy_options == {**first.policy_options, "score": "token", "top_p": 0.2, "normalize": "global",
                                     "targets": ("gate_proj", "up_proj", "down_proj")}
     assert {k: v for k, v in vars(again).items() if k != "policy_options"} == \
         {k: v for k, v in vars(first).items() if k != "policy_options"}

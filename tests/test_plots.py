@@ -77,13 +77,14 @@ def _run(path, args, summary=None, metrics=()):
 def test_reproduce_reuses_only_matching_finished_runs(tmp_path):
     from minimoe.reproduce import finished
 
-    epng = {"policy": "epng", "seed": 1, "steps": 300, "model": "/x/weights/tiny-moe"}
+    epng = {"policy": "epng", "seed": 1, "steps": 300, "model": "/x/weights/tiny-moe",
+            "policy_options": {"final_event": False}}
     _run(tmp_path / "a", epng)
     assert finished(tmp_path / "a", "epng", 1, 300) is None  # no summary: the run did not finish
     (tmp_path / "a" / "summary.json").write_text(json.dumps({"task_score_after": 0.4}))
     assert finished(tmp_path / "a", "epng", 1, 300) == {"task_score_after": 0.4}
     assert finished(tmp_path / "a", "epng", 1, 200) is None and finished(tmp_path / "a", "epng", 2, 300) is None
-    assert finished(tmp_path / "a", "lora", 1, 300) is None
+    assert finished(tmp_path / "a", "lora", 1, 300) is None and finished(tmp_path / "a", "epng-final", 1, 300) is None
     # DMEP's rows differ by model and options: a symmetric LoRA-MoE run is not a DMEP run, nor dense LoRA plain LoRA
     moe = {"policy": "dmep", "seed": 0, "steps": 300, "model": "weights/tiny-dense", "policy_options": {"prune_step": 301}}
     _run(tmp_path / "m", moe, {"task_score_after": 0.9})

@@ -2,6 +2,7 @@
 EPnG's prune/grow sets and decay, the tokens statistics see, DMEP's pruning triggers, ESFT's scores,
 activation checkpointing and a bf16 base."""
 
+import dataclasses
 import math
 
 import pytest
@@ -88,17 +89,18 @@ def test_esft_scores_equal_a_hand_computation_from_the_routing(score):
         for _ in range(2):
             b = data2.next_batch(3)
             out = model.eval()(b.input_ids, attention_mask=b.attention_mask, output_router=True)
-            response = (b.labels != -100).reshape(-1)
+            real = b.attention_mask.reshape(-1).bool()  # --stats-tokens all (the default): every real token
             for route in out.router:
                 s = torch.zeros(route.probs.shape[-1])
-                for t in torch.nonzero(response).flatten().tolist():  # every top-k slot of a response token
+                for t in torch.nonzero(real).flatten().tolist():  # every top-k slot of a real token
                     for k in range(route.experts.shape[1]):
                         e = int(route.experts[t, k])
                         s[e] += float(route.weights[t, k]) if score == "gate" else 1.0
                 sums[route.layer] = sums.get(route.layer, 0) + s
+    per_expert = sum(sums.values())  # the official code's normalisation (the default): each expert over layers
     for layer, s in sums.items():
-        assert torch.allclose(scores[layer], s / s.sum(), atol=1e-6)
-        assert abs(float(scores[layer].sum()) - 1) < 1e-6
+        assert torch.allclose(scores[layer], s / per_expert, atol=1e-6)
+    assert torch.allclose(sum(scores.values()), torch.ones(len(per_expert)), atol=1e-6)
     assert policy.config.top_p == (0.1 if score == "gate" else 0.2)  # the ESFT paper's value per score
 
 
@@ -175,7 +177,12 @@ def test_dmep_lb_loss_is_that_of_the_whole_micro_batch_when_shared_over_processe
     routers = [m.router.weight for m in model.lora_moe_modules().values()]
     whole = model(ids, token_mask=mask, output_router=True)
     loss = policy.extra_loss(whole, mask)
-    assert torch.allclose(loss, 0.01 * whole.adapter_aux_loss, rtol=0, atol=1e-7)  # one process
+    modules = len(model.lora_moe_modules())
+    assert modules == 2 * model.config.num_hidden_layers
+    # one process: the mean over the modules (the default), or DMEP's sum (lb_reduce="sum")
+    assert torch.allclose(loss, 0.01 * whole.adapter_aux_loss / modules, rtol=0, atol=1e-7)
+    summed_policy = DMEP(dataclasses.replace(policy.config, lb_reduce="sum"))
+    assert torch.allclose(summed_policy.extra_loss(whole, mask), 0.01 * whole.adapter_aux_loss, rtol=0, atol=1e-7)
     halves = [(model(ids[i:i + 2], token_mask=mask[i:i + 2], output_router=True), mask[i:i + 2]) for i in (0, 2)]
     local = []
     policy.all_reduce = lambda t: local.append(t.clone()) or t

@@ -61,7 +61,7 @@ def test_every_train_option_carries_its_help_and_resolve_is_reusable(tmp_path):
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata.get("help"), f.name
     text = build_parser().format_help()
-    assert "tokens counted by routing statistics" in text and "{response,all}" in text
+    assert "tokens counted by routing statistics" in text and "{all,response}" in text
     assert "--policy-options" not in text  # set through --<policy>-<option>
     c = resolve(["--policy", "dmep", "--steps", "7", "--dmep-tau", "0.2"])  # no embedded model: plain defaults
     assert (c.policy, c.steps, c.batch_size, c.policy_options) == ("dmep", 7, 8, {"tau": 0.2})

@@ -16,7 +16,9 @@ minimoe's own                          ``question``, ``choices`` (list), ``answe
 Labels may be letters or digits (some ARC rows are labelled "1".."4"); the answer is looked up among the row's
 own labels and the options are always shown to the model as A, B, C, ... ScienceQA rows with an image are
 skipped (the papers score its text-only questions) and counted; a non-empty ``hint`` is the question's context
-and goes before it. A row that fits none of the layouts is an error naming the file, the row and its keys.
+and goes before it. The row's other fields stay (``id``, MMLU's ``subject``, ScienceQA's ``grade``), so
+``--data-filter`` can select by them. A row that fits none of the layouts is an error naming the file, the
+line (or row) and its keys.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 from numbers import Integral
 
 LETTERS = "ABCDEFGHIJ"  # the option letters the model sees (at most 10 options)
+_READ = ("question", "question_stem", "choices", "answer", "answerKey", "hint", "image")  # what mc_row rewrites
 _EXPECTED = ("question (or question.stem, question_stem), choices (a list of texts, a list of {text, label}, or "
              "{text: [...], label: [...]}) and answer (an index or label) or answerKey (a label)")
 
@@ -71,8 +74,8 @@ def _answer(row: dict, labels: list[str]) -> int:
 
 
 def mc_row(row: dict) -> dict | None:
-    """One row in the form ``eval.py`` scores: ``{"question", "choices", "answer"}`` (``answer`` an index;
-    ``task_id`` kept where the row has one), or None for a row with an image. A RowError says why not."""
+    """One row in the form ``eval.py`` scores: ``{"question", "choices", "answer"}`` (``answer`` an index)
+    followed by the row's other fields, or None for a row with an image. A RowError says why not."""
     if not isinstance(row, dict):
         raise RowError(f"it is a {type(row).__name__}, not an object")
     if _has_image(row):
@@ -89,30 +92,27 @@ def mc_row(row: dict) -> dict | None:
     if isinstance(hint, str) and hint.strip():  # ScienceQA: the passage or situation the question is about
         question = f"Context: {hint.strip()}\n{question}"
     out = {"question": question, "choices": texts, "answer": _answer(row, labels)}
-    if row.get("task_id") is not None:
-        out["task_id"] = row["task_id"]
-    return out
+    return out | {k: v for k, v in row.items() if k not in _READ}
 
 
-def mc_rows(rows: list[dict], source: str) -> tuple[list[dict], int]:
+def mc_rows(records: list[tuple[str, dict]], source: str) -> tuple[list[dict], int]:
     """The rows in the form ``eval.py`` scores, and how many were skipped for an image.
 
     Args:
-        rows: the file's rows, in order.
-        source: the file, for errors (``FILE: row N: ...``; N counts rows from 1, the line of a JSONL file
-            without blank lines).
+        records: ``(where, row)`` in file order, as :func:`minimoe.sources.read_records` gives them (``where``:
+            ``FILE:LINE``, ``FILE:LINE (item I)`` or ``FILE: row I``).
+        source: the data spec, for the error of a file without a text-only row.
 
     Raises:
-        ValueError: a row that fits no layout (naming the file, the row and the keys it has), or no text-only
-            row at all.
+        ValueError: a row that fits no layout (``WHERE: why (its keys: ...)``), or no text-only row at all.
     """
     out, skipped = [], 0
-    for n, row in enumerate(rows, 1):
+    for where, row in records:
         try:
             mc = mc_row(row)
         except RowError as e:
             keys = ", ".join(map(str, row)) if isinstance(row, dict) else "none"
-            raise ValueError(f"{source}: row {n}: {e} (its keys: {keys})") from None
+            raise ValueError(f"{where}: {e} (its keys: {keys})") from None
         if mc is None:
             skipped += 1
         else:

@@ -5,6 +5,7 @@
     run.json          what is evaluated (eval.py's arguments, the data files' digests): only the same
                       evaluation resumes from this directory
     completions.json  the generated completions (model runs), written once generation is over
+    first-turns.json  replies the prompts are built on (PrefEval: the reply to the stated preference)
     rank-R.jsonl      one line per graded problem, ``{"index": i, "records": [...]}``, appended and flushed
                       by process R as soon as the problem is graded
 
@@ -106,16 +107,24 @@ class Progress:
 
     def completions(self) -> list[list[str]] | None:
         """The completions saved by an earlier run of this evaluation, or None."""
-        saved = self.path / "completions.json"
-        return json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+        return self.load("completions.json")
 
     def save_completions(self, completions: list[list[str]]) -> None:
         """Keep the generated completions (the first process writes them; every process holds them)."""
+        self.save("completions.json", completions)
+
+    def load(self, name: str):
+        """The JSON value an earlier run of this evaluation saved as ``name``, or None."""
+        saved = self.path / name
+        return json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+
+    def save(self, name: str, value) -> None:
+        """Keep a JSON value as ``name`` (written atomically by the first process; every process holds it)."""
         if self.world.main:
             try:
-                write_text_atomic(self.path / "completions.json", json.dumps(completions))
+                write_text_atomic(self.path / name, json.dumps(value))
             except OSError as e:
-                raise Unwritable(f"cannot write {self.path / 'completions.json'}: {e.strerror or e}") from None
+                raise Unwritable(f"cannot write {self.path / name}: {e.strerror or e}") from None
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ..sources import select
 from ..train.data import prompt_text
 from ..train.distributed import World
 from .progress import Progress
@@ -52,15 +53,19 @@ class Decoding:
     seed: int = 0
 
 
-def task_rows(task: str | Task, data: str | None, limit: int | None) -> list[dict]:
+def task_rows(task: str | Task, data: str | None, limit: int | None, filters=()) -> list[dict]:
     """The problems of a task (``Task.rows``: a built-in split, or ``--data``), the first ``limit`` if given.
 
     Args:
         task: a registered task's name, or a task object.
-        data: the ``--data`` path, or None.
+        data: the ``--data`` spec (a file or Hub dataset: :mod:`minimoe.sources`), or None.
         limit: score only the first ``limit`` problems (None or 0: all).
+        filters: ``--data-filter`` ``KEY=VALUE`` strings, applied before ``limit`` (e.g. ``type=Algebra``).
     """
     rows = _task(task).rows(data)
+    if filters:
+        rows = [row for _, row in select([(f"{data}: problem {i}", row) for i, row in enumerate(rows)], filters,
+                                         str(data))]
     return rows[:limit] if limit else rows
 
 
@@ -170,8 +175,10 @@ def grade(task: str | Task, rows: list[dict], completions: list[list[str]], ks=(
         graded.append((i, records))
     graded = sorted((x for part in world.gather(graded) for x in part), key=lambda x: x[0])
     per_problem = [[r["correct"] for r in records] for _, records in graded]
-    summary = {"problems": len(per_problem), **task.summarize(per_problem, ks), **task.grading_info()}
-    return summary, [r for _, rs in graded for r in rs]
+    records = [r for _, rs in graded for r in rs]
+    summary = {"problems": len(per_problem), **task.summarize(per_problem, ks), **task.summarize_records(records),
+               **task.grading_info()}
+    return summary, records
 
 
 def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(1, 10), timeout: float = 10.0,
@@ -205,6 +212,7 @@ def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(
         return {**summary, **task.grading_info()}, records
     if task.scoring != GENERATE:
         raise ValueError(f"task {task.name}: unknown scoring {task.scoring!r}")
+    rows = task.prepare(rows, tok, lambda prompts: _first_turns(model, tok, prompts, dec, world, progress))
     prompts = [task.prompt(r, tok) for r in rows]
     completions = progress.completions() if progress else None
     if completions is None:
@@ -212,6 +220,17 @@ def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(
         if progress:
             progress.save_completions(completions)
     return grade(task, rows, completions, ks, timeout, memory_mb, world=world, prompts=prompts, progress=progress)
+
+
+def _first_turns(model, tok, prompts: list[str], dec: Decoding, world: World, progress: Progress | None) -> list[str]:
+    """One completion per prompt for :meth:`Task.prepare` (a reply the graded prompt is built on), kept in
+    ``OUT.partial`` so a resumed evaluation builds the same prompts without generating them again."""
+    saved = progress.load("first-turns.json") if progress else None
+    if saved is None or len(saved) != len(prompts):
+        saved = [c[0] for c in generate_all(model, tok, prompts, replace(dec, n=1), world=world)]
+        if progress:
+            progress.save("first-turns.json", saved)
+    return saved
 
 
 @torch.no_grad()

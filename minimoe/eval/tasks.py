@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from ..sources import holds_records, read_records
 from ..train.data import prompt_text, tiny_arith_split
 from .sandbox import humaneval_program, mbpp_program, run_program, sandbox_info
 from .mc_rows import LETTERS, mc_row, mc_rows
@@ -58,24 +59,14 @@ CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The JSON objects of a JSONL file; a missing, malformed or empty file is an error naming it.
+    """The records of a data spec; a missing, malformed or empty one is an error naming it (and the line).
 
     Args:
-        path: the JSONL file (one object per line; blank lines are skipped).
+        path: a local JSON array, JSONL, gzip (HumanEval.jsonl.gz as distributed) or Parquet file, or a Hub
+            dataset (``hf://datasets/OWNER/NAME/FILE``, ``OWNER/NAME:FILE``, ``OWNER/NAME[:DIR]@SPLIT``):
+            see :mod:`minimoe.sources`.
     """
-    rows = []
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+    return [record for _, record in read_records(str(path))]
 
 
 @dataclass(frozen=True)
@@ -137,6 +128,23 @@ class Task:
 
     def grading_info(self) -> dict:
         """How the grading was done, for summary.json (code tasks: the sandbox); nothing by default."""
+        return {}
+
+    def prepare(self, rows: list[dict], tok: Tokenizer, generate) -> list[dict]:
+        """The rows ready to be prompted. A task whose prompt holds the model's own earlier reply (PrefEval's
+        stated preference, answered first) generates it here with ``generate(prompts) -> [completion]``;
+        by default the rows as they are.
+
+        Args:
+            rows: the problems.
+            tok: the model's tokenizer.
+            generate: one completion per prompt, with the run's decoding settings (kept in ``OUT.partial``).
+        """
+        return rows
+
+    def summarize_records(self, records: list[dict]) -> dict:
+        """More of the summary, from the graded records (the fields :meth:`grade_sample` returned, e.g. an
+        error-type breakdown); nothing by default."""
         return {}
 
     def summarize(self, per_problem: list[list[bool]], ks=(1, 10)) -> dict:
@@ -283,7 +291,9 @@ class MultipleChoice(Task):
     def rows(self, data):
         """The rows in the form scored (:func:`~minimoe.eval.mc_rows.mc_rows`: ARC, OpenBookQA, ScienceQA, MMLU
         or minimoe's own layout); rows with an image are left out and counted in :attr:`skipped`."""
-        rows, images = mc_rows(super().rows(data), str(data))
+        if data is None:
+            return super().rows(data)  # the error naming --data
+        rows, images = mc_rows(read_records(str(data)), str(data))
         self.skipped.clear()
         if images:
             self.skipped["image"] = images
@@ -405,7 +415,7 @@ class Perplexity(Task):
         return PERPLEXITY
 
     def rows(self, data):
-        if data is not None and not str(data).endswith(".jsonl"):
+        if data is not None and not holds_records(str(data)):
             return [{"text": Path(data).read_text(encoding="utf-8")}]
         return super().rows(data)
 

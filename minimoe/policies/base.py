@@ -25,13 +25,14 @@ class Context:
     dataset: object = None  # minimoe.train.data.Dataset (ESFT scores experts on a sample of it)
     batch_size: int = 8
     steps_per_epoch: int = 1
-    total_steps: int = 1
+    total_steps: int = 0  # the run's steps (0: unknown)
     device: str = "cpu"
     seed: int = 0
     log: object = print  # one line for the user (the trainer's: above the progress bar, rank 0 only)
     stats: RoutingStats = field(default_factory=RoutingStats)  # the run's routing statistics (see policies/stats.py)
     part: tuple[int, int] = (0, 1)  # (rank, processes): this process's part of every global batch
     all_reduce: Callable = field(default=_same)  # sums a tensor over the processes, in place (one process: t)
+    stats_tokens: str = "all"  # tokens a measurement counts: all real ones, or the response's (--stats-tokens)
 
     def next_batch(self):
         """This process's part of the next global batch of training data, on the device."""
@@ -40,7 +41,8 @@ class Context:
     @torch.no_grad()
     def measure_routing(self, model: nn.Module, batches: int, data_state: dict | None = None) -> RoutingStats:
         """Routing statistics of ``batches`` training batches (from data position ``data_state``, default the
-        current one) in eval mode, over the response tokens, summed over the processes. The training data
+        current one) in eval mode, over the tokens ``stats_tokens`` names (as training counts them), summed
+        over the processes. The training data
         order is left where it was: a measurement is not training."""
         data = self.dataset
         saved = data.state_dict()
@@ -52,8 +54,8 @@ class Context:
                 data.load_state_dict(data_state)
             for _ in range(batches):
                 batch = self.next_batch()  # several processes: each measures its part of the global batch
-                stats.observe(model(batch.input_ids, attention_mask=batch.attention_mask, output_router=True),
-                              batch.loss_mask)
+                mask = batch.loss_mask if self.stats_tokens == "response" else batch.attention_mask
+                stats.observe(model(batch.input_ids, attention_mask=batch.attention_mask, output_router=True), mask)
             stats.sync()
         finally:
             data.load_state_dict(saved)
@@ -72,6 +74,7 @@ class Policy:
         pass
 
     needs_router = False  # whether training forwards return their routing, for the routing statistics
+    schedule = ("linear", 0.0)  # (lr schedule, warm-up ratio) of the paper: EPnG App. A.3, the Trainer defaults
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()

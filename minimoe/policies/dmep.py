@@ -22,6 +22,7 @@ from .base import Context, Policy, option
 class DMEP(Policy):
     name = "dmep"
     needs_router = True  # the hard counts come from the LoRA-MoE routes of training forwards
+    schedule = ("cosine", 0.1)  # DMEP §IV: cosine with 10% warm-up
 
     @dataclass
     class Config:
@@ -30,6 +31,10 @@ class DMEP(Policy):
         rank: int = option(8, "LoRA rank of every expert", low=1)
         lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", low=0.0)
         lb_coef: float = option(0.01, "load-balancing loss coefficient during exploration (off after pruning)", low=0.0)
+        lb_reduce: str = option("mean", "how the modules' LB losses combine before lb_coef: mean (the Switch / "
+                                        "transformers convention: lb_coef weighs one module's loss, whatever the "
+                                        "number of modules) or sum (DMEP's Eq., grows with the modules: 196 on "
+                                        "Qwen3-0.6B)", choices=("mean", "sum"))
         tau: float = option(0.1, "utilisation threshold τ: experts with a smaller share of hard top-k choices "
                                  "are pruned", low=0.0, high=1.0)
         k_min: int = option(2, "minimum surviving experts per module (and never fewer than top_k)", low=1)
@@ -65,9 +70,10 @@ class DMEP(Policy):
         return model.adapter_parameters()
 
     def extra_loss(self, out, mask):
-        """``lb_coef · Σ_modules E · Σ_i f_i · P_i`` until the prune, over the tokens of ``mask`` of the whole
-        (global) micro-batch: f and the token count are summed over the processes, P is this process's share
-        (see ``LoadBalancingLoss.value``). In one process it equals ``out.adapter_aux_loss``."""
+        """``lb_coef · mean_modules E · Σ_i f_i · P_i`` (``lb_reduce="sum"``: the sum over modules) until the
+        prune, over the tokens of ``mask`` of the whole (global) micro-batch: f and the token count are summed
+        over the processes, P is this process's share (see ``LoadBalancingLoss.value``). In one process the
+        sum equals ``out.adapter_aux_loss``."""
         if self.pruned_at is not None or not out.adapter_router:
             return None
         losses = []
@@ -81,7 +87,8 @@ class DMEP(Policy):
             E = lb.slots.numel()
             shares.append(lb.value(counts[offset:offset + E], counts[offset + E]))
             offset += E + 1
-        return self.config.lb_coef * torch.stack(shares).sum()
+        shares = torch.stack(shares)
+        return self.config.lb_coef * (shares.sum() if self.config.lb_reduce == "sum" else shares.mean())
 
     def module_metrics(self, model) -> dict[str, dict]:
         """Gini, normalised entropy and drift of every module's counts over the last interval."""

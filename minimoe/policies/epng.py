@@ -6,6 +6,9 @@
         G = the highest β fraction of the others
         prune P; spend the freed parameters on rank growth of G (budget-neutral, counted in parameters)
         p̄ ← λ · p̄
+
+No event at the last step unless ``final_event`` (Alg. 1 fires one there; its grown ranks never train). ``mode``
+runs Fig. 3a's ablation: ``prune-only`` (no growth) or ``grow-only`` (no pruning, over budget).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class EPnG(Policy):
         probe_batches: int = option(8, "training batches on which the importance of the base model (at the start) "
                                        "and of the fine-tuned one (at the end) is measured, for EPnG Fig. 6 / "
                                        "App. D; 0: off", low=0)
+        final_event: bool = option(False, "also fire an event at the last step, as Alg. 1 does literally (its grown "
+                                          "ranks never train and it prunes trained adapters: off by default)")
+        mode: str = option("prune-grow", "prune-grow (the method), prune-only (no growth: the budget shrinks) or "
+                                         "grow-only (no pruning; grows what a prune would have freed: over budget) "
+                                         "-- EPnG Fig. 3a's ablation", choices=("prune-grow", "prune-only", "grow-only"))
         targets: tuple[str, ...] = option(("gate_proj", "up_proj"),
                                           "expert projections that get LoRA (gate_proj, up_proj, down_proj)")
 
@@ -94,6 +102,8 @@ class EPnG(Policy):
         c = self.config
         if step < c.warmup or step % c.interval:
             return []
+        if not c.final_event and self.ctx is not None and 0 < self.ctx.total_steps <= step:
+            return []  # Alg. 1's event at the last step would grow ranks that never train
         record = self.event(step, model, optimizer)
         # an event time at which nothing could be pruned or grown (too few adapted experts left) changes
         # nothing: the statistics still decay as Alg. 1 says, but no prune/grow event is logged or counted
@@ -109,8 +119,15 @@ class EPnG(Policy):
         order = sorted(alive, key=lambda le: (importance.get(le, 0.0), le))
         n_prune = math.floor(c.alpha * len(alive))
         n_grow = math.floor(c.beta * len(alive))
-        pruned = order[:n_prune]
-        grown = [le for le in reversed(order[n_prune:])][:n_grow]
+        mods = model.expert_lora_modules()
+        # parameters per rank of an expert = Σ over its adapted projections of (in + out)
+        cost = {le: sum(m.in_features + m.out_features for m in mods[le[0]].values()) for le in alive}
+        if c.mode == "grow-only":  # no pruning: grow what pruning the least important would have freed
+            pruned, grown = [], list(reversed(order))[:n_grow]
+            self.budget += sum(cost[le] * int(ranks[le[0]][le[1]]) for le in order[:n_prune])
+        else:
+            pruned = order[:n_prune]
+            grown = [] if c.mode == "prune-only" else [le for le in reversed(order[n_prune:])][:n_grow]
 
         before = model.num_adapter_parameters()
         plan: dict[int, list[int]] = {}
@@ -119,13 +136,10 @@ class EPnG(Policy):
         model.prune_expert_lora(plan, optimizer=optimizer)
         after_prune = model.num_adapter_parameters()
 
-        # budget-neutral growth: parameters per added rank of an expert = Σ over its adapted projections
-        # of (in + out); spend what is left under the initial budget, evenly, the most important first
-        mods = model.expert_lora_modules()
+        # budget-neutral growth: spend what is left under the budget, evenly, the most important first
         grow_plan: dict[int, dict[int, int]] = {}
         available = self.budget - after_prune
         if grown:
-            cost = {le: sum(m.in_features + m.out_features for m in mods[le[0]].values()) for le in grown}
             cap = {le: min(min(m.in_features, m.out_features) for m in mods[le[0]].values()) - int(ranks[le[0]][le[1]])
                    for le in grown}
             delta = {le: 0 for le in grown}
@@ -143,6 +157,8 @@ class EPnG(Policy):
             model.grow_expert_lora(grow_plan, optimizer=optimizer, generator=self.generator)
         after = model.num_adapter_parameters()
         assert after <= self.budget, "EPnG exceeded its parameter budget"
+        if c.mode == "grow-only":  # the budget is what the grown model holds (what was not spent stays unspent)
+            self.budget = after
         record = {
             "event": "prune_grow", "step": step, "policy": self.name,
             "pruned": [[l, e] for l, e in pruned],

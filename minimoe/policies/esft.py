@@ -2,8 +2,8 @@
 
     score every routed expert on a sample of the training data:
         gate  — sum of its top-k routing weights      token — its share of the top-k slots
-    normalise per layer (the paper), or as the reference code does (``normalize="global"``: each
-        expert's score divided by its sum over layers, ``scores / scores.sum(axis=0)``)
+    normalise as the official code does (``normalize="global"``, the default: each expert's score divided
+        by its sum over layers, ``scores / scores.sum(axis=0)``), or per layer (``"layer"``, the paper's text)
     per layer, take experts by descending score until the cumulative score reaches top_p
         (the expert crossing the threshold is included)
     train those experts' full weights (``SelectedExperts``, an adapter); everything else is frozen and stays
@@ -54,8 +54,9 @@ class ESFT(Policy):
                                      "weights)", choices=("token", "gate"))
         top_p: float = option(0.0, "per layer, experts by descending score until their cumulative score "
                                    "reaches top_p; 0 = the ESFT paper's value (0.2 for token, 0.1 for gate)", low=0.0, high=1.0)
-        normalize: str = option("layer", "layer (scores normalised per layer, the paper) or global (each "
-                                         "expert over layers, the reference code)", choices=("layer", "global"))
+        normalize: str = option("global", "global (each expert's score divided by its sum over the layers: the "
+                                          "official code, generate_expert_config.py) or layer (each layer's scores "
+                                          "sum to 1, as the paper's text reads)", choices=("global", "layer"))
         sample_batches: int = option(32, "training batches scored before training starts", low=1)
         targets: tuple[str, ...] = option(("gate_proj", "up_proj", "down_proj"),
                                           "expert projections trained in full for the selected experts")

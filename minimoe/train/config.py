@@ -35,6 +35,12 @@ EMBEDDED_MODELS = {"dmep": "tiny-dense"}  # the others: tiny-moe
 EMBEDDED_RUN = {"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.05}
 EMBEDDED_OPTIONS = {"esft": {"sample_batches": 8}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SCHEDULES = ("linear", "cosine", "constant")
+# What a run resumed from a checkpoint written before a default changed gets for the arguments it lacks: the
+# behaviour it was trained with (2026-12: cosine schedule; DMEP's LB loss summed over modules; EPnG's event at
+# the last step; ESFT's per-layer normalisation was saved with every run already)
+LEGACY_ARGS = {"schedule": "cosine", "epochs": 0.0}
+LEGACY_OPTIONS = {"dmep": {"lb_reduce": "sum"}, "epng": {"final_event": True}}
 
 
 @dataclass
@@ -46,21 +52,31 @@ class TrainConfig:
                             "tiny-qwen3-moe: random weights, byte tokenizer); default: the shipped weights/tiny-moe "
                             "(weights/tiny-dense for dmep); a shipped model, named or by default, trains with the embedded "
                             "run's scaled defaults (--steps 300 --batch-size 16 --lr 3e-3 --warmup-ratio 0.05)")
-    data: str = option("tiny-arith", "JSONL file (MetaMathQA, GSM8K, Code Alpaca, prompt/response or chat messages) "
-                                     "or built-in tiny-arith")
+    data: str = option("tiny-arith", "data file (JSON, JSONL, .gz, Parquet) or Hub dataset (hf://datasets/OWNER/NAME/"
+                                     "FILE, OWNER/NAME:FILE, OWNER/NAME[:DIR]@SPLIT) of MetaMathQA, GSM8K, Code Alpaca, "
+                                     "MATH, prompt/response or chat-messages records; or built-in tiny-arith")
+    data_filter: tuple = option((), "keep only the records whose field KEY equals VALUE (every key must match; a "
+                                    "key given twice: either value); e.g. type=Algebra for MATH's algebra subset",
+                                metavar="KEY=VALUE")
     out: str = option("", "run directory (default runs/<policy>)")
     steps: int = option(500, "optimizer steps (EPnG App. A.3: 500; without --model: 300)", low=1)
     batch_size: int = option(8, "sequences per micro-batch (without --model: 16)", low=1)
     grad_accum: int = option(1, "micro-batches per step", low=1)
     lr: float = option(1e-4, "peak learning rate (EPnG App. A.3; without --model: 3e-3)", low=0.0)
-    warmup_ratio: float = option(0.1, "linear warm-up share of the steps, then cosine decay to 0 (without --model: "
-                                      "0.05)", low=0.0, high=1.0)
+    epochs: float = option(0.0, "passes over the training data; if > 0 it sets --steps to ceil(epochs x examples / "
+                                "global batch) at the start of a run (DMEP §IV: 5)", low=0.0)
+    schedule: str = option("", "learning rate after the warm-up: linear or cosine decay to 0, or constant; default: "
+                               "the policy's paper's (linear for epng, lora, esft, full: EPnG App. A.3, the "
+                               "transformers Trainer's; cosine for dmep: DMEP §IV)", choices=SCHEDULES)
+    warmup_ratio: float = option(-1.0, "linear warm-up share of the steps; default: the policy's paper's (0 for epng, "
+                                       "lora, esft, full; 0.1 for dmep; the embedded run: 0.05)", low=0.0, high=1.0)
     weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)", low=0.0)
     max_len: int = option(256, "tokens per example (longer ones are truncated; DMEP §IV: 256)", low=2)
     packing: bool = option(False, "pack examples into max_len rows")
-    stats_tokens: str = option("response", "tokens counted by routing statistics: response (prompt and padding "
-                                           "masked) or all (padding masked)", choices=("response", "all"))
+    stats_tokens: str = option("all", "tokens counted by routing statistics (and DMEP's LB loss): all real tokens "
+                                      "(padding masked; EPnG Eq. 6, DMEP Eqs. 8-9) or response (prompt masked too)",
+                               choices=("all", "response"))
     seed: int = option(0, "seed for data order, adapter init and the tiny model")
     save_every: int = option(0, "also checkpoint every N steps (0: only at the end)", low=0)
     divergence_factor: float = option(1.5, "stop (keeping the last good checkpoint) when the loss stays above this "
@@ -80,6 +96,13 @@ class TrainConfig:
     resume: str = option("", "continue the run in this directory (layout, weights, optimizer, data position, RNG); "
                              "its saved arguments apply unless given again")
     policy_options: dict = option({}, "options of the chosen policy (--<policy>-<option>)", cli=False)
+
+    def __post_init__(self):
+        """An unset schedule or warm-up takes the policy's paper's (``Policy.schedule``)."""
+        schedule, warmup = POLICIES[self.policy].schedule if self.policy in POLICIES else ("cosine", 0.1)
+        self.schedule = self.schedule or schedule
+        if self.warmup_ratio < 0:
+            self.warmup_ratio = warmup
 
     def resolved_device(self) -> str:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +199,10 @@ def resolve(argv=None, weights: Path | None = None, description: str | None = No
         given_batch = args.get("batch_size") is not None or "batch_size" in train
         saved["batch_size"] = _resumed_batch_size(resume, saved["batch_size"], info.get("world_size", 1),
                                                   given_batch, p.error)
-        saved_options = saved.pop("policy_options", {})
+        legacy = "schedule" not in saved  # (saved before 2026-12-02: its options are only those given then)
+        saved = {**LEGACY_ARGS, **saved}
+        saved_options = {**(LEGACY_OPTIONS.get(saved["policy"], {}) if legacy else {}),
+                         **saved.pop("policy_options", {})}
         for key in ("resume", "overwrite", "out", "stop_at"):
             saved.pop(key, None)
         train = {**saved, **train}

@@ -1,11 +1,13 @@
-"""Fine-tuning data: JSONL in the formats of the papers' data, prompt masking, truncation, packing,
-and a seeded batch order that can be saved and resumed exactly.
+"""Fine-tuning data: the formats of the papers' data, prompt masking, truncation, packing, and a seeded
+batch order that can be saved and resumed exactly.
 
-Record formats (one JSON object per line; the first matching one is used):
+Records come from a data spec (:mod:`minimoe.sources`: a local JSON/JSONL/gzip/Parquet file or a Hub
+dataset); each one is mapped to a (prompt, response) pair by the first format whose fields it has:
 
     MetaMathQA   {"query": ..., "response": ...}
     GSM8K        {"question": ..., "answer": ...}
     Code Alpaca  {"instruction": ..., "input": ..., "output": ...}
+    MATH         {"problem": ..., "solution": ...}          (``--data-filter type=Algebra`` for a subset)
     generic      {"prompt": ..., "response": ...}
     chat         {"messages": [{"role": ..., "content": ...}, ...]}   (loss on the last assistant turn)
 
@@ -23,18 +25,15 @@ from pathlib import Path
 import torch
 
 from ..model.tokenizer import Tokenizer
+from ..sources import DataError, read_records
 
 FORMATS = {
     "metamathqa": ("query", "response"),
     "gsm8k": ("question", "answer"),
     "code_alpaca": ("instruction", "output"),
+    "math": ("problem", "solution"),
     "generic": ("prompt", "response"),
 }
-
-
-class DataError(ValueError):
-    """Bad training data: names the file and line."""
-
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -87,33 +86,14 @@ def record_to_pair(record, where: str) -> tuple[str, str]:
     raise DataError(f"{where}: no known format (keys: {keys}); expected {formats}, or messages")
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    pairs = []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line, parse_constant=_no_constant)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-            except ValueError as e:
-                raise DataError(f"{path}:{n}: {e}") from None
-            pairs.append(record_to_pair(record, f"{path}:{n}"))
-    if not pairs:
-        raise DataError(f"{path}: the dataset is empty")
-    return pairs
+def read_pairs(spec: str, filters=()) -> list[tuple[str, str]]:
+    """The (prompt, response) pairs of a data spec (a local file or Hub dataset, :mod:`minimoe.sources`),
+    keeping the records that pass ``filters`` (``KEY=VALUE``); a bad record is a ``DataError`` naming its
+    file and line."""
+    return [record_to_pair(record, where) for where, record in read_records(spec, filters)]
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON (Python's json module accepts it; minimoe does not)")
+read_jsonl = read_pairs  # the former name (any format is read now)
 
 
 def synthetic_arith(n: int, seed: int) -> list[tuple[str, str]]:
@@ -146,11 +126,13 @@ def tiny_arith_split(split: str, seed: int = 0) -> list[tuple[str, str]]:
 BUILTIN = {"tiny-arith": lambda seed: tiny_arith_split("train", seed)}
 
 
-def load_pairs(data: str, seed: int = 0) -> list[tuple[str, str]]:
-    """A JSONL file, or the name of a built-in set (``tiny-arith``)."""
+def load_pairs(data: str, seed: int = 0, filters=()) -> list[tuple[str, str]]:
+    """A data spec (:func:`read_pairs`), or the name of a built-in set (``tiny-arith``)."""
     if data in BUILTIN and not Path(data).exists():
+        if filters:
+            raise DataError(f"--data-filter applies to a data file; the built-in {data} has no fields to filter")
         return BUILTIN[data](seed)
-    return read_jsonl(data)
+    return read_pairs(data, filters)
 
 
 def prompt_text(tok: Tokenizer, prompt) -> str:

@@ -37,7 +37,7 @@ from ..model.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 from .config import DTYPES, TrainConfig, default_model, is_preset
 from .distributed import World
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "cosine_schedule", "load_model_and_tokenizer"]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "cosine_schedule", "lr_schedule", "load_model_and_tokenizer"]
 
 
 class TrainingError(RuntimeError):
@@ -61,15 +61,26 @@ def load_model_and_tokenizer(name: str, device: str, seed: int, base_dir: Path |
     return from_pretrained(name, dtype=dtype, device=device), load_tokenizer(name)
 
 
-def cosine_schedule(optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(optimizer, steps: int, warmup_ratio: float, kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``round(warmup_ratio · steps)`` steps, then ``kind``: ``linear`` decay to 0 at
+    ``steps`` (the transformers Trainer's default, EPnG App. A.3), ``cosine`` decay to 0 (DMEP §IV), or
+    ``constant``."""
     warm = max(1, int(round(warmup_ratio * steps))) if warmup_ratio > 0 else 0
 
     def factor(s: int) -> float:
         if s < warm:
             return (s + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, steps - warm))))
+        done = min(1.0, (s - warm) / max(1, steps - warm))
+        if kind == "linear":
+            return 1.0 - done
+        return 1.0 if kind == "constant" else 0.5 * (1 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cosine_schedule(optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """(The schedule every run had before ``--schedule``; kept for code that imports it.)"""
+    return lr_schedule(optimizer, steps, warmup_ratio, "cosine")
 
 
 def peak_memory_mb(device: str) -> float:
@@ -170,7 +181,7 @@ class Trainer:
         self.preset = is_preset(c.model)  # a tiny preset: random weights, written to RUN/base/
         if not self.preset:
             resolve(c.model)
-        pairs = load_pairs(c.data, c.seed)
+        pairs = load_pairs(c.data, c.seed, c.data_filter)
         self.policy: Policy = make_policy(c.policy, c.policy_options)
         torch.manual_seed(c.seed)
         # --fsdp: the whole base is read into CPU memory only; each process's shard goes to the device later
@@ -192,6 +203,10 @@ class Trainer:
         self.part = (self.world.rank, self.world.size)  # this process's part of every global batch
         self.global_batch = c.batch_size * c.grad_accum * self.world.size
         self.steps_per_epoch = max(1, math.ceil(len(self.data) / self.global_batch))
+        if c.epochs and not c.resume:  # (resuming, the saved --steps stand; --steps M stretches them)
+            c.steps = max(1, math.ceil(c.epochs * len(self.data) / self.global_batch))
+            self._say(f"--epochs {c.epochs:g}: {c.steps} steps ({len(self.data)} examples, global batch "
+                      f"{self.global_batch})")
         self.policy.generator.manual_seed(c.seed)
         if not c.resume:
             return None
@@ -207,7 +222,7 @@ class Trainer:
         c = self.config
         self.stats = RoutingStats(self.world.all_reduce if self.world.distributed else None)
         ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed, self._say,
-                      self.stats, part=self.part, all_reduce=self.world.all_reduce)
+                      self.stats, part=self.part, all_reduce=self.world.all_reduce, stats_tokens=c.stats_tokens)
         self.policy.setup(self.model, ctx)
         if saved is not None:
             ckpt.apply_layout(self.model, saved["info"]["layout"])
@@ -223,7 +238,7 @@ class Trainer:
             raise TrainingError(f"policy {c.policy} left nothing to train")
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay,
                                            fused=self.device.startswith("cuda") or None)
-        self.scheduler = cosine_schedule(self.optimizer, c.steps, c.warmup_ratio)
+        self.scheduler = lr_schedule(self.optimizer, c.steps, c.warmup_ratio, c.schedule)
 
     def _restore(self, saved: dict) -> None:
         state = ckpt.load_checkpoint(saved["dir"], self.model, self.optimizer, self.scheduler)
@@ -242,8 +257,8 @@ class Trainer:
             after = self.optimizer.param_groups[0]["lr"]
             self._say(f"--steps {self.config.steps} (the run was planned for {planned}): the schedule is stretched "
                       f"to {self.config.steps} steps; the learning rate goes from {before[0]:.3g} to {after:.3g} "
-                      f"at step {self.step + 1}, then follows the warm-up/cosine of a {self.config.steps}-step run "
-                      "to 0")
+                      f"at step {self.step + 1}, then follows the {self.config.schedule} schedule of a "
+                      f"{self.config.steps}-step run")
             events.append({"event": "schedule", "step": self.step, "steps_planned": planned,
                            "steps": self.config.steps, "lr_before": before[0], "lr_after": after})
         try:
