@@ -2,16 +2,16 @@
 
 ``eval.py --task mc`` scores rows of the form ``{"question": str, "choices": [str, ...], "answer": int}`` (the
 index of the correct choice). :func:`mc_rows` turns each benchmark's own rows into that form, so its files are
-used as downloaded:
+used as downloaded (Hub datasets by their id):
 
-=====================================  ===============================================================
-ARC, OpenBookQA (AllenAI's JSONL)      ``question: {stem, choices: [{text, label}, ...]}``, ``answerKey``
-ARC (Hub: allenai/ai2_arc)             ``question`` (str), ``choices: {text: [...], label: [...]}``, ``answerKey``
-OpenBookQA (Hub: allenai/openbookqa)   ``question_stem``, ``choices: {text: [...], label: [...]}``, ``answerKey``
-ScienceQA (Hub: derek-thomas/ScienceQA) ``question``, ``choices`` (list), ``answer`` (index), ``hint``, ``image``
-MMLU (Hub: cais/mmlu)                  ``question``, ``choices`` (list), ``answer`` (index)
-minimoe's own                          ``question``, ``choices`` (list), ``answer`` (index or letter A, B, ...)
-=====================================  ===============================================================
+==================================  ============================================================================
+ARC, OpenBookQA (AllenAI's JSONL)   ``question: {stem, choices: [{text, label}, ...]}``, ``answerKey``
+ARC (allenai/ai2_arc)               ``question`` (str), ``choices: {text: [...], label: [...]}``, ``answerKey``
+OpenBookQA (allenai/openbookqa)     ``question_stem``, ``choices: {text: [...], label: [...]}``, ``answerKey``
+ScienceQA (derek-thomas/ScienceQA)  ``question``, ``choices`` (list), ``answer`` (index), ``hint``, ``image``
+MMLU (cais/mmlu)                    ``question``, ``choices`` (list), ``answer`` (index)
+minimoe's own                       ``question``, ``choices`` (list), ``answer`` (index or letter A, B, ...)
+==================================  ============================================================================
 
 Labels may be letters or digits (some ARC rows are labelled "1".."4"); the answer is looked up among the row's
 own labels and the options are always shown to the model as A, B, C, ... ScienceQA rows with an image are
