@@ -8,10 +8,11 @@
 
 The tasks (listed below) are the objects of minimoe.eval.tasks' registry: this command asks the chosen one
 for its rows, prompts, grader, metric and way of scoring (generation, option log-likelihood, perplexity),
-and adds its own options (mc: --mc-mode loglik|letter). Code tasks run programs in a sandboxed subprocess
-(--sandbox process|bwrap). Writes OUT/summary.json (scores, decoding settings, sandbox) and OUT/samples.jsonl
-(one line per sample, with its prompt and reference). While it runs, OUT.partial/ keeps the completions and
-every graded problem: if the evaluation is killed, the same command resumes it.
+and adds its own options (mc: --mc-mode loglik|letter; math: --math-grader). Code tasks run programs in a
+sandboxed subprocess (--sandbox process|bwrap). Writes OUT/summary.json (scores, decoding settings, the
+sandbox or MATH grader, skipped rows) and OUT/samples.jsonl (one line per sample, with its prompt and
+reference). While it runs, OUT.partial/ keeps the completions and every graded problem: if the evaluation is
+killed, the same command resumes it.
 """
 
 from __future__ import annotations
@@ -185,7 +186,10 @@ def main(argv=None) -> int:
             task.check_completions()
         progress = None
         if task.scoring == GENERATE:  # completions and graded problems are kept as they come (OUT.partial)
-            progress = Progress.open(partial_dir(out), evaluation(args), world, restart=args.overwrite)
+            run = evaluation(args)
+            if "grader" in (info := task.grading_info()):  # MATH: resumed only by the grader that began it
+                run["grader"] = info["grader"]
+            progress = Progress.open(partial_dir(out), run, world, restart=args.overwrite)
         if args.completions:
             summary, records = grade(task, rows, load_completions(args.completions, rows), args.k,
                                      args.timeout, args.memory_mb, world=world, progress=progress)

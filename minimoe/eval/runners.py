@@ -208,7 +208,8 @@ def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(
     if task.scoring == PERPLEXITY:
         return perplexity(model, tok, rows, world=world)
     if task.scoring == OPTION_LOGLIK:
-        return mc_loglik(model, tok, rows, world=world)
+        summary, records = mc_loglik(model, tok, rows, world=world)
+        return {**summary, **task.grading_info()}, records
     if task.scoring != GENERATE:
         raise ValueError(f"task {task.name}: unknown scoring {task.scoring!r}")
     rows = task.prepare(rows, tok, lambda prompts: _first_turns(model, tok, prompts, dec, world, progress))

@@ -3,8 +3,10 @@
 
 Tasks and metrics (the papers'):
     gsm8k       exact match of the final number (``question``/``answer`` rows)
-    math        exact match of the normalised ``\\boxed{}`` answer (``problem``/``solution`` rows)
-    mc          multiple choice (``question``, ``choices``, ``answer`` index or letter), by option
+    math        exact match of the ``\\boxed{}`` / "The answer is:" answer (``problem``/``solution`` rows),
+                by math-verify where installed, else Hendrycks' normalisation (``--math-grader``)
+    mc          multiple choice: ARC, OpenBookQA, ScienceQA (text-only), MMLU rows as distributed, or
+                ``question``, ``choices``, ``answer`` (:mod:`minimoe.eval.mc_rows`), by option
                 log-likelihood (``--mc-mode loglik``) or by generated letter (``letter``)
     humaneval   pass@k (``task_id``, ``prompt``, ``test``, ``entry_point``), programs run in a sandbox
     mbpp        pass@k (``task_id``, ``text``, ``test_list``[, ``test_setup_code``])
@@ -35,14 +37,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..sources import holds_records, read_records
 from ..train.data import prompt_text, tiny_arith_split
 from .sandbox import humaneval_program, mbpp_program, run_program, sandbox_info
-from .scoring import extract_choice, gsm8k_correct, math_correct, pass_at_k
+from .mc_rows import LETTERS, mc_row, mc_rows
+from .scoring import extract_choice, gsm8k_correct, math_correct, math_grader, pass_at_k
 
 if TYPE_CHECKING:
     from ..model.tokenizer import Tokenizer
@@ -52,7 +55,6 @@ GENERATE = "generate"  # sample completions, then grade each one (the only kind 
 OPTION_LOGLIK = "option-loglik"  # the log-likelihood of each option (mc rows: question, choices, answer)
 PERPLEXITY = "perplexity"  # exp(mean token NLL) of the documents
 
-LETTERS = "ABCDEFGHIJ"  # option letters of multiple choice
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
 
 
@@ -212,14 +214,51 @@ class TinyArith(GSM8K):
         return [{"question": q, "answer": a} for q, a in tiny_arith_split("test")]
 
 
+@dataclass(frozen=True)
 class Math(Task):
-    """Exact match of the normalised last ``\\boxed{}`` against the row's ``answer`` or its solution's box."""
+    """The completion's marked answer (last ``\\boxed{}``, or MetaMathQA's "The answer is:") against the
+    row's ``answer`` or its solution's, equal by math-verify or by Hendrycks' normalisation.
+
+    Args:
+        grader: ``"auto"`` (math-verify where it is installed), ``"math-verify"`` (an error without it) or
+            ``"normalisation"`` (Hendrycks' alone, as before math-verify existed); ``eval.py --math-grader``.
+    """
+
+    grader: str = "auto"
+    GRADERS: ClassVar[dict[str, bool | None]] = {"auto": None, "math-verify": True, "normalisation": False}
+
+    def __post_init__(self):
+        if self.grader not in self.GRADERS:
+            raise ValueError(f"MATH grader {self.grader!r} is not one of {', '.join(self.GRADERS)}")
 
     def prompt(self, row, tok):
         return prompt_text(tok, row["problem"])
 
     def correct(self, row, completion):
-        return math_correct(completion, row.get("answer") or row["solution"])
+        return math_correct(completion, str(row.get("answer") or row["solution"]), self.GRADERS[self.grader])
+
+    def grading_info(self):
+        """``{"grader": "math-verify 0.9.0"}`` or ``{"grader": "hendrycks-normalisation"}``."""
+        return {"grader": math_grader(self.GRADERS[self.grader])}
+
+    def add_arguments(self, parser):
+        parser.add_argument("--math-grader", choices=list(self.GRADERS), default=self.grader,
+                            help="MATH answers equal by: math-verify where installed (auto, the default; "
+                                 "pip install 'minimoe[math]'), math-verify, or Hendrycks' normalisation alone")
+
+    def configure(self, args):
+        task = replace(self, grader=getattr(args, "math_grader", None) or self.grader)
+        if task.grader == "math-verify":
+            task.grading_info()  # without the package: an error before anything runs
+        return task
+
+
+def _scored_form(row: dict) -> dict:
+    """A multiple-choice row as :meth:`MultipleChoice.rows` returns it (answer an index), also when it was not
+    read through it (a row of another layout, or a letter answer, handed to the task directly)."""
+    if isinstance(row.get("answer"), int) and isinstance(row.get("choices"), list):
+        return row
+    return mc_row(row) or row
 
 
 @dataclass(frozen=True)
@@ -233,9 +272,12 @@ class MultipleChoice(Task):
 
     Args:
         mode: ``"loglik"`` or ``"letter"``.
+        skipped: what the last :meth:`rows` left out, ``{"image": N}``, for summary.json. The one field filled
+            in place (the object is otherwise frozen); :meth:`configure` gives each configured copy its own.
     """
 
     mode: str = "loglik"
+    skipped: dict = field(default_factory=dict, compare=False, repr=False)
     MODES: ClassVar[tuple[str, ...]] = ("loglik", "letter")
 
     def __post_init__(self):
@@ -246,18 +288,34 @@ class MultipleChoice(Task):
     def scoring(self):
         return OPTION_LOGLIK if self.mode == "loglik" else GENERATE
 
+    def rows(self, data):
+        """The rows in the form scored (:func:`~minimoe.eval.mc_rows.mc_rows`: ARC, OpenBookQA, ScienceQA, MMLU
+        or minimoe's own layout); rows with an image are left out and counted in :attr:`skipped`."""
+        if data is None:
+            return super().rows(data)  # the error naming --data
+        rows, images = mc_rows(read_records(str(data)), str(data))
+        self.skipped.clear()
+        if images:
+            self.skipped["image"] = images
+        return rows
+
+    def grading_info(self):
+        """The rows left out (``{"skipped_rows": {"image": N}}``), where there were any."""
+        return {"skipped_rows": dict(self.skipped)} if self.skipped else {}
+
     def prompt(self, row, tok):
+        row = _scored_form(row)
         options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
         return prompt_text(tok, f"{row['question']}\n{options}\nAnswer with the letter of the correct option.")
 
     def correct(self, row, completion):
-        want = row["answer"] if isinstance(row["answer"], str) else LETTERS[row["answer"]]
-        return extract_choice(completion, LETTERS[:len(row["choices"])]) == want
+        row = _scored_form(row)
+        return extract_choice(completion, LETTERS[:len(row["choices"])]) == LETTERS[row["answer"]]
 
     def reference(self, row):
         """The correct option as the letter prompt lists it, e.g. ``"B. green"``."""
-        i = row["answer"] if isinstance(row["answer"], int) else LETTERS.index(row["answer"])
-        return f"{LETTERS[i]}. {row['choices'][i]}"
+        row = _scored_form(row)
+        return f"{LETTERS[row['answer']]}. {row['choices'][row['answer']]}"
 
     def check_completions(self):
         if self.scoring != GENERATE:
@@ -269,7 +327,7 @@ class MultipleChoice(Task):
                             help=f"multiple-choice scoring (default {self.mode})")
 
     def configure(self, args):
-        return replace(self, mode=getattr(args, "mc_mode", self.mode))
+        return replace(self, mode=getattr(args, "mc_mode", self.mode), skipped={})
 
 
 @dataclass(frozen=True)
@@ -372,9 +430,10 @@ class Perplexity(Task):
 
 
 register(GSM8K("gsm8k", "exact match of the final number (question/answer rows)"))
-register(Math("math", "exact match of the normalised \\boxed{} answer (problem/solution rows)"))
-register(MultipleChoice("mc", "multiple choice, ARC/ScienceQA-style (question, choices, answer index or letter); "
-                              "--mc-mode loglik|letter"))
+register(Math("math", "exact match of the \\boxed{} or 'The answer is:' answer (problem/solution rows); "
+                      "--math-grader"))
+register(MultipleChoice("mc", "multiple choice: ARC, OpenBookQA, ScienceQA (text-only), MMLU rows, or question, "
+                              "choices, answer index or letter; --mc-mode loglik|letter"))
 register(HumanEval("humaneval", "pass@k (task_id, prompt, test, entry_point), programs run in a sandbox",
                    stops=CODE_STOPS))
 register(MBPP("mbpp", "pass@k (task_id, text, test_list[, test_setup_code]), programs run in a sandbox"))
