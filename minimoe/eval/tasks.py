@@ -6,7 +6,7 @@ Tasks and metrics (the papers'):
     math        exact match of the ``\\boxed{}`` / "The answer is:" answer (``problem``/``solution`` rows),
                 by math-verify where installed, else Hendrycks' normalisation (``--math-grader``)
     mc          multiple choice: ARC, OpenBookQA, ScienceQA (text-only), MMLU rows as distributed, or
-                ``question``, ``choices``, ``answer`` (:mod:`minimoe.eval.mc_rows`), by option
+                ``question``, ``choices``, ``answer`` (:mod:`minimoe.mc_rows`), by option
                 log-likelihood (``--mc-mode loglik``) or by generated letter (``letter``)
     humaneval   pass@k (``task_id``, ``prompt``, ``test``, ``entry_point``), programs run in a sandbox
     mbpp        pass@k (``task_id``, ``text``, ``test_list``[, ``test_setup_code``])
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, ClassVar
 from ..sources import holds_records, read_records
 from ..train.data import prompt_text, tiny_arith_split
 from .sandbox import humaneval_program, mbpp_program, run_program, sandbox_info
-from .mc_rows import LETTERS, mc_row, mc_rows
+from ..mc_rows import LETTERS, mc_prompt, mc_row, mc_rows
 from .scoring import extract_choice, gsm8k_correct, math_correct, math_grader, pass_at_k
 
 if TYPE_CHECKING:
@@ -289,7 +289,7 @@ class MultipleChoice(Task):
         return OPTION_LOGLIK if self.mode == "loglik" else GENERATE
 
     def rows(self, data):
-        """The rows in the form scored (:func:`~minimoe.eval.mc_rows.mc_rows`: ARC, OpenBookQA, ScienceQA, MMLU
+        """The rows in the form scored (:func:`~minimoe.mc_rows.mc_rows`: ARC, OpenBookQA, ScienceQA, MMLU
         or minimoe's own layout); rows with an image are left out and counted in :attr:`skipped`."""
         if data is None:
             return super().rows(data)  # the error naming --data
@@ -305,8 +305,7 @@ class MultipleChoice(Task):
 
     def prompt(self, row, tok):
         row = _scored_form(row)
-        options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
-        return prompt_text(tok, f"{row['question']}\n{options}\nAnswer with the letter of the correct option.")
+        return prompt_text(tok, mc_prompt(row))
 
     def correct(self, row, completion):
         row = _scored_form(row)

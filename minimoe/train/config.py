@@ -222,8 +222,12 @@ def resolve(argv=None, weights: Path | None = None, description: str | None = No
             r = get_recipe(recipe)
         except KeyError as e:
             p.error(e.args[0])
+        given = set(train) | {k for k, v in args.items() if v is not None}
         train = {**r.train, **train, "recipe": recipe}
-        options = {**options, r.train["policy"]: {**r.options, **options.get(r.train["policy"], {})}}
+        if "steps" in given and "epochs" not in given:
+            train["epochs"] = 0.0  # --steps given with a recipe that counts epochs: the steps win
+        if (args.get("policy") or train["policy"]) == r.train["policy"]:  # (another --policy: not its options)
+            options = {**options, r.train["policy"]: {**r.options, **options.get(r.train["policy"], {})}}
     for key, value in args.items():
         if value is None or key == "config":
             continue

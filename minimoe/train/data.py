@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..model.tokenizer import Tokenizer
+from ..mc_rows import LETTERS, RowError, is_mc, mc_prompt, mc_row
 from ..sources import DataError, read_records
 
 FORMATS = {
@@ -66,14 +67,22 @@ def _messages(messages, where: str) -> list[dict]:
     return messages
 
 
-def record_to_pair(record, where: str) -> tuple[str, str]:
+def record_to_pair(record, where: str) -> tuple[str, str] | None:
     """One JSON record → (prompt, response) text, or a ``DataError`` naming ``where`` and the field: every
-    text field must be a string (a number, list or null is not silently turned into one)."""
+    text field must be a string (a number, list or null is not silently turned into one). A multiple-choice
+    row (:mod:`minimoe.mc_rows`) becomes its lettered prompt and the correct letter; None: a row with an image,
+    left out (the papers train on ScienceQA's text-only questions)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         messages = _messages(record["messages"], where)
         return messages[:-1], messages[-1]["content"]
+    if is_mc(record):  # ScienceQA, OpenBookQA, ARC, MMLU: trained to answer with the option's letter
+        try:
+            row = mc_row(record)
+        except RowError as e:
+            raise DataError(f"{where}: {e} (its keys: {', '.join(map(str, record))})") from None
+        return None if row is None else (mc_prompt(row), LETTERS[row["answer"]])
     for name, (p, r) in FORMATS.items():
         if p in record and r in record:
             prompt = _text(record[p], where, p)
@@ -90,7 +99,8 @@ def read_pairs(spec: str, filters=()) -> list[tuple[str, str]]:
     """The (prompt, response) pairs of a data spec (a local file or Hub dataset, :mod:`minimoe.sources`),
     keeping the records that pass ``filters`` (``KEY=VALUE``); a bad record is a ``DataError`` naming its
     file and line."""
-    return [record_to_pair(record, where) for where, record in read_records(spec, filters)]
+    pairs = (record_to_pair(record, where) for where, record in read_records(spec, filters))
+    return [pair for pair in pairs if pair is not None]  # (a ScienceQA row with an image is left out)
 
 
 read_jsonl = read_pairs  # the former name (any format is read now)

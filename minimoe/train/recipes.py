@@ -121,12 +121,10 @@ def _dmep(size: str, method: str, task: str) -> Recipe:
              "data": DATA[task], "epochs": 5.0, "batch_size": batch, "grad_accum": accum, "lr": 1e-4,
              "schedule": "cosine", "warmup_ratio": 0.1, "max_len": 256, "seed": 42, "dtype": "bfloat16",
              "eval_limit": 0}
-    options = ({"dense_targets": list(SEVEN), "targets": []} if method == "dense-lora" else
+    options = ({"dense_targets": list(SEVEN)} if method == "dense-lora" else
                {"prune_step": -1} if method == "lora-moe" else {})
     if task == "gsm8k":
         train["answer_only"] = True  # DMEP: direct answer prediction after '####', no chain of thought
-    if task == "scienceqa":
-        train["data_filter"] = ["image=null"]  # text-only questions
     memory = "~6 GB" if size == "0.6b" else "~30 GB (bf16 base 16.4 GB + activations at 4 x 256)"
     return Recipe(f"{method}-qwen3-{size}-{task}", f"DMEP Table I, Qwen3-{size[:-1]}B / {task}, row {DMEP_ROWS[method]}",
                   f"{params:.1f}M trainable, {speed} tok/s, accuracy {acc:.2f}%", train, options, (DMEP_EVALS[task],),

@@ -1,4 +1,5 @@
-"""The row layouts of the multiple-choice benchmarks, as distributed, read into one form.
+"""The row layouts of the multiple-choice benchmarks, as distributed, read into one form, and the prompt that
+shows them (the same in training, ``train.py --data``, and in evaluation, ``eval.py --task mc``).
 
 ``eval.py --task mc`` scores rows of the form ``{"question": str, "choices": [str, ...], "answer": int}`` (the
 index of the correct choice). :func:`mc_rows` turns each benchmark's own rows into that form, so its files are
@@ -93,6 +94,18 @@ def mc_row(row: dict) -> dict | None:
         question = f"Context: {hint.strip()}\n{question}"
     out = {"question": question, "choices": texts, "answer": _answer(row, labels)}
     return out | {k: v for k, v in row.items() if k not in _READ}
+
+
+def mc_prompt(row: dict) -> str:
+    """The question and its lettered options, as the model is trained and asked: the answer is the letter."""
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
+    return f"{row['question']}\n{options}\nAnswer with the letter of the correct option."
+
+
+def is_mc(record: dict) -> bool:
+    """Whether a record looks like a multiple-choice row (its choices and a labelled answer)."""
+    return ("choices" in record or isinstance(record.get("question"), dict)) and (
+        "answer" in record or "answerKey" in record)
 
 
 def mc_rows(records: list[tuple[str, dict]], source: str) -> tuple[list[dict], int]:
