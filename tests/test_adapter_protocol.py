@@ -16,7 +16,14 @@ ATTACH = {  # kind -> (preset, attach the adapter with generator g)
     "lora_moe": ("tiny-qwen3", lambda m, g: m.add_lora_moe(num_experts=4, top_k=2, rank=2, targets=("q_proj", "up_proj"),
                                                            generator=g)),
     "esft": ("tiny-olmoe", lambda m, g: _select(m)),
+    "trained_linear": ("tiny-qwen2-moe", lambda m, g: _train_shared(m)),
 }
+
+
+def _train_shared(model):
+    for layer in model.layers:
+        layer.mlp.shared_expert.up_proj = minimoe.adapters.trained.TrainedLinear(layer.mlp.shared_expert.up_proj)
+    model._freeze_base()
 
 
 def _select(model):
@@ -74,7 +81,7 @@ def test_each_kind_rebuilds_from_its_spec_and_loads_its_tensors(kind):
     assert torch.equal(model.eval()(ids).logits, want)
 
 
-@pytest.mark.parametrize("kind", ["expert_lora", "lora", "esft"])
+@pytest.mark.parametrize("kind", ["expert_lora", "lora", "esft", "trained_linear"])
 def test_merged_weight_folds_the_adapter_into_the_base(kind):
     model = _build(kind)
     with torch.no_grad():
@@ -123,5 +130,5 @@ def test_an_edited_alpha_is_refused_not_applied(tmp_path):
 
 
 def test_every_kind_is_registered():
-    assert set(KINDS) == {"expert_lora", "lora", "lora_moe", "esft"}
+    assert set(KINDS) == {"expert_lora", "lora", "lora_moe", "esft", "trained_linear"}
     assert all(issubclass(cls, Adapter) for cls in KINDS.values())

@@ -102,3 +102,23 @@ def test_a_run_from_before_the_new_defaults_resumes_with_what_it_was_trained_wit
     assert (c.schedule, c.stats_tokens, c.policy_options["lb_reduce"]) == ("cosine", "response", "sum")
     shutil.copytree(LEGACY / "epng-run", tmp_path / "e")
     assert resolve(["--resume", str(tmp_path / "e")]).policy_options["final_event"] is True
+
+
+def test_esft_can_train_the_shared_experts_too(tmp_path, capsys):
+    import minimoe
+
+    rc, out = _run(tmp_path, "s", "--policy", "esft", "--model", "tiny-qwen2-moe", "--steps", "2", "--lr", "1e-2",
+                   "--esft-sample-batches", "1", "--esft-shared")
+    assert rc == 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(cfg["kinds"]) == {"esft", "trained_linear"}
+    shared = {k for k in cfg["trained_linear"]}
+    assert shared == {f"layers.{l}.mlp.shared_expert.{t}" for l in range(2) for t in ("gate_proj", "up_proj", "down_proj")}
+    base = minimoe.from_pretrained(out / "base")
+    tuned = minimoe.from_pretrained(out / "base").load_adapter(out / "adapter")
+    for name in shared:  # the shared experts trained; their gate did not
+        assert not torch.equal(tuned.get_submodule(name).trained, base.get_submodule(name).weight), name
+    for l in range(2):
+        assert torch.equal(tuned.layers[l].mlp.shared_expert_gate.weight, base.layers[l].mlp.shared_expert_gate.weight)
+    rc, _ = _run(tmp_path, "o", "--policy", "esft", "--steps", "1", "--esft-sample-batches", "1", "--esft-shared")
+    assert rc == 2 and "--esft-shared: this model has no shared experts" in capsys.readouterr().err

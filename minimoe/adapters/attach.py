@@ -19,6 +19,7 @@ from .expert_lora import ResizableLoRAExpert
 from .lora import LoRALinear
 from .lora_moe import PrunableLoRAMoE
 from .selected import SelectedExperts
+from .trained import TrainedLinear
 from ..model.moe import SparseMoeBlock, StackedLinear
 
 EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -237,6 +238,10 @@ class AdapterMixin:
             lines.append(f"{'ESFT: experts trained in full':<40}  {'params':>10}  selected experts")
             for name, m in selected.items():
                 lines.append(f"{name:<40}  {m.num_adapter_parameters():>10,}  {m.selected.tolist()}")
+        full = {n: m for n, m in self.named_modules() if isinstance(m, TrainedLinear)}
+        if full:
+            lines.append(f"{'linears trained in full':<40}  {'params':>10}")
+            lines += [f"{name:<40}  {m.num_adapter_parameters():>10,}" for name, m in full.items()]
         if not lines:
             return "no adapters attached"
         total = self.num_adapter_parameters()

@@ -6,7 +6,7 @@
     expert LoRA   {module}.lora_A.{e} [r_e, in], {module}.lora_B.{e} [out, r_e]   (experts with r_e > 0)
     LoRA          {module}.lora_A [r, in], {module}.lora_B [out, r]
     LoRA-MoE      {module}.lora_A [E', r, in], .lora_B [E', out, r], .router.weight [E', in]
-    ESFT          {module}.trained [n_selected, out, in]
+    ESFT          {module}.trained [n_selected, out, in]; a shared expert trained in full: {module}.trained [out, in]
 
 The config records, per kind, each module's ``spec()`` (rank(s), alpha and scaling, the per-expert ranks
 and chunks (EPnG), the surviving LoRA-MoE experts with their original indices (DMEP), ESFT's selected
@@ -31,11 +31,12 @@ from ..files import atomic_dir
 from .lora import LoRALinear
 from .lora_moe import PrunableLoRAMoE
 from .selected import SelectedExperts
+from .trained import TrainedLinear
 
 FORMAT = "minimoe-adapter"
 CONFIG, WEIGHTS = "adapter_config.json", "adapter.safetensors"
 # every kind registers itself in KINDS by subclassing Adapter; the order of the file's sections:
-ORDER = [cls.kind for cls in (ResizableLoRAExpert, LoRALinear, PrunableLoRAMoE, SelectedExperts)]
+ORDER = [cls.kind for cls in (ResizableLoRAExpert, LoRALinear, PrunableLoRAMoE, SelectedExperts, TrainedLinear)]
 __all__ = ["AdapterError", "adapter_base_model", "adapter_config", "fingerprint", "load_adapter", "read_adapter",
            "save_adapter"]
 

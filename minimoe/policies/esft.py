@@ -6,8 +6,8 @@
         by its sum over layers, ``scores / scores.sum(axis=0)``), or per layer (``"layer"``, the paper's text)
     per layer, take experts by descending score until the cumulative score reaches top_p
         (the expert crossing the threshold is included)
-    train those experts' full weights (``SelectedExperts``, an adapter); everything else is frozen and stays
-    out of the optimizer
+    train those experts' full weights (``SelectedExperts``, an adapter) and, with ``shared``, the shared
+    experts' (``TrainedLinear``); everything else is frozen and stays out of the optimizer
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.selected import SelectedExperts
+from ..adapters.trained import TrainedLinear
 from .base import Context, Policy, option
 
 
@@ -58,6 +59,8 @@ class ESFT(Policy):
                                           "official code, generate_expert_config.py) or layer (each layer's scores "
                                           "sum to 1, as the paper's text reads)", choices=("global", "layer"))
         sample_batches: int = option(32, "training batches scored before training starts", low=1)
+        shared: bool = option(False, "also train the shared expert(s) in full (Qwen1.5-MoE's shared_expert; "
+                                     "ESFT's train_shared_experts); their gate stays frozen")
         targets: tuple[str, ...] = option(("gate_proj", "up_proj", "down_proj"),
                                           "expert projections trained in full for the selected experts")
 
@@ -97,9 +100,16 @@ class ESFT(Policy):
             block = model.layers[layer].mlp.experts
             for t in self.config.targets:
                 setattr(block, t, SelectedExperts(getattr(block, t), experts))
+        if self.config.shared:
+            shared = [m for m in (getattr(layer.mlp, "shared_expert", None) for layer in model.layers) if m is not None]
+            if not shared:
+                raise ValueError("--esft-shared: this model has no shared experts (Qwen1.5-MoE has; OLMoE has none)")
+            for mlp in shared:
+                for t in ("gate_proj", "up_proj", "down_proj"):
+                    setattr(mlp, t, TrainedLinear(getattr(mlp, t)))
 
     def trainable_parameters(self, model):
-        return [m.trained for m in model.modules() if isinstance(m, SelectedExperts)]
+        return [m.trained for m in model.modules() if isinstance(m, (SelectedExperts, TrainedLinear))]
 
     def start_events(self, model) -> list[dict]:
         return [self.selection_event()]
