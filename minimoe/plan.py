@@ -153,14 +153,19 @@ def build(config: ModelConfig, policy: str, options: dict | None = None, dtype: 
     model.to(getattr(torch, dtype))  # as train.py: the base at --dtype, adapters attached after in fp32
     pol = make_policy(policy, options or {})
     if policy == "esft":
-        if not config.num_experts:
-            raise ValueError("policy esft needs an MoE model (this one has no routed experts)")
-        n = esft_experts or math.ceil(pol.config.top_p * config.num_experts)
-        if not 1 <= n <= config.num_experts:
-            raise ValueError(f"--esft-experts {n}: must be in 1..{config.num_experts}")
-        pol.selection = {layer: list(range(n)) for layer in config.moe_layers}
+        pol.selection = _esft_selection(config, pol, esft_experts)
     pol.setup(model, Context(dataset=None))
     return model, pol, pol.trainable_parameters(model)
+
+
+def _esft_selection(config: ModelConfig, policy, experts: int | None) -> dict[int, list[int]]:
+    """ESFT's selection without data: ``experts`` per MoE layer (default ``ceil(top_p · E)``)."""
+    if not config.num_experts:
+        raise ValueError("policy esft needs an MoE model (this one has no routed experts)")
+    n = experts or math.ceil(policy.config.top_p * config.num_experts)
+    if not 1 <= n <= config.num_experts:
+        raise ValueError(f"--esft-experts {n}: must be in 1..{config.num_experts}")
+    return {layer: list(range(n)) for layer in config.moe_layers}
 
 
 def _unique(params) -> list[nn.Parameter]:
@@ -178,8 +183,10 @@ def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-def layer_activations(model, layer: nn.Module, N: int, a: int) -> int:
-    """Bytes one decoder layer saves for backward (the formula of the module docstring)."""
+def layer_activations(model, layer: nn.Module, N: int, a: int, grad_in: bool = True) -> int:
+    """Bytes one decoder layer saves for backward (the formula of the module docstring). ``grad_in=False``:
+    nothing before this layer trains, so its attention block saves nothing unless something in it trains
+    (autograd records no graph before the first tensor that needs a gradient)."""
     from .adapters.expert_lora import ResizableLoRAExpert
     from .adapters.lora import LoRALinear
     from .adapters.lora_moe import PrunableLoRAMoE
@@ -217,12 +224,15 @@ def layer_activations(model, layer: nn.Module, N: int, a: int) -> int:
     for name in ("q_proj", "k_proj", "v_proj"):
         total += linear_extra(getattr(attn, name), N, saved, "attn_in")
     total += linear_extra(attn.o_proj, N, saved, "o_in")
+    if not grad_in and not any(p.requires_grad for m in (layer.input_layernorm, attn) for p in m.parameters()):
+        total = N * (4 * H + 4)  # the attention saved nothing; the second norm's input needs no gradient either
     mlp = layer.mlp
     if isinstance(mlp, SparseMoeBlock):
         E, K, I = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
         R = N * K
-        total += N * (E * 4 + K * 8 + K * a)  # router
-        total += R * (H * a + 8) + 3 * R * I * a  # sort order, weighted experts' output; gate, up, SiLU outputs
+        routed = grad_in or _trains(mlp.gate)  # without a gradient coming in, the routing weights need none
+        total += N * (E * 4 + K * 8 + K * a) * routed  # router
+        total += R * (H * a * routed + 8) + 3 * R * I * a  # sort order, weighted output; gate, up, SiLU outputs
         pair = (mlp.experts.gate_proj, mlp.experts.up_proj)
         if any(_trains(m) or isinstance(m, (ResizableLoRAExpert, SelectedExperts)) for m in pair):
             total += R * H * a  # the gathered tokens xs, for the weight or LoRA-A gradients
@@ -243,7 +253,8 @@ def layer_activations(model, layer: nn.Module, N: int, a: int) -> int:
                     total += R * proj.in_features * a
             elif _trains(proj) and name == "down_proj":
                 total += R * I * a  # gate/up inputs are the dispatched xs, already counted
-        if mlp.shared_expert is not None:
+        shared_trains = mlp.shared_expert is not None and any(p.requires_grad for p in mlp.shared_expert.parameters())
+        if mlp.shared_expert is not None and (grad_in or shared_trains):
             S = c.shared_expert_intermediate_size
             total += 3 * N * S * a + N * (H + 1) * a
             total += _gate_up_inputs(mlp.shared_expert, N, H, a)
@@ -283,7 +294,13 @@ def activation_bytes(model, batch: int, length: int, a: int, checkpointing: bool
     """``{"layers": ..., "head": ..., "backward": ...}`` in bytes for one micro-batch (see the formula)."""
     c = model.config
     N = batch * length
-    per_layer = [layer_activations(model, layer, N, a) for layer in model.layers]
+    per_layer, grad_in = [], model.embed_tokens.weight.requires_grad
+    for layer in model.layers:
+        per_layer.append(layer_activations(model, layer, N, a, grad_in))
+        grad_in = grad_in or any(p.requires_grad for p in layer.parameters())
+    first = next((i for i, layer in enumerate(model.layers) if any(p.requires_grad for p in layer.parameters())),
+                 len(per_layer))
+    per_layer = [0] * first + per_layer[first:]  # layers before anything trains save nothing
     layers = (c.num_hidden_layers * N * c.hidden_size * a + max(per_layer)) if checkpointing else sum(per_layer)
     head = N * (4 * c.hidden_size + 4) + N * c.vocab_size * (a + 4)
     if model.lm_head.weight.requires_grad:
@@ -298,7 +315,8 @@ class Plan:
     model: str
     source: str
     policy: str
-    parameters: int
+    parameters: int  # the base model's (what config.json describes)
+    adapter_parameters: int  # what the policy attached (all trainable)
     trainable: int
     weights: int
     gradients: int
@@ -343,7 +361,6 @@ def plan(model_name: str, policy: str = "epng", options: dict | None = None, bat
     model, _, trainable = build(config, policy, options, dtype, esft_experts)
     params = _unique(model.parameters())
     trainable = _unique(trainable)
-    trained_ids = {id(p) for p in trainable}
     adapter_ids = {id(p) for p in model.adapter_parameters()}
     # FSDP shards every parameter that is not an adapter (full fine-tuning: its trained weights too)
     sharded = [p for p in params if fsdp and id(p) not in adapter_ids]
@@ -367,7 +384,9 @@ def plan(model_name: str, policy: str = "epng", options: dict | None = None, bat
         if checkpointing:
             copies = max(sum(p.numel() * 2 for p in layer.parameters() if p.dim() >= 2) for layer in model.layers) \
                 + model.lm_head.weight.numel() * 2
-    return Plan(model_name, source, policy, sum(p.numel() for p in params), sum(p.numel() for p in trainable),
+    base = sum(p.numel() for p in params if id(p) not in adapter_ids)
+    return Plan(model_name, source, policy, base, sum(p.numel() for p in params) - base,
+                sum(p.numel() for p in trainable),
                 weights, grads, optimizer, acts, gathered, copies, batch, length, dtype, device, checkpointing,
                 world_size, fsdp, gpu_memory)
 
@@ -382,7 +401,10 @@ def describe(p: Plan) -> str:
                f"{' (bf16 autocast)' if p.device.startswith('cuda') else ''}, gradient checkpointing "
                f"{'on' if p.checkpointing else 'off'}, {p.world_size} process{'es' if p.world_size > 1 else ''}"
                f"{' with FSDP' if p.fsdp else ''}")
-    rows = [("parameters", f"{p.parameters:,}"), ("trainable parameters", f"{p.trainable:,}"),
+    rows = [("parameters (base)", f"{p.parameters:,}")]
+    if p.adapter_parameters:
+        rows.append(("adapter parameters", f"{p.adapter_parameters:,}"))
+    rows += [("trainable parameters", f"{p.trainable:,}"),
             ("weights", gib(p.weights)), ("gradients", gib(p.gradients)),
             ("optimizer (AdamW, 2 moments)", gib(p.optimizer)), ("activations (estimate)", gib(p.activations))]
     if p.fsdp:
