@@ -178,3 +178,18 @@ def test_local_directory_and_esft_default_selection(tmp_path):
     assert p.parameters == SHIPPED_TOTALS["Qwen/Qwen3-30B-A3B"]
     # token score, top_p 0.2: ceil(0.2 x 128) = 26 experts per layer, their gate, up and down trained in full
     assert p.trainable == 48 * math.ceil(0.2 * 128) * 3 * 768 * 2048
+
+
+def test_train_py_plan_prints_the_runs_plan_and_trains_nothing(capsys, tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--policy", "epng", "--plan", "--device", "cpu"]) == 0  # the shipped tiny-moe
+    out = capsys.readouterr().out
+    assert "weights/tiny-moe" in out and "policy epng, batch 16 x 256 tokens" in out  # the embedded run's batch
+    assert "trainable parameters                      131,072" in out  # the README's epng budget
+    assert not (tmp_path / "runs").exists()
