@@ -49,7 +49,8 @@ Autograd records nothing before the first tensor that needs a gradient: layers b
 parameter save nothing, and the first one saves only what lies downstream of its adapters (with expert
 LoRA: no attention, router or shared expert in the first MoE layer).
 With ``--gradient-checkpointing`` each layer keeps only its input (N·H·a) and the backward recomputes one
-layer at a time: L·N·H·a + max(one layer's activations) + head. On CUDA with an fp32 base, autocast makes a
+layer at a time: L·N·H·a + max(one layer's activations) + head (two layers when LoRA-MoE load-balancing
+losses train: measured on CPU, one more layer is held then; the cause is not pinned down). On CUDA with an fp32 base, autocast makes a
 bf16 copy of every weight a matmul uses and the backward keeps it (a frozen weight is not cached by
 autocast): + base matmul weights × 2 bytes (one layer's with checkpointing). ``--dtype bfloat16`` avoids it.
 
@@ -309,7 +310,13 @@ def activation_bytes(model, batch: int, length: int, a: int, checkpointing: bool
     first = next((i for i, layer in enumerate(model.layers) if any(p.requires_grad for p in layer.parameters())),
                  len(per_layer))
     per_layer = [0] * first + per_layer[first:]  # layers before anything trains save nothing
-    layers = (c.num_hidden_layers * N * c.hidden_size * a + max(per_layer)) if checkpointing else sum(per_layer)
+    layers = sum(per_layer)
+    if checkpointing:
+        from .adapters.lora_moe import PrunableLoRAMoE
+
+        # measured: with LoRA-MoE load-balancing losses the backward holds one more recomputed layer
+        held = 2 if any(isinstance(m, PrunableLoRAMoE) and m.lb_enabled for m in model.modules()) else 1
+        layers = c.num_hidden_layers * N * c.hidden_size * a + held * max(per_layer)
     head = N * (4 * c.hidden_size + 4) + N * c.vocab_size * (a + 4)
     if model.lm_head.weight.requires_grad:
         head += N * c.hidden_size * a

@@ -193,3 +193,12 @@ def test_train_py_plan_prints_the_runs_plan_and_trains_nothing(capsys, tmp_path,
     assert "weights/tiny-moe" in out and "policy epng, batch 16 x 256 tokens" in out  # the embedded run's batch
     assert "trainable parameters                      131,072" in out  # the README's epng budget
     assert not (tmp_path / "runs").exists()
+
+
+def test_plan_check_measures_a_real_cpu_step():
+    from minimoe.plan_check import check
+
+    r = check("bench:medium", "lora", steps=2, threads=1)
+    assert r["trainable"] == 786_432  # 4 layers x 32 experts x (gate, up) x 8 x (256 + 128)
+    assert r["measured"] > 100 * 2**20 and r["baseline"] > 0
+    assert 0.8 < r["ratio"] < 1.2, r  # README: 0.95 for this run
