@@ -50,9 +50,10 @@ parameter save nothing, and the first one saves only what lies downstream of its
 LoRA: no attention, router or shared expert in the first MoE layer).
 With ``--gradient-checkpointing`` each layer keeps only its input (N·H·a) and the backward recomputes one
 layer at a time: L·N·H·a + max(one layer's activations) + head (two layers when LoRA-MoE load-balancing
-losses train: measured on CPU, one more layer is held then; the cause is not pinned down). On CUDA with an fp32 base, autocast makes a
-bf16 copy of every weight a matmul uses and the backward keeps it (a frozen weight is not cached by
-autocast): + base matmul weights × 2 bytes (one layer's with checkpointing). ``--dtype bfloat16`` avoids it.
+losses train: measured on CPU, one more layer is held then; the cause is not pinned down).
+On CUDA with an fp32 base, autocast makes a bf16 copy of every weight a matmul uses and the backward keeps
+it (a frozen weight is not cached by autocast): + base matmul weights × 2 bytes (one layer's with
+checkpointing). ``--dtype bfloat16`` avoids it. (From reading the code paths: not measured, no GPU yet.)
 
 Calibration: on CPU (fp32, batch 4 × 256) the formula is within 0.92-1.06× of the bytes autograd saves
 (counted with ``saved_tensors_hooks``; tests/test_plan.py) for expert LoRA, full fine-tuning, ESFT, dense
@@ -394,7 +395,8 @@ def plan(model_name: str, policy: str = "epng", options: dict | None = None, bat
         gathered = 2 * layer_bytes + _bytes(root) - _bytes(root) // world_size
     copies = 0
     if device.startswith("cuda") and dtype == "float32":
-        base = [p for p in params if id(p) not in adapter_ids and p.dim() >= 2 and id(p) != id(model.embed_tokens.weight)]
+        embedding = id(model.embed_tokens.weight)
+        base = [p for p in params if id(p) not in adapter_ids and p.dim() >= 2 and id(p) != embedding]
         copies = sum(p.numel() * 2 for p in base)
         if checkpointing:
             copies = max(sum(p.numel() * 2 for p in layer.parameters() if p.dim() >= 2) for layer in model.layers) \
