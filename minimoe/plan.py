@@ -77,7 +77,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters.expert_lora import ResizableLoRAExpert
+from .adapters.lora import LoRALinear
+from .adapters.lora_moe import PrunableLoRAMoE
+from .adapters.selected import SelectedExperts
+from .lm import CausalLM
 from .model.config import PRESETS, ModelConfig
+from .model.moe import SparseMoeBlock
+from .policies import Context, make_policy
 
 SHAPES_DIR = Path(__file__).resolve().parent / "model" / "shapes"
 POLICY_NAMES = ("lora", "epng", "dmep", "esft", "full")
@@ -152,9 +159,6 @@ def build(config: ModelConfig, policy: str, options: dict | None = None, dtype: 
     ``(model, policy object, trainable parameters)``. ESFT's selection needs training data; here every MoE
     layer selects ``esft_experts`` experts (default: ``ceil(top_p · E)``, what uniform routing selects, the
     most any routing can: skewed routing reaches top_p with fewer)."""
-    from .lm import CausalLM
-    from .policies import Context, make_policy
-
     if dtype != "float32" and policy in ("full", "esft"):
         raise ValueError(f"--dtype {dtype} with --policy {policy}: train.py refuses it (the trained weights would "
                          "have no fp32 master copy); plan with --dtype float32")
@@ -197,12 +201,6 @@ def layer_activations(model, layer: nn.Module, N: int, a: int, grad_in: bool = T
     """Bytes one decoder layer saves for backward (the formula of the module docstring). ``grad_in=False``:
     nothing before this layer trains, so its attention block saves nothing unless something in it trains
     (autograd records no graph before the first tensor that needs a gradient)."""
-    from .adapters.expert_lora import ResizableLoRAExpert
-    from .adapters.lora import LoRALinear
-    from .adapters.lora_moe import PrunableLoRAMoE
-    from .adapters.selected import SelectedExperts
-    from .model.moe import SparseMoeBlock
-
     c = model.config
     H, d, nh, nkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
     q, kv = nh * d, nkv * d
@@ -278,8 +276,6 @@ def layer_activations(model, layer: nn.Module, N: int, a: int, grad_in: bool = T
 
 def _gate_up_inputs(mlp, N: int, H: int, a: int) -> int:
     """A dense SwiGLU's gate/up adapters and, when anything there needs it, their shared input (N·H)."""
-    from .adapters.lora import LoRALinear
-    from .adapters.lora_moe import PrunableLoRAMoE
 
     pair = (mlp.gate_proj, mlp.up_proj)
     needs = any(_trains(m) or isinstance(m, (LoRALinear, PrunableLoRAMoE)) for m in pair)
@@ -288,8 +284,6 @@ def _gate_up_inputs(mlp, N: int, H: int, a: int) -> int:
 
 def _lora_only(module, N: int, a: int) -> int:
     """An adapter on a linear whose input (the normed hidden state) another saved tensor already holds."""
-    from .adapters.lora import LoRALinear
-    from .adapters.lora_moe import PrunableLoRAMoE
 
     if isinstance(module, LoRALinear):
         return N * module.rank * a
@@ -313,8 +307,6 @@ def activation_bytes(model, batch: int, length: int, a: int, checkpointing: bool
     per_layer = [0] * first + per_layer[first:]  # layers before anything trains save nothing
     layers = sum(per_layer)
     if checkpointing:
-        from .adapters.lora_moe import PrunableLoRAMoE
-
         # measured: with LoRA-MoE load-balancing losses the backward holds one more recomputed layer
         held = 2 if any(isinstance(m, PrunableLoRAMoE) and m.lb_enabled for m in model.modules()) else 1
         layers = c.num_hidden_layers * N * c.hidden_size * a + held * max(per_layer)
