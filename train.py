@@ -5,6 +5,7 @@
     python train.py --policy epng --model allenai/OLMoE-1B-7B-0125 --data metamath.jsonl --batch-size 32
     python train.py --policy epng --config run.toml                # TOML: [train] keys and [epng] options
     python train.py --policy epng --resume runs/epng --steps 1000  # continue a run
+    python train.py --policy epng --model allenai/OLMoE-1B-7B-0125 --batch-size 8 --plan   # will it fit?
 
 Policies: lora (static LoRA), epng (expert prune-and-grow), dmep (module-wise expert pruning),
 esft (expert-specialised full fine-tuning), full (full fine-tuning). Every policy option defaults to
@@ -43,6 +44,11 @@ def task_score(trainer: Trainer, limit: int) -> float:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plan" in argv:  # the run's memory plan instead of the run (see python -m minimoe.plan)
+        from minimoe.plan import plan_for
+
+        return plan_for(resolve([a for a in argv if a != "--plan"]))
     config = resolve(argv)
     if config.resume and (done := RunDir(config.resume).finished(config.steps)):
         return exit_with_error(done, 2)  # summary.json and everything else untouched
