@@ -3,6 +3,7 @@ cache (offline), its evaluations through ``eval.py --recipe``, and the data form
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -115,3 +116,14 @@ def test_eval_recipe_runs_each_evaluation_of_the_row(hub, tmp_path, capsys):  # 
     summary = json.loads((out / "openbookqa-mc" / "summary.json").read_text())
     assert summary["task"] == "mc" and summary["problems"] == 2 and summary["decoding"]["max_new_tokens"] == 256
     assert eval_py.main(["--recipe", "nope"]) == 2 and "unknown" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,trainable", [
+    ("epng-olmoe-math", 50_331_648),  # EPnG: 0.72% of OLMoE's 6.92B
+    ("dense-lora-qwen3-0.6b-gsm8k", 5_046_272),  # DMEP Table I: 5.0M
+    ("lora-moe-qwen3-0.6b-gsm8k", 42_663_936),  # 42.7M
+    ("lora-moe-qwen3-8b-openbookqa", 185_204_736),  # 185.2M
+])
+def test_a_recipes_plan_has_the_papers_trainable_count(name, trainable, capsys):
+    assert train.main(["--recipe", name, "--plan", "--device", "cuda"]) in (0, 1)  # (1: does not fit this machine)
+    assert re.search(rf"trainable parameters +{trainable:,}\n", capsys.readouterr().out)

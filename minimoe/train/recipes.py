@@ -65,9 +65,8 @@ class Recipe:
     train: dict  # TrainConfig keys
     options: dict = field(default_factory=dict)  # the policy's options
     evals: tuple[Evaluation, ...] = ()
-    memory: str = ""  # per-GPU estimate (see python -m minimoe.plan when it is there)
-    time: str = ""
-    notes: str = ""
+    notes: str = ""  # what the recipe chose where the paper is silent
+    # (memory per GPU: python train.py --recipe NAME --plan, computed from the model's shape)
 
 
 EPNG_MODELS = {"olmoe": ("allenai/OLMoE-1B-7B-0125", "Table 1 (OLMoE)"),
@@ -80,8 +79,6 @@ EPNG_REPORTED = {
     ("qwen1.5-moe", "epng"): (64.22, 37.32, 60.00, 74.39),
 }
 EPNG_ROWS = {"epng": "EPnG (ours)", "lora": "LoRA (static)", "esft": "ESFT", "full": "FFT"}
-EPNG_MEMORY = {"olmoe": "~20 GB (bf16 base 13.8 GB + activations at 8 x 512 with checkpointing)",
-               "qwen1.5-moe": "~36 GB (bf16 base 28.6 GB + activations at 8 x 512 with checkpointing)"}
 
 
 def _epng(model: str, method: str, domain: str) -> Recipe:
@@ -93,12 +90,8 @@ def _epng(model: str, method: str, domain: str) -> Recipe:
              "dtype": "float32" if full else "bfloat16", "gradient_checkpointing": True, "eval_limit": 0}
     reported = (f"GSM8K {gsm:.2f}, MATH {math_:.2f} (exact match %)" if domain == "math"
                 else f"MBPP {mbpp:.2f}, HumanEval {he:.2f} (pass@10 %)")
-    memory = EPNG_MEMORY[model] if not full else (
-        "~110 GB for FFT (fp32 weights, gradients, AdamW): torchrun --nproc_per_node 2+ train.py --recipe ... --fsdp"
-        if method == "full" else "~40 GB (fp32 base 27.7 GB + the selected experts' AdamW state)")
     return Recipe(f"{method}-{model}-{domain}", f"EPnG {table}, row {EPNG_ROWS[method]}", reported, train,
-                  evals=(GSM8K, MATH) if domain == "math" else (HUMANEVAL, MBPP), memory=memory,
-                  time="500 steps x 32 sequences: ~1-2 h on one A100/H100 (not measured here)",
+                  evals=(GSM8K, MATH) if domain == "math" else (HUMANEVAL, MBPP),
                   notes="max length 512 and generation length 512 are not stated in the paper")
 
 
@@ -125,10 +118,8 @@ def _dmep(size: str, method: str, task: str) -> Recipe:
                {"prune_step": -1} if method == "lora-moe" else {})
     if task == "gsm8k":
         train["answer_only"] = True  # DMEP: direct answer prediction after '####', no chain of thought
-    memory = "~6 GB" if size == "0.6b" else "~30 GB (bf16 base 16.4 GB + activations at 4 x 256)"
     return Recipe(f"{method}-qwen3-{size}-{task}", f"DMEP Table I, Qwen3-{size[:-1]}B / {task}, row {DMEP_ROWS[method]}",
                   f"{params:.1f}M trainable, {speed} tok/s, accuracy {acc:.2f}%", train, options, (DMEP_EVALS[task],),
-                  memory=memory, time="5 epochs; not measured here",
                   notes="peak learning rate not in our copy of the paper (1e-4 chosen)")
 
 
