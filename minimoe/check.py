@@ -27,6 +27,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import sys
 import tempfile
 import time
@@ -40,7 +41,12 @@ from .check_numerics import Result
 
 FAMILIES = ("tiny-olmoe", "tiny-qwen2-moe", "tiny-qwen3", "tiny-qwen3-moe")
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny-moe"  # in a clone of the repository
-RESUME_CUDA_TOL = 1e-4  # CUDA resume vs uninterrupted: max |diff| / max(1, max |param|) of the adapter weights
+# CUDA resume vs uninterrupted (CUDA's atomics make reductions vary run to run, so bit equality is not
+# required there; on the CPU everything must be exactly equal):
+RESUME_CUDA_TOL = 1e-2  # ||B_full - B_resumed|| / ||B_full|| over the LoRA B matrices (all start at 0, so
+# ||B_full|| is what training moved): noise flips a few near-zero Adam updates (~lr each); a resume that
+# restores the wrong data, state or layout moves B by as much as training did (ratio ~1)
+LOSS_CUDA_REL_TOL = 1e-3  # per-step training losses, relative
 BENCH_ROUTES = {  # label -> bench route; the ratio is minimoe over each transformers+PEFT route
     "minimoe": "minimoe expert LoRA r=8 gate+up",
     "PEFT grouped_mm": "transformers+PEFT LoRA r=8 gate+up (grouped_mm experts)",
@@ -59,7 +65,7 @@ def epng_resume(device: str, quick: bool) -> Result:
     model = str(SHIPPED) if (SHIPPED / "config.json").is_file() else "tiny-olmoe"
     with tempfile.TemporaryDirectory() as tmp:
         def config(name, **kw):
-            return TrainConfig(policy="epng", model=model, steps=6, batch_size=4, max_len=64, eval_limit=0,
+            return TrainConfig(policy="epng", model=model, steps=6, batch_size=2, max_len=64, eval_limit=0,
                                device=device, policy_options={"warmup": 2, "interval": 2, "probe_batches": 1},
                                **({"out": str(Path(tmp) / name)} if name else {}), **kw)
 
@@ -69,26 +75,39 @@ def epng_resume(device: str, quick: bool) -> Result:
             Trainer(config(None, resume=str(Path(tmp) / "half")), show_progress=False).train()
         runs = {name: Path(tmp) / name for name in ("full", "half")}
         weights = {n: load_file(str(d / "checkpoint" / "model.safetensors")) for n, d in runs.items()}
-        events = {n: [json.loads(x) for x in (d / "events.jsonl").read_text().splitlines()] for n, d in runs.items()}
+        events = {n: _lines(d / "events.jsonl") for n, d in runs.items()}
+        losses = {n: [m["loss"] for m in _lines(d / "metrics.jsonl")] for n, d in runs.items()}
     a, b = weights["full"], weights["half"]
     if a.keys() != b.keys():
         return Result("FAIL", f"resumed adapter layout differs: {sorted(a.keys() ^ b.keys())[:3]}")
-    diff = max((num.max_rel(a[k], b[k]) for k in a), default=0.0)
+    diff = max((float((a[k].float() - b[k].float()).abs().max()) for k in a), default=0.0)
+    bs = [k for k in a if ".B." in k or k.endswith("lora_B")]
+    moved = float(torch.cat([a[k].float().flatten() for k in bs]).norm())
+    ratio = float(torch.cat([(a[k].float() - b[k].float()).flatten() for k in bs]).norm()) / max(moved, 1e-30)
+    loss_rel = max(abs(x - y) / max(abs(x), 1e-30) for x, y in zip(losses["full"], losses["half"], strict=True))
     events_after = [e for e in events["half"] if e.get("event") == "prune_grow" and e.get("step", 0) > 3]
     if not events_after:
         return Result("FAIL", "no prune/grow event after the resume at step 3")
     exact = not device.startswith("cuda")
     differ = _first_difference(events["full"], events["half"], exact)
     where = "tiny-moe" if model != "tiny-olmoe" else "tiny-olmoe preset (weights/tiny-moe not shipped here)"
-    ok = diff == 0.0 if exact else diff <= RESUME_CUDA_TOL
-    tol = "must be exactly 0 on the CPU" if exact else f"tol {RESUME_CUDA_TOL:g}"
-    same = ("identical" if exact else "equal to 4 significant digits") if differ is None else f"DIFFER at {differ}"
-    return num.verdict(ok and differ is None, f"{where}, {len(a)} tensors, max diff {diff:.1e} ({tol}); "
-                                              f"{len(events['full'])} events {same}")
+    if exact:
+        ok, tol = diff == 0.0 and loss_rel == 0.0, "weights and losses must be exactly equal on the CPU"
+    else:
+        ok = ratio <= RESUME_CUDA_TOL and loss_rel <= LOSS_CUDA_REL_TOL
+        tol = f"tol: B ratio {RESUME_CUDA_TOL:g}, losses {LOSS_CUDA_REL_TOL:g}"
+    same = ("identical" if exact else "equal to rel 1e-4") if differ is None else f"DIFFER at {differ}"
+    return num.verdict(ok and differ is None and len(losses["half"]) == 6,
+                       f"{where}, {len(a)} tensors: max diff {diff:.1e}, B diff/B {ratio:.1e}, losses max rel "
+                       f"{loss_rel:.1e} ({tol}); {len(events['full'])} events {same}")
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def _first_difference(a, b, exact: bool, where: str = "") -> str | None:
-    """Where two events logs differ (None if nowhere): exactly, or with floats to 4 significant digits (CUDA's
+    """Where two events logs differ (None if nowhere): exactly, or with floats equal to a relative 1e-4 (CUDA's
     reductions need not match the uninterrupted run's bit for bit); wall-clock fields (``*_s``) are skipped."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys = [k for k in a.keys() | b.keys() if not str(k).endswith("_s")]
@@ -105,7 +124,7 @@ def _first_difference(a, b, exact: bool, where: str = "") -> str | None:
         return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, exact, f"{where}[{i}]"))),
                     None)
     if isinstance(a, float) and isinstance(b, float) and not exact:
-        return None if f"{a:.4g}" == f"{b:.4g}" else f"{where} ({a!r} vs {b!r})"
+        return None if math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-7) else f"{where} ({a!r} vs {b!r})"
     return None if a == b else f"{where} ({a!r} vs {b!r})"[:200]
 
 
