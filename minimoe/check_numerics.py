@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .adapters.base import adapters_of
 from .lm import CausalLM
 from .model.config import preset
+from .model.hf import to_hub_state_dict
 from .model.moe import grouped_mm_supported
 
 # Tolerances (every number the table prints is compared against one of these)
@@ -142,19 +144,14 @@ def transformers_parity(family: str, device: str, quick: bool) -> Result:
     if not bench._have_reference():
         return Result("SKIP", f"transformers/peft not importable or {bench.REFERENCE_ROUTES.name} absent "
                               "(pip install -e '.[test]' in a clone)")
-    from .model.hf import to_hub_state_dict
-
     routes = bench._reference_routes()
     cpu = tiny(family)
     ids = ids_for(cpu)
     parts, ok = [], True
     with tempfile.TemporaryDirectory() as tmp:
-        from safetensors.torch import save_file
-
         state = to_hub_state_dict(cpu.state_dict())
         if cpu.tied:  # one tensor on disk, as transformers writes a tied checkpoint
             state.pop("lm_head.weight", None)
-
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"))
         (Path(tmp) / "config.json").write_text(json.dumps(cpu.config.to_hf_config()))
         dtypes = [torch.float32] + ([torch.bfloat16] if bf16_supported(device) else [])

@@ -7,6 +7,7 @@ import io
 import re
 
 import pytest
+import torch
 
 from minimoe import check, check_numerics
 
@@ -98,6 +99,10 @@ def test_unknown_check_and_missing_cuda_are_flag_errors(capsys):
     with pytest.raises(SystemExit):
         check.main(["--device", "tpu"])
     assert "--device tpu: use cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            check.main(["--device", "cuda"])
+        assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
 
 
 def test_events_compare_exactly_on_cpu_and_to_a_relative_1e_4_on_cuda():
