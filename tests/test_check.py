@@ -126,3 +126,21 @@ def test_benchmark_without_the_reference_libraries_reports_their_routes_skipped(
     assert re.fullmatch(r"tiny: minimoe [\d,]+ tok/s, PEFT grouped_mm skipped \(transformers/peft not installed\), "
                         r"PEFT eager skipped \(transformers/peft not installed\) \(throughput is reported, not judged\)",
                         detail), detail
+
+
+def test_a_resume_that_loses_the_optimizer_state_fails_the_epng_check(monkeypatch):
+    from minimoe.train.trainer import Trainer
+
+    real = Trainer._restore
+
+    def forgetful(self, saved):
+        real(self, saved)
+        self.optimizer.state.clear()  # a resume bug: AdamW's moments and step counts not restored
+
+    monkeypatch.setattr(Trainer, "_restore", forgetful)
+    rc, _, rows = _run(["--device", "cpu", "--only", "epng"])
+    status, detail = rows["epng resume"]
+    assert rc == 1 and status == "FAIL"
+    ratio = float(re.search(r"B diff/B ([\d.e+-]+)", detail)[1])
+    loss_rel = float(re.search(r"losses max rel ([\d.e+-]+)", detail)[1])
+    assert ratio > check.RESUME_CUDA_TOL and loss_rel > 0, detail  # caught on the CPU and by the CUDA tolerance
