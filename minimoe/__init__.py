@@ -4,7 +4,7 @@ Subpackages: ``model`` (the network), ``adapters`` (the layers that prune and gr
 state), ``policies`` (EPnG, DMEP and the baselines, and the routing statistics they decide from), ``train``
 (the loop, run directory, checkpoints, several processes), ``eval`` (benchmarks and graders). ``lm.CausalLM``
 joins the network and its adapter methods; the modules at the top are commands
-(``python -m minimoe.bench|convert|export|scaling|tiny|plots|reproduce``) and two small utilities
+(``python -m minimoe.bench|check|convert|export|scaling|tiny|plots|reproduce``) and two small utilities
 (``files``, ``options``).
 """
 
