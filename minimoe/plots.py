@@ -206,8 +206,12 @@ def _index(run: Path, out: Path, written: list[Path]) -> Path:
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     keep = ("policy", "model", "steps", "final_loss", "trainable_parameters", "tokens_per_s", "events",
             "task_score_before", "task_score_after")
-    rows = [f"| {k} | {summary[k]:,.4g} |" if isinstance(summary[k], float) else f"| {k} | {summary[k]} |"
-            for k in keep if k in summary]
+    def cell(v) -> str:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return str(v)
+        return f"{v:,}" if isinstance(v, int) else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+    rows = [f"| {k} | {cell(summary[k])} |" for k in keep if k in summary]
     text = [f"# {run.name}", "", "| | |", "|---|---|", *rows, ""]
     text += [f"![{p.stem}]({p.name})" for p in written]
     path = out / "index.md"
