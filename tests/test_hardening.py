@@ -219,7 +219,7 @@ def test_toml_values_are_checked_and_a_run_writes_a_config_that_repeats_it(tmp_p
                        "--out", str(run)]) == 0
     args = json.loads((run / "args.json").read_text())
     assert args["policy_options"] == {"score": "token", "top_p": 0.2, "normalize": "global", "sample_batches": 1,
-                                      "targets": ["gate_proj", "up_proj", "down_proj"]}  # resolved: 0 -> 0.2
+                                      "shared": False, "targets": ["gate_proj", "up_proj", "down_proj"]}  # 0 -> 0.2
     again = train.resolve(["--config", str(run / "config.toml")])
     first = train.resolve(["--policy", "esft", *TINY, "--steps", "2", "--esft-sample-batches", "1",
                            "--out", str(run)])
