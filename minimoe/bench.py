@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -183,7 +182,9 @@ def _worker(args) -> dict:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        from .plan_check import peak_rss  # (not getrusage: its maxrss counts the parent's peak too)
+
+        peak = peak_rss() / 2**20
     return dict(route=args.worker, fwd_bwd_tok_s=tokens / statistics.median(fwd_bwd),
                 step_tok_s=tokens / statistics.median(step), peak_mib=peak,
                 trainable=sum(p.numel() for p in params), loss=float(out.loss))

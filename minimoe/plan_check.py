@@ -6,7 +6,7 @@
 Each check runs in its own process: the model is built with random weights (no checkpoint, so no
 memory-mapped file pages count), the policy attaches its adapters, and ``--steps`` optimizer steps run
 (forward with loss, backward, AdamW as ``train.py`` builds it). Measured: the peak resident set size
-(``getrusage`` maxrss) minus the resident size just before the model was built (the Python, torch and
+(``VmHWM``) minus the resident size just before the model was built (the Python, torch and
 minimoe runtime, which the plan does not count), after a warm-up step of a very small model (the
 runtime's one-time allocations: kernel libraries, thread pools). Planned: ``minimoe.plan`` for the run on
 ``cpu``.
@@ -33,6 +33,15 @@ def _rss() -> int:
     """This process's resident set size now, in bytes (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size, in bytes (Linux ``VmHWM``). Not ``getrusage``'s maxrss: that
+    survives ``exec`` and starts at the parent's size, so a measuring process started by a large one (a test
+    session holding models) would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 def _warm_up(torch) -> None:
@@ -81,7 +90,7 @@ def _worker(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         del out, loss
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss()
     return {"measured": peak - baseline, "baseline": baseline}
 
 

@@ -14,7 +14,8 @@ on the test split):
   first epoch, LB loss off after). Besides the whole run's throughput it reports the second half's, when
   DMEP's pruned modules are in place (the paper's post-pruning throughput).
 
-Runs go to ``runs/reproduce/<row>-seed<S>``, the tables to ``runs/reproduce/table.md``.
+Runs go to ``runs/reproduce/<row>-seed<S>``, the tables to ``runs/reproduce/table.md``, which links the
+figures of the first seed's epng and dmep runs (drawn into each run's ``plots/``; needs the ``plot`` extra).
 
 Earlier runs are never replaced silently: before anything starts, every run directory that already
 holds files is either reused (``--reuse``, when it is a finished run of the same row, seed and steps)
@@ -142,6 +143,26 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(out).rstrip()
 
 
+FIGURES = ("epng", "dmep")  # the rows whose first seed's figures the table links (python -m minimoe.plots)
+
+
+def figures(root: Path, runs: list[Path]) -> str:
+    """Draw each run's figures (``RUN/plots``) and return the markdown lines that link them from ``table.md``;
+    nothing (and a note) without matplotlib."""
+    try:
+        from .plots import plot_run
+
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "\n\n(figures: pip install 'minimoe[plot]', then python -m minimoe.plots RUN)" if runs else ""
+    lines = []
+    for run in runs:
+        drawn = [p for p in plot_run(run) if p.suffix == ".png"]
+        links = ", ".join(f"[{p.stem}]({p.relative_to(root)})" for p in drawn)
+        lines.append(f"* {run.name}: {links} ([all, with the run's summary]({(run / 'plots' / 'index.md').relative_to(root)}))")
+    return "\n\nFigures (seed 0):\n\n" + "\n".join(lines) if lines else ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minimoe.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,7 +200,7 @@ def main(argv=None) -> int:
         results.setdefault(row, []).append(summary)
         print(f"{row} seed {seed}: {summary['task_score_before']:.3f} -> {summary['task_score_after']:.3f} "
               f"({summary['trainable_parameters']:,} trainable, {summary['tokens_per_s']:,.0f} tok/s)", flush=True)
-    text = table(results)
+    text = table(results) + figures(args.out, [out for row, seed, out in plan if seed == 0 and row in FIGURES])
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "table.md", text + "\n")
     print(text)

@@ -224,7 +224,7 @@ def test_toml_values_are_checked_and_a_run_writes_a_config_that_repeats_it(tmp_p
     first = train.resolve(["--policy", "esft", *TINY, "--steps", "2", "--esft-sample-batches", "1",
                            "--out", str(run)])
     assert again.policy_options == {**first.policy_options, "score": "token", "top_p": 0.2, "normalize": "global",
-                                    "targets": ("gate_proj", "up_proj", "down_proj")}
+                                    "shared": False, "targets": ("gate_proj", "up_proj", "down_proj")}
     assert {k: v for k, v in vars(again).items() if k != "policy_options"} == \
         {k: v for k, v in vars(first).items() if k != "policy_options"}
 

@@ -38,6 +38,11 @@ def test_plots_of_epng_and_dmep_runs(tmp_path):
     assert set(files) == figures | {"index.md"}
     assert all(files[f].startswith(PNG) and len(files[f]) > 5000 for f in figures)
     assert "| policy | dmep |" in files["index.md"].decode()
+    from minimoe.reproduce import figures  # what python -m minimoe.reproduce appends to its table.md
+
+    links = figures(tmp_path, [tmp_path / "e", tmp_path / "d"])
+    assert "[epng_prune_grow](e/plots/epng_prune_grow.png)" in links and "[dmep_routing](d/plots/dmep_routing.png)" in links
+    assert "(d/plots/index.md)" in links
 
 
 def test_without_matplotlib_the_command_says_how_to_install(tmp_path, monkeypatch, capsys):
