@@ -15,6 +15,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import transformers  # noqa: E402  (the reference; a test-only dependency)
 
+from minimoe.check_numerics import randomize  # noqa: E402  (after HF_HUB_OFFLINE is set)
+
 HF_CLASSES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
@@ -50,15 +52,7 @@ def build_hf(model_type: str, seed: int = 0, **overrides):
     cfg_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[model_type])
     config = cfg_cls(**{**_COMMON, **overrides})
     torch.manual_seed(seed)
-    model = model_cls(config).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
-    return model
+    return randomize(model_cls(config).float().eval(), seed)  # (the self-check draws its weights the same way)
 
 
 def save_fused(model, directory: Path) -> Path:
