@@ -182,12 +182,19 @@ def _worker(args) -> dict:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        from .plan_check import peak_rss  # (not getrusage: its maxrss counts the parent's peak too)
-
         peak = peak_rss() / 2**20
     return dict(route=args.worker, fwd_bwd_tok_s=tokens / statistics.median(fwd_bwd),
                 step_tok_s=tokens / statistics.median(step), peak_mib=peak,
                 trainable=sum(p.numel() for p in params), loss=float(out.loss))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size, in bytes (Linux ``VmHWM``). Not ``getrusage``'s maxrss: that
+    survives ``exec`` and starts at the parent's size, so a measuring process started by a large one (a test
+    session holding models) would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 def _have_reference() -> bool:

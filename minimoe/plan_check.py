@@ -28,20 +28,13 @@ import resource
 import subprocess
 import sys
 
+from .bench import peak_rss
+
 
 def _rss() -> int:
     """This process's resident set size now, in bytes (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size, in bytes (Linux ``VmHWM``). Not ``getrusage``'s maxrss: that
-    survives ``exec`` and starts at the parent's size, so a measuring process started by a large one (a test
-    session holding models) would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024  # kB
 
 
 def _warm_up(torch) -> None:
@@ -90,7 +83,7 @@ def _worker(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         del out, loss
-    peak = peak_rss()
+    peak = peak_rss()  # (minimoe.bench's: VmHWM, not getrusage)
     return {"measured": peak - baseline, "baseline": baseline}
 
 
