@@ -16,12 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluate  # noqa: E402
 import train  # noqa: E402
 
-try:
-    import pyarrow
-    import pyarrow.parquet
-except ImportError:  # the optional extra: Parquet tests skip, the missing-extra message is still tested
-    pyarrow = None
-needs_pyarrow = pytest.mark.skipif(pyarrow is None, reason="pyarrow (minimoe[parquet]) is not installed")
+import pyarrow  # noqa: E402  (the test extra installs the parquet extra; its absence is tested by hiding it)
+import pyarrow.parquet  # noqa: E402
 
 # Rows as the datasets publish them (first rows of each; MATH's level/type fields as in hendrycks/MATH).
 METAMATHQA = [
@@ -159,7 +155,6 @@ def test_every_local_format_reads_the_same_records_with_their_lines(tmp_path):
     assert read_pairs(str(array)) == read_pairs(str(lines)) == read_pairs(str(gz)) == read_pairs(str(array_gz)) == pairs
 
 
-@needs_pyarrow
 def test_parquet_rows_are_records_named_by_row(tmp_path):
     path = _parquet(tmp_path / "test-00000-of-00001.parquet", MATH)
     assert read_records(str(path)) == [(f"{path}: row {i}", row) for i, row in enumerate(MATH)]
@@ -296,7 +291,6 @@ def test_a_split_is_found_by_name_and_directory(hub):
     assert len(read_records("me/mixed:data@test")) == 1
 
 
-@needs_pyarrow
 def test_a_hub_split_in_parquet_as_the_hub_publishes_it(hub, tmp_path):
     files = {}
     for split, rows in (("test", MATH), ("train", MATH[:2])):
