@@ -84,18 +84,13 @@ from .adapters.selected import SelectedExperts
 from .lm import CausalLM
 from .model.config import PRESETS, ModelConfig
 from .model.moe import SparseMoeBlock
+from .model.reference import hub_config, shipped_shapes
 from .policies import Context, make_policy
 
-SHAPES_DIR = Path(__file__).resolve().parent / "model" / "shapes"
 POLICY_NAMES = ("lora", "epng", "dmep", "esft", "full")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 _UNITS = {"": 2**30, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def shipped_shapes() -> dict[str, Path]:
-    """``{Hub id: config.json}`` of the reference checkpoints shipped with minimoe (``model/shapes``)."""
-    return {p.stem.replace("--", "/"): p for p in sorted(SHAPES_DIR.glob("*.json"))}
 
 
 def parse_memory(text: str, flag: str = "--gpu-memory") -> int:
@@ -139,18 +134,7 @@ def load_config(name: str, revision: str | None = None) -> tuple[ModelConfig, st
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise FileNotFoundError(f"--model {name!r}: not a local directory, a tiny preset ({', '.join(PRESETS)}), "
                                 f"a shipped shape ({', '.join(shipped)}) or a Hub id 'org/name'")
-    from huggingface_hub import hf_hub_download
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        file = hf_hub_download(name, "config.json", revision=revision, local_files_only=offline)
-    except Exception as e:  # offline cache miss, no network, no such repo, gated repo
-        hint = " (HF_HUB_OFFLINE is set: only the Hub cache is read)" if offline else ""
-        raise FileNotFoundError(
-            f"--model {name!r}: not a local directory, a tiny preset or a shipped shape ({', '.join(shipped)}), and "
-            f"its config.json could not be read from the Hub{hint}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from None
-    return ModelConfig.from_json(file).replace(name_or_path=name), f"Hub config.json of {name} ({file})"
+    return hub_config(name, revision, f"a tiny preset or a shipped shape ({', '.join(shipped)})")
 
 
 def build(config: ModelConfig, policy: str, options: dict | None = None, dtype: str = "float32",
