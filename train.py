@@ -58,6 +58,11 @@ def main(argv=None) -> int:
         return exit_with_error(str(e), 2)
     c, world = trainer.config, trainer.world
     say = print if world.main else (lambda *a, **k: None)  # one process speaks
+    if c.recipe:  # what it reproduces, and what it chose where the paper is silent
+        from minimoe.train.recipes import get_recipe
+
+        recipe = get_recipe(c.recipe)
+        say(f"recipe {recipe.name}: {recipe.paper} (the paper: {recipe.reported}); {recipe.notes}")
     say(f"{trainer.policy.describe()}")
     batch = (f"{c.batch_size} x {c.grad_accum} accumulation x {world.size} processes = {trainer.global_batch} "
              "sequences" if world.distributed else f"{c.batch_size * c.grad_accum} sequences")

@@ -88,7 +88,9 @@ def test_dmep_recipes_count_their_steps_in_epochs(hub, tmp_path, capsys):  # noq
     assert train.main(["--recipe", "dmep-qwen3-0.6b-openbookqa", "--model", "tiny-qwen3", "--batch-size", "1", "--dtype", "float32",
                        "--grad-accum", "1", "--max-len", "64", "--out", str(out)]) == 0
     assert json.loads((out / "args.json").read_text())["steps"] == math.ceil(5 * 3 / 1) == 15  # 5 epochs of 3 rows
-    assert "--epochs 5: 15 steps (3 examples, global batch 1)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "--epochs 5: 15 steps (3 examples, global batch 1)" in said
+    assert "recipe dmep-qwen3-0.6b-openbookqa: DMEP Table I" in said and "peak learning rate not in our copy" in said
 
 
 def test_multiple_choice_rows_train_as_their_letter_and_image_rows_are_left_out(hub, tmp_path):  # noqa: F811

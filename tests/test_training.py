@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import minimoe
 from minimoe import optim
-from minimoe.train.data import Dataset, encode_pair, read_jsonl
+from minimoe.train.data import Dataset, encode_pair, read_pairs
 from minimoe.policies import DMEP, Context, EPnG
 from minimoe.policies.esft import SelectedExperts, normalize_scores, top_p_selection
 from minimoe.policies.stats import drift, gini, normalized_entropy
@@ -338,7 +338,7 @@ def test_data_formats_and_prompt_masking(tmp_path):
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    pairs = read_jsonl(f)
+    pairs = read_pairs(f)
     assert [p[1] for p in pairs] == ["r1", "r2\n#### 2", "code", "r", "yo"]
     assert pairs[2][0] == "write\n\nx"
     tok = byte_tokenizer()

@@ -103,9 +103,6 @@ def read_pairs(spec: str, filters=()) -> list[tuple[str, str]]:
     return [pair for pair in pairs if pair is not None]  # (a ScienceQA row with an image is left out)
 
 
-read_jsonl = read_pairs  # the former name (any format is read now)
-
-
 def synthetic_arith(n: int, seed: int) -> list[tuple[str, str]]:
     """Two-step arithmetic word problems in GSM8K's ``#### answer`` format (a built-in offline set):
     ``a + b - c`` with a + b <= 20 and 0 <= result (both steps are facts the tiny model learned), in a

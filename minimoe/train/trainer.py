@@ -37,7 +37,7 @@ from ..model.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 from .config import DTYPES, TrainConfig, default_model, is_preset
 from .distributed import World
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "cosine_schedule", "lr_schedule", "load_model_and_tokenizer"]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "lr_schedule", "load_model_and_tokenizer"]
 
 
 class TrainingError(RuntimeError):
@@ -76,11 +76,6 @@ def lr_schedule(optimizer, steps: int, warmup_ratio: float, kind: str = "cosine"
         return 1.0 if kind == "constant" else 0.5 * (1 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def cosine_schedule(optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """(The schedule every run had before ``--schedule``; kept for code that imports it.)"""
-    return lr_schedule(optimizer, steps, warmup_ratio, "cosine")
 
 
 def peak_memory_mb(device: str) -> float:
