@@ -9,6 +9,7 @@ joins the network and its adapter methods; the modules at the top are commands
 """
 
 from .adapters import optim
+from .adapters.adamw import AdamW
 from .adapters.base import Adapter, AdapterError
 from .adapters.expert_lora import ResizableLoRAExpert
 from .adapters.export import export_merged, export_peft
@@ -28,7 +29,7 @@ from .policies.stats import RoutingStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "SelectedExperts", "export_merged", "export_peft", "save_adapter",
+    "AdamW", "Adapter", "AdapterError", "SelectedExperts", "export_merged", "export_peft", "save_adapter",
     "CausalLM", "CheckpointError", "KVCache", "LoRALinear", "ModelConfig", "ModelOutput", "PRESETS",
     "PrunableLoRAMoE", "ResizableLoRAExpert", "RouterOutput", "RoutingStats", "Transformer",
     "Tokenizer", "from_pretrained", "generate", "load_tokenizer", "optim", "preset",

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .adapters.adamw import AdamW
+
 # Shapes (names as in config.json): an OLMoE-shaped MoE and a Qwen3-shaped dense model of the same
 # width. "medium" is the shape of ENVIRONMENT.md's reference measurements.
 SHAPES = {
@@ -151,7 +153,8 @@ def _worker(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     model, params = _setup(args.worker, Path(args.dir) / ROUTES[args.worker][3], device, dtype)
-    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)  # one multi-tensor AdamW for every route
+    # one multi-tensor AdamW for every route (minimoe's counts steps per expert-LoRA row: its grown rows train fresh)
+    opt = (AdamW if ROUTES[args.worker][0] == "minimoe" else torch.optim.AdamW)(params, lr=1e-5, foreach=True)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)

@@ -39,12 +39,13 @@ def _rss() -> int:
 
 def _warm_up(torch) -> None:
     """One training step of a very small model of the same code paths, then everything freed."""
+    from .adapters.adamw import AdamW
     from .lm import CausalLM
     from .model.config import preset
 
     model = CausalLM(preset("tiny-olmoe", num_hidden_layers=1))
     model.add_expert_lora(4, 8)
-    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-5)
+    opt = AdamW(model.adapter_parameters(), lr=1e-5)
     ids = torch.randint(0, 256, (1, 16))
     model.train()(ids, labels=ids).loss.backward()
     opt.step()
@@ -57,6 +58,7 @@ def _warm_up(torch) -> None:
 def _worker(args) -> dict:
     import torch
 
+    from .adapters.adamw import AdamW
     from .lm import CausalLM
     from .plan import _esft_selection, load_config
     from .policies import Context, make_policy
@@ -73,7 +75,7 @@ def _worker(args) -> dict:
     policy.setup(model, Context(dataset=None))
     model.gradient_checkpointing = args.gradient_checkpointing
     params = policy.trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=1e-5)  # as train.py on CPU
+    opt = AdamW(params, lr=1e-5)  # as train.py on CPU
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.max_len))
     model.train()
     for _ in range(args.steps):

@@ -12,13 +12,15 @@ from minimoe.adapters.expert_lora import ResizableLoRAExpert
 from minimoe.adapters.lora import kaiming_rows
 from minimoe.model.moe import Groups, StackedLinear
 
-AdamW = getattr(minimoe, "AdamW", torch.optim.AdamW)
+AdamW = minimoe.AdamW
 
-# every optimizer the slices support: factory, state tensors shaped like the parameter, bytes of scalar state
+# every optimizer growth supports: factory, state tensors shaped like the parameter, bytes of step count per
+# row (minimoe's AdamW counts steps per expert-LoRA row; SGD has no count). A stock torch AdamW that has
+# stepped is refused when rows are inserted (test_a_stock_adamw_that_has_stepped_cannot_grow_rows).
 OPTIMIZERS = {
-    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), 2, 4),
-    "adamw-foreach": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True), 2, 4),
-    "adamw-fused": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), 2, 4),
+    "adamw": (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1), 2, 4),
+    "adamw-foreach": (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True), 2, 4),
+    "adamw-fused": (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), 2, 4),
     "sgd-momentum": (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), 1, 0),
 }
 
@@ -34,7 +36,7 @@ def _randomize_B(model, scale=0.05, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".B." in name or name.endswith("lora_B"):
+            if name.endswith("lora_B") or ".lora_B." in name:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
 
 
@@ -139,12 +141,18 @@ def _snapshot(model, opt):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
              for n, p in model.named_parameters() if p in opt.state}
-    return params, state, [list(map(id, g["params"])) for g in opt.param_groups], optim.state_bytes(opt)
+    return params, state, _group_names(model, opt), optim.state_bytes(opt)
+
+
+def _group_names(model, opt):
+    """Param groups as parameter names (a resize replaces the tensors: their names stay)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
 
 
 def _assert_restored(model, opt, snapshot):
     params, state, layout, nbytes = snapshot
-    assert [list(map(id, g["params"])) for g in opt.param_groups] == layout
+    assert _group_names(model, opt) == layout
     assert optim.state_bytes(opt) == nbytes and len(opt.state) == len(state)
     now = dict(model.named_parameters())
     assert set(now) == set(params)
@@ -182,16 +190,15 @@ def test_grow_a_pruned_expert_then_prune_it_round_trip_is_exact(kind):
     snapshot = _snapshot(model, opt)
     model.grow_expert_lora({1: {5: 4}}, optimizer=opt, generator=torch.Generator().manual_seed(0))
     assert model.expert_lora_ranks()[1][5] == 4
-    new = [p for m in model.expert_lora_modules()[1].values() for p in (*m.lora[5].A, *m.lora[5].B)]
-    assert len(new) == 4  # A and B of gate_proj and up_proj
-    for p in model.parameters():
-        p.grad = None
-    for p in new:  # only the new rows step: every other parameter and its state stays as it was
-        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
-    opt.step()
-    assert all(p in opt.state for p in new) and optim.state_bytes(opt) > snapshot[3]
+    mods = model.expert_lora_modules()[1].values()
+    assert all(m.lora_A.shape[0] == 7 * 4 + 4 for m in mods)  # expert 5's rows are back (gate_proj, up_proj)
+    assert optim.state_bytes(opt) > snapshot[3]  # their moments (zero) and step counts (0) joined the state
     with torch.no_grad():
-        assert not torch.equal(model(ids).logits, logits)  # the grown expert now changes the output
+        for m in mods:
+            m.lora_B_of(5).normal_()
+        assert not torch.equal(model(ids).logits, logits)  # the grown expert changes the output
+        for m in mods:
+            m.lora_B_of(5).zero_()
     model.prune_expert_lora({1: [5]}, optimizer=opt)
     _assert_restored(model, opt, snapshot)
     with torch.no_grad():
@@ -205,23 +212,25 @@ def test_partial_shrink_slices_rows_and_their_moments(kind):
     opt = OPTIMIZERS[kind][0](model.adapter_parameters())
     _train_steps(model, opt, n=2)
     layer = model.layers[0].mlp.experts.up_proj
-    a, b = layer.lora[3].A[0], layer.lora[3].B[0]
+    a, b = layer.lora_A, layer.lora_B  # (8 experts x 6 rows, 64), (32, 48); expert 3: rows 18..23
     a_state, b_state = {k: v.clone() for k, v in opt.state[a].items()}, {k: v.clone() for k, v in opt.state[b].items()}
     before = optim.state_bytes(opt)
     layer.shrink({3: 2}, optimizer=opt)
-    a2, b2 = layer.lora[3].A[0], layer.lora[3].B[0]
-    assert a2.shape == (4, 64) and b2.shape == (32, 4)
-    assert torch.equal(a2, a[:4]) and torch.equal(b2, b[:, :4])
+    a2, b2 = layer.lora_A, layer.lora_B
+    keep = [i for i in range(48) if i not in (22, 23)]  # expert 3's two newest rows go
+    assert a2.shape == (46, 64) and b2.shape == (32, 46) and layer.rank_of(3) == 4
+    assert torch.equal(a2, a[keep]) and torch.equal(b2, b[:, keep])
     assert opt.state[a2].keys() == a_state.keys() and opt.state[b2].keys() == b_state.keys()
-    for k, v in a_state.items():  # moments sliced bit for bit, AdamW's step kept
-        assert torch.equal(opt.state[a2][k], v[:4] if v.shape == a.shape else v), k
+    for k, v in a_state.items():  # moments and per-row step counts sliced bit for bit
+        assert torch.equal(opt.state[a2][k], v[keep]), k
     for k, v in b_state.items():
-        assert torch.equal(opt.state[b2][k], v[:, :4] if v.shape == b.shape else v), k
-    assert before - optim.state_bytes(opt) == OPTIMIZERS[kind][1] * 2 * (64 + 32) * 4
+        assert torch.equal(opt.state[b2][k], v[:, keep] if v.dim() == 2 else v[keep]), k
+    moments, step_bytes = OPTIMIZERS[kind][1:]
+    assert before - optim.state_bytes(opt) == moments * 2 * (64 + 32) * 4 + 2 * 2 * step_bytes
     assert a not in opt.state and all(p is not a for g in opt.param_groups for p in g["params"])
     sliced = a2.detach().clone()
     _train_steps(model, opt, n=1)  # the sliced tensor keeps training (it is the one in the optimizer)
-    assert layer.lora[3].A[0] is a2 and not torch.equal(a2, sliced)
+    assert layer.lora_A is a2 and not torch.equal(a2, sliced)
 
 
 def test_new_rows_are_orthogonal_and_kaiming_scaled():
@@ -263,21 +272,38 @@ def test_first_update_of_grown_rows_equals_a_fresh_parameters(kind):
     _train_steps(model, opt, n=4)  # the optimizer's old parameters are 4 steps in
     model.grow_expert_lora({0: {2: 4}}, optimizer=opt)
     layer = model.layers[0].mlp.experts.gate_proj
-    new_a, new_b = layer.lora[2].A[-1], layer.lora[2].B[-1]
-    grads = {new_a: torch.randn(new_a.shape), new_b: torch.randn(new_b.shape)}
-    fresh = {p: torch.nn.Parameter(p.detach().clone()) for p in grads}
-    ref_opt = make(list(fresh.values()))
-    before = {p: p.detach().clone() for p in grads}
+    new = {layer.lora_A: (0, slice(12, 16)), layer.lora_B: (1, slice(12, 16))}  # expert 2's rows 8..11 + 4 new
     for p in model.parameters():
-        p.grad = torch.zeros_like(p) if p.requires_grad else None
-    for p, g in grads.items():
-        p.grad, fresh[p].grad = g.clone(), g.clone()
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) if p.requires_grad else None
+    before = {p: p.detach().clone() for p in new}
+    rows = {p: (lambda t, d=d, r=r: t[r] if d == 0 else t[:, r]) for p, (d, r) in new.items()}
+    fresh = {p: torch.nn.Parameter(rows[p](p.detach()).clone()) for p in new}  # the new rows as new tensors
+    for p in new:
+        fresh[p].grad = rows[p](p.grad).clone()
+    ref_opt = make(list(fresh.values()))
     opt.step()
     ref_opt.step()
-    for p in grads:
-        update, ref_update = p.detach() - before[p], fresh[p].detach() - before[p]
+    for p in new:
+        update, ref_update = rows[p](p.detach() - before[p]), fresh[p].detach() - rows[p](before[p])
         assert ref_update.abs().max() > 0
         assert torch.allclose(update, ref_update, rtol=1e-6, atol=1e-9)
+    if kind != "sgd-momentum":  # the new rows count 1 step, the others 5
+        assert opt.state[layer.lora_A]["step"].tolist() == [5.0] * 12 + [1.0] * 4 + [5.0] * 20
+
+
+def test_a_stock_adamw_that_has_stepped_cannot_grow_rows():
+    """Its one step count per tensor would make inserted rows as old as the tensor: refused, nothing changed."""
+    model = _model()
+    model.add_expert_lora(rank=4, alpha=8)
+    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    _train_steps(model, opt, n=2)
+    snapshot = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="counts 2 steps for all its rows.*minimoe.AdamW"):
+        model.grow_expert_lora({0: {2: 4}, 1: {3: 4}}, optimizer=opt)
+    _assert_restored(model, opt, snapshot)
+    model.prune_expert_lora({0: [1]}, optimizer=opt)  # removing rows is fine with it
+    model.shrink_expert_lora({1: {2: 1}}, optimizer=opt)
+    assert model.expert_lora_ranks()[0][1] == 0 and model.expert_lora_ranks()[1][2] == 3
 
 
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
@@ -288,17 +314,22 @@ def test_kept_moments_bit_identical_across_prune_and_grow(kind):
     opt = make(model.adapter_parameters())
     _train_steps(model, opt, n=2)
     layer = model.layers[1].mlp.experts.up_proj
-    kept = {e: {k: v.clone() for k, v in opt.state[layer.lora[e].A[0]].items()} for e in (0, 4, 6)}
+
+    def expert_state(e):  # expert e's rows of every state tensor of lora_A
+        start = sum(layer.ranks[:e].tolist())
+        return {k: v[start:start + 4].clone() for k, v in opt.state[layer.lora_A].items()}
+
+    kept = {e: expert_state(e) for e in (0, 4, 6)}
     assert all(len(st) == moments + (scalar_bytes > 0) for st in kept.values())
     before = optim.state_bytes(opt)
     model.prune_expert_lora({1: [1, 2, 3]}, optimizer=opt)
     freed = before - optim.state_bytes(opt)
-    # 3 experts × 2 targets × (A + B) × moments fp32, + a step scalar per tensor (AdamW)
-    assert freed == 3 * 2 * (4 * (64 + 32) * moments * 4 + 2 * scalar_bytes)
+    # 3 experts × 2 targets × 4 rows × ((in + out) × moments fp32 + a step count per row of A and of B)
+    assert freed == 3 * 2 * 4 * ((64 + 32) * moments * 4 + 2 * scalar_bytes)
     model.grow_expert_lora({1: {0: 4}}, optimizer=opt)
     for e, st in kept.items():
-        for k, v in st.items():
-            assert torch.equal(opt.state[layer.lora[e].A[0]][k], v)
+        for k, v in expert_state(e).items():
+            assert torch.equal(v, st[k])
 
 
 def test_training_survives_random_prune_grow_events_and_every_parameter_moves():
@@ -449,8 +480,12 @@ def test_growth_after_pruning_every_expert_joins_the_expert_lora_group():
     new = [*model.expert_lora_modules()[0]["gate_proj"].adapter_parameters()]
     assert new and all(any(p is q for q in opt.param_groups[1]["params"]) for p in new)
     model.prune_expert_lora({0: [2], 1: range(8)}, optimizer=opt)
-    with pytest.raises(ValueError, match="param groups"):  # nothing left to tell: no guessing
-        model.grow_expert_lora({0: {2: 4}}, optimizer=opt)
+    model.grow_expert_lora({1: {2: 4}}, optimizer=opt)  # the empty factors kept their place in the group
+    assert all(any(p is q for q in opt.param_groups[1]["params"])
+               for p in model.expert_lora_modules()[1]["gate_proj"].adapter_parameters())
+    other = torch.optim.AdamW([{"params": dense, "lr": 1e-4}, {"params": [torch.nn.Parameter(torch.zeros(1))]}])
+    with pytest.raises(ValueError, match="param groups"):  # no expert LoRA in this optimizer: no guessing
+        model.grow_expert_lora({0: {2: 4}}, optimizer=other)
 
 
 def test_loop_and_grouped_paths_give_every_adapter_a_gradient():
@@ -470,7 +505,7 @@ def test_loop_and_grouped_paths_give_every_adapter_a_gradient():
         assert torch.allclose(g, grads["grouped_mm"][n], atol=1e-6), n
 
 
-def test_an_empty_chunk_layout_after_a_forward_leaves_the_base():
+def test_an_empty_layout_after_a_forward_leaves_the_base():
     torch.manual_seed(0)
     model = minimoe.CausalLM(minimoe.preset("tiny-olmoe"))
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
@@ -478,12 +513,12 @@ def test_an_empty_chunk_layout_after_a_forward_leaves_the_base():
         base = model.eval()(ids).logits
     model.add_expert_lora(rank=4, alpha=8)
     for m in model.expert_lora_modules()[0].values():
-        torch.nn.init.normal_(m.lora[0].B[0])
+        torch.nn.init.normal_(m.lora_B_of(0))
     with torch.no_grad():
         assert not torch.equal(model(ids).logits, base)
         for layer in model.expert_lora_modules().values():
             for m in layer.values():
-                m.set_chunk_layout([[] for _ in range(m.num_experts)])  # the cached packing must go too
+                m.set_ranks([0] * m.num_experts)  # the cached packing must go too
         assert torch.equal(model(ids).logits, base)
         # the delta itself (forward skips it when no chunk is left): a stale cached plan would still
         # list adapted experts and fail to pack them

@@ -179,7 +179,9 @@ def test_wrong_base_shape_mismatch_truncated_file_and_existing_destination(hf_ch
         minimoe.from_pretrained(clip).load_adapter(path)
 
     cfg = json.loads((path / "adapter_config.json").read_text())
-    cfg["expert_lora"]["layers.0.mlp.experts.gate_proj"]["ranks"][0] = 6
+    spec = cfg["expert_lora"]["layers.0.mlp.experts.gate_proj"]
+    spec["chunks"] = [[r] if r else [] for r in spec["ranks"]]  # as files recorded them before rows were flat
+    spec["ranks"][0] = 6
     inconsistent = _adapter_copy(path, tmp_path / "inconsistent", cfg)  # ranks edited, chunks not
     with pytest.raises(AdapterError, match=r"gate_proj chunks \[\[4\], .* do not add up to the ranks \[6, "):
         minimoe.from_pretrained(directory).load_adapter(inconsistent)
@@ -238,7 +240,6 @@ def test_fingerprint_agrees_across_dtypes_and_a_failed_load_changes_nothing(hf_c
     # every check runs before the model changes: a bad file leaves a plain, still-usable base
     cfg = json.loads((path / "adapter_config.json").read_text())
     cfg["expert_lora"]["layers.1.mlp.experts.up_proj"]["ranks"][3] = 7
-    cfg["expert_lora"]["layers.1.mlp.experts.up_proj"]["chunks"][3] = [7]
     bad = _adapter_copy(path, tmp_path / "bad", cfg)
     base = minimoe.from_pretrained(directory)
     with pytest.raises(AdapterError, match="disagrees with its adapter_config.json"):

@@ -311,7 +311,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
     c = TrainConfig(policy="lora", steps=8, batch_size=4, resume=str(out))
     trainer = Trainer(c, show_progress=False)
     with torch.no_grad():
-        trainer.model.layers[0].mlp.experts.gate_proj.lora[0].B[0].fill_(float("nan"))
+        trainer.model.layers[0].mlp.experts.gate_proj.lora_B_of(0).fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5.*the last good checkpoint is"):
         trainer.train()
     assert (out / "checkpoint/model.safetensors").read_bytes() == before
@@ -323,7 +323,7 @@ def test_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tmp_path):
     assert rc == 0
     trainer = Trainer(TrainConfig(policy="lora", steps=8, batch_size=4, resume=str(out)), show_progress=False)
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    a = trainer.model.layers[0].mlp.experts.gate_proj.lora[0].A[0]
+    a = trainer.model.layers[0].mlp.experts.gate_proj.lora_A
     a.register_hook(lambda g: torch.full_like(g, float("inf")))  # the loss stays finite, the gradient does not
     with pytest.raises(TrainingError, match=r"non-finite gradient norm \(inf\) at step 5"):
         trainer.train()

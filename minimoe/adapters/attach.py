@@ -164,6 +164,7 @@ class AdapterMixin:
         for layer, deltas in plan.items():
             for m in self._expert_targets(layer, "grow_expert_lora").values():
                 m.check_grow(dict(deltas))
+                optim.check_new_rows(optimizer, m.adapter_parameters())
         group = None
         if optimizer is not None:
             others = [p for mods in self.expert_lora_modules().values() for m in mods.values()

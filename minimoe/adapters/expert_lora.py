@@ -5,16 +5,21 @@ Adapter weights are fp32 (master weights); compute runs in the activations' dtyp
 ``alpha / r`` is fixed when the adapter is created and never changes with rank, so growing never
 rescales what was learned.
 
-Storage: expert e owns a list of *chunks* ``A_c [r_c, in]``, ``B_c [out, r_c]`` (one per growth event),
-so ``r_e = Σ_c r_c`` and the trainable count is exactly ``Σ_e r_e · (in + out)``. A pruned expert owns
-nothing. Growth appends a chunk — a new tensor, which a stock torch optimizer treats as freshly created
-(see ``optim.py``) — and pruning deletes chunks. The chunk sizes are the layout its ``spec()`` records
-(adapter files store each expert's chunks concatenated; training checkpoints store them by parameter).
+Storage: one tensor per factor, ``lora_A [Σr, in]`` and ``lora_B [out, Σr]``, the experts' rows one after the
+other (expert 0's r_0 rows, then expert 1's, ...; within an expert, oldest first), so ``r_e`` rows belong to
+expert e, the trainable count is exactly ``Σ_e r_e · (in + out)`` and a pruned expert owns no row. Growth
+inserts rows after the expert's last one, pruning and shrinking remove rows: each builds new tensors with
+``optim.reindex_param``, which moves the optimizer state with them. Inserted rows must train as fresh
+parameters (step 0, zero moments), hence minimoe's ``AdamW`` (``adamw.py``), which counts steps per row; a
+stock optimizer that has already stepped is refused when rows are inserted. Two tensors per projection
+(rather than two per expert and growth event) keep the optimizer step and the packing to a few large ops.
+Files written before this layout (a tensor per expert and growth "chunk") load as they are.
 
 Compute (shape legend: R routed rows sorted by expert, E experts, E_a adapted experts (rank > 0),
-r_pad = max rank rounded up to 8): chunks are packed each step into ``A_pad [E, r_pad, in]`` /
-``Bᵀ_pad [E, r_pad, out]`` (zero rows where an expert has fewer ranks; a few MB) by one ``index_copy``,
-then two grouped matmuls give the delta ``(R, out)``; gradients flow back through the packing. Once
+r_pad = max rank rounded up to 8): the rows are packed each step into ``A_pad [E, r_pad, in]`` /
+``Bᵀ_pad [E, r_pad, out]`` (zero rows where an expert has fewer ranks; a few MB) by one ``index_copy`` (a
+view when every expert has rank r_pad), then two grouped matmuls give the delta ``(R, out)``; gradients flow
+back through the packing. Once
 enough experts have rank 0 (``skip_pruned_fraction``) their rows skip the LoRA matmuls: only the E_a
 adapted experts are packed and their rows are partitioned to the front (``_delta_skip``). The loop
 path (reference, CPU fallback) skips experts of rank 0 always.
@@ -29,22 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import optim
+from .adamw import mark_rows
 from .base import Adapter, on_meta
 from .lora import check_scaling, kaiming_rows, orthogonal_rows
 from ..model.moe import Groups, StackedLinear, _compute_dtype, grouped_linear, use_grouped_mm
-
-
-class _ExpertChunks(nn.Module):
-    """The LoRA chunks of one expert: ``A[c] (r_c, in)``, ``B[c] (out, r_c)``."""
-
-    def __init__(self):
-        super().__init__()
-        self.A = nn.ParameterList()
-        self.B = nn.ParameterList()
-
-    @property
-    def rank(self) -> int:
-        return sum(a.shape[0] for a in self.A)
 
 
 def _scatter_rows(src: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
@@ -109,6 +102,7 @@ class _Packing:
     r_pad: int
     adapted: torch.Tensor | None
     pruned: torch.Tensor | None
+    dense: bool  # every packed expert has rank r_pad: the flat rows are the padded buffer
 
     @property
     def skip(self) -> bool:
@@ -140,7 +134,9 @@ class ResizableLoRAExpert(Adapter):
 
     def __init__(self, base: StackedLinear, rank: int, alpha: float, ranks: list[int] | None = None,
                  generator: torch.Generator | None = None, chunks: list[list[int]] | None = None):
-        """Every expert at ``rank`` (or at ``ranks[e]``, 0 = none; or with the chunk sizes ``chunks[e]``)."""
+        """Every expert at ``rank`` (or at ``ranks[e]``, 0 = none). ``chunks`` (per expert, the rows of each
+        growth event: the layout files and checkpoints recorded before rows were stored flat) gives the ranks
+        as its sums."""
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
@@ -148,53 +144,57 @@ class ResizableLoRAExpert(Adapter):
         self.weight = base.weight
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self._packing: _Packing | None = None  # layout cache, rebuilt after every resize
-        if chunks is None:
-            chunks = [[r] if r else [] for r in (ranks if ranks is not None else [rank] * self.num_experts)]
-        self.set_chunk_layout(chunks)
+        if ranks is None:
+            ranks = [sum(c) for c in chunks] if chunks is not None else [rank] * self.num_experts
+        self.set_ranks(ranks)
         if not on_meta(base.weight):
             self.reset_adapter_parameters(generator)
 
     @torch.no_grad()
     def reset_adapter_parameters(self, generator: torch.Generator | None = None) -> None:
         """Fresh A rows (Kaiming-uniform, drawn expert by expert) and zero B, in the current layout."""
-        for chunks in self.lora:
-            for a, b in zip(chunks.A, chunks.B, strict=True):
-                a.copy_(kaiming_rows(a.shape[0], self.in_features, generator))
-                b.zero_()
+        for e in range(self.num_experts):
+            if self._ranks[e]:
+                self.lora_A_of(e).copy_(kaiming_rows(self._ranks[e], self.in_features, generator))
+        self.lora_B.zero_()
 
     # --- layout ------------------------------------------------------------------------------
     @property
     def ranks(self) -> torch.Tensor:
         """``LongTensor [E]``: the rank of every expert (0 = no adapter)."""
-        return torch.tensor([chunks.rank for chunks in self.lora], dtype=torch.long)
+        return torch.tensor(self._ranks, dtype=torch.long)
 
     def rank_of(self, expert: int) -> int:
-        return self.lora[expert].rank
+        return self._ranks[expert]
+
+    def _start(self, expert: int) -> int:
+        """Row of ``lora_A`` (column of ``lora_B``) where expert e's ranks begin."""
+        return sum(self._ranks[:expert])
 
     def lora_A_of(self, expert: int) -> torch.Tensor:
-        """Expert e's A ``(r_e, in)`` (its chunks concatenated)."""
-        chunks = self.lora[expert]
-        return torch.cat(list(chunks.A), 0) if len(chunks.A) else self.weight.new_zeros(0, self.in_features).float()
+        """Expert e's A ``(r_e, in)``: a view of its rows of ``lora_A``."""
+        start = self._start(expert)
+        return self.lora_A[start:start + self._ranks[expert]]
 
     def lora_B_of(self, expert: int) -> torch.Tensor:
-        chunks = self.lora[expert]
-        return torch.cat(list(chunks.B), 1) if len(chunks.B) else self.weight.new_zeros(self.out_features, 0).float()
+        """Expert e's B ``(out, r_e)``: a view of its columns of ``lora_B``."""
+        start = self._start(expert)
+        return self.lora_B[:, start:start + self._ranks[expert]]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for chunks in self.lora for p in (*chunks.A, *chunks.B)]
+        return [self.lora_A, self.lora_B]
 
     def num_adapter_parameters(self) -> int:
-        return int(self.ranks.sum()) * (self.in_features + self.out_features)
+        return sum(self._ranks) * (self.in_features + self.out_features)
 
     def extra_repr(self) -> str:
-        r = self.ranks
         return (f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, "
-                f"ranks={r.tolist()}, scaling={self.scaling:g}")
+                f"ranks={self._ranks}, scaling={self.scaling:g}")
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         y = grouped_linear(x, self.weight, groups)
-        if not any(len(chunks.A) for chunks in self.lora):
+        if not any(self._ranks):
             return y
         return y + self.lora_delta(x, groups).to(y.dtype)
 
@@ -246,7 +246,7 @@ class ResizableLoRAExpert(Adapter):
         the same way (momentum and weight decay still apply) whichever path ran."""
         out = []
         for e, xe in enumerate(x.split(groups.sizes())):
-            if self.lora[e].rank == 0:
+            if self._ranks[e] == 0:
                 out.append(xe.new_zeros(xe.shape[0], self.out_features))
                 continue
             h = F.linear(xe, self.lora_A_of(e).to(dtype))
@@ -258,7 +258,7 @@ class ResizableLoRAExpert(Adapter):
         device = self.weight.device
         key = (device, self.skip_pruned_fraction)
         if self._packing is None or self._packing.key != key:
-            ranks = [chunks.rank for chunks in self.lora]
+            ranks = self._ranks
             experts = [e for e, r in enumerate(ranks) if r]  # the adapted experts, in order
             r_pad = max(8, -(-max(ranks) // 8) * 8)  # multiple of 8: 16-byte rows for grouped_mm
             pruned = self.num_experts - len(experts)
@@ -267,38 +267,45 @@ class ResizableLoRAExpert(Adapter):
             slots = torch.cat([torch.arange(ranks[e], dtype=torch.long) + j * r_pad for j, e in enumerate(packed)])
             adapted = torch.tensor(experts, device=device) if skip else None
             pruned_key = torch.tensor([r == 0 for r in ranks], dtype=torch.uint8, device=device) if skip else None
-            self._packing = _Packing(key, experts, len(packed), slots.to(device), r_pad, adapted, pruned_key)
+            dense = all(ranks[e] == r_pad for e in packed)  # the rows are the padded buffer already
+            self._packing = _Packing(key, experts, len(packed), slots.to(device), r_pad, adapted, pruned_key, dense)
         return self._packing
 
     def _packed(self, plan: _Packing, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A_pad [G, r_pad, in]`` and ``Bᵀ_pad [G, r_pad, out]`` from the chunks (differentiable),
+        """``A_pad [G, r_pad, in]`` and ``Bᵀ_pad [G, r_pad, out]`` from ``lora_A`` / ``lora_B`` (differentiable),
         G = ``plan.groups`` (all E experts, or only the adapted ones on the skip path)."""
-        a_flat = torch.cat([a for chunks in self.lora for a in chunks.A], 0)  # (Σr, in)
-        bt_flat = torch.cat([b.t() for chunks in self.lora for b in chunks.B], 0)  # (Σr, out)
         G, r_pad = plan.groups, plan.r_pad
-        a_pad = a_flat.new_zeros(G * r_pad, self.in_features).index_copy(0, plan.slots, a_flat)
-        bt_pad = bt_flat.new_zeros(G * r_pad, self.out_features).index_copy(0, plan.slots, bt_flat)
+        a, bt = self.lora_A, self.lora_B.t()  # (Σr, in), (Σr, out)
+        if plan.dense:  # every packed expert at rank r_pad: no copy for A (Bᵀ: one small transpose copy)
+            a_pad, bt_pad = a, bt.contiguous()
+        else:
+            a_pad = a.new_zeros(G * r_pad, self.in_features).index_copy(0, plan.slots, a)
+            bt_pad = bt.new_zeros(G * r_pad, self.out_features).index_copy(0, plan.slots, bt)
         return (a_pad.view(G, r_pad, self.in_features).to(dtype),
                 bt_pad.view(G, r_pad, self.out_features).to(dtype))
 
     # --- resizing ----------------------------------------------------------------------------
-    def _append(self, expert: int, a: torch.Tensor) -> list[nn.Parameter]:
-        device = self.weight.device  # the meta device too: a meta build gets storage with to_empty
-        pa = nn.Parameter(a.to(device=device, dtype=torch.float32))
-        pb = nn.Parameter(torch.zeros(self.out_features, a.shape[0], device=device))
-        self.lora[expert].A.append(pa)
-        self.lora[expert].B.append(pb)
+    def _relayout(self, ranks: list[int], index: list[int], optimizer: torch.optim.Optimizer | None = None,
+                  new_a: torch.Tensor | None = None, group: dict | None = None) -> None:
+        """New ``lora_A`` / ``lora_B`` whose row j is the old row ``index[j]`` (-1: a new row, A from ``new_a`` in
+        order, B zero), for experts of ``ranks``; the optimizer state follows (``optim.reindex_param``)."""
+        index = torch.tensor(index, dtype=torch.long)
+        if new_a is not None:  # before anything changes: a refusal leaves both factors as they were
+            new_a = new_a.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
+        self.lora_A = optim.reindex_param(optimizer, self.lora_A, index, 0, fill=new_a, group=group)
+        self.lora_B = optim.reindex_param(optimizer, self.lora_B, index, 1, group=group)
+        self._ranks = list(ranks)
         self._packing = None
-        return [pa, pb]
+
+    def _rows(self, expert: int) -> list[int]:
+        start = self._start(expert)
+        return list(range(start, start + self._ranks[expert]))
 
     def prune(self, experts, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Remove the whole LoRA of ``experts`` (their parameters leave the module and the optimizer)."""
-        for e in self._check_experts(experts):
-            chunks = self.lora[e]
-            if optimizer is not None:
-                optim.remove_params(optimizer, [*chunks.A, *chunks.B])
-            self.lora[e] = _ExpertChunks()
-        self._packing = None
+        """Remove the whole LoRA of ``experts`` (their rows leave the factors and the optimizer state)."""
+        gone = set(self._check_experts(experts))
+        ranks = [0 if e in gone else r for e, r in enumerate(self._ranks)]
+        self._relayout(ranks, [i for e in range(self.num_experts) if e not in gone for i in self._rows(e)], optimizer)
 
     def check_prune(self, experts) -> None:
         """Raise, changing nothing, if ``prune(experts)`` is not possible."""
@@ -311,73 +318,56 @@ class ResizableLoRAExpert(Adapter):
         for e, dr in deltas.items():
             if dr <= 0:
                 raise ValueError(f"grow: expert {e} needs a positive rank increase, got {dr}")
-            if self.lora[int(e)].rank + dr > cap:
-                raise ValueError(f"grow: expert {e} would reach rank {self.lora[int(e)].rank + dr} > min(in, out) = {cap}")
+            if self._ranks[int(e)] + dr > cap:
+                raise ValueError(f"grow: expert {e} would reach rank {self._ranks[int(e)] + dr} > min(in, out) = {cap}")
 
     def grow(self, deltas: dict[int, int], optimizer: torch.optim.Optimizer | None = None,
              generator: torch.Generator | None = None, group: dict | None = None) -> None:
         """Give expert e ``deltas[e]`` more ranks: new A rows Kaiming-uniform, projected onto the
-        orthogonal complement of e's existing A rows; new B rows zero (the output is unchanged).
-        New parameters join ``group`` (default: the group of this module's adapter parameters; when every
-        expert was pruned there are none, so pass it, as ``model.grow_expert_lora`` does). All-or-nothing:
-        an impossible request raises before anything changes."""
+        orthogonal complement of e's existing A rows; new B rows zero (the output is unchanged). The new
+        rows start with zero moments and step 0 (minimoe's ``AdamW``: a stock optimizer that has stepped
+        is refused, it would over-step them). ``group``: the param group for the factors if they are not in
+        the optimizer yet. All-or-nothing: an impossible request raises before anything changes."""
         self.check_grow(deltas)
-        if optimizer is not None and group is None:
-            group = optim.find_group(optimizer, self.adapter_parameters())
-            if group is None and len(optimizer.param_groups) > 1:
-                raise ValueError("grow: this module has no parameters left in the optimizer to tell which of its "
-                                 f"{len(optimizer.param_groups)} param groups the new ranks belong to; pass group=")
-        new = []
+        deltas = {int(e): int(dr) for e, dr in deltas.items()}
+        fresh = []  # new A rows, drawn in the order of ``deltas`` (the generator's order)
         for e, dr in deltas.items():
-            existing = self.lora_A_of(int(e)).detach().float().cpu()
-            new += self._append(int(e), orthogonal_rows(kaiming_rows(dr, self.in_features, generator), existing))
-        if optimizer is not None and new:
-            optim.add_params(optimizer, new, group)
+            fresh.append((e, orthogonal_rows(kaiming_rows(dr, self.in_features, generator),
+                                             self.lora_A_of(e).detach().float().cpu())))
+        fresh = dict(fresh)
+        ranks, index, new_a = list(self._ranks), [], []
+        for e in range(self.num_experts):
+            index += self._rows(e)
+            if e in fresh:
+                index += [-1] * deltas[e]
+                new_a.append(fresh[e])
+                ranks[e] += deltas[e]
+        self._relayout(ranks, index, optimizer, torch.cat(new_a, 0) if new_a else None, group)
 
     def check_shrink(self, deltas: dict[int, int]) -> None:
         """Raise, changing nothing, if ``shrink(deltas)`` is not possible."""
         self._check_experts(deltas)
         for e, dr in deltas.items():
-            if not 0 < dr <= self.lora[int(e)].rank:
-                raise ValueError(f"shrink: expert {e} has rank {self.lora[int(e)].rank}, cannot remove {dr}")
+            if not 0 < dr <= self._ranks[int(e)]:
+                raise ValueError(f"shrink: expert {e} has rank {self._ranks[int(e)]}, cannot remove {dr}")
 
     def shrink(self, deltas: dict[int, int], optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Remove the newest ``deltas[e]`` ranks of expert e (whole chunks, or a slice of the last one).
-        ``grow`` then ``shrink`` by the same amounts restores parameters and optimizer state exactly.
-        All-or-nothing like ``grow``."""
+        """Remove the newest ``deltas[e]`` ranks of expert e (its last rows). ``grow`` then ``shrink`` by the
+        same amounts restores parameters and optimizer state exactly. All-or-nothing like ``grow``."""
         self.check_shrink(deltas)
-        for e, dr in deltas.items():
-            e = int(e)
-            chunks = self.lora[e]
-            A, B = list(chunks.A), list(chunks.B)
-            while dr:
-                a, b = A[-1], B[-1]
-                if a.shape[0] <= dr:
-                    if optimizer is not None:
-                        optim.remove_params(optimizer, [a, b])
-                    A.pop(), B.pop()
-                    dr -= a.shape[0]
-                else:
-                    keep = torch.arange(a.shape[0] - dr)
-                    A[-1] = optim.slice_param(optimizer, a, keep, dim=0)
-                    B[-1] = optim.slice_param(optimizer, b, keep, dim=1)
-                    dr = 0
-            chunks.A, chunks.B = nn.ParameterList(A), nn.ParameterList(B)
+        deltas = {int(e): int(dr) for e, dr in deltas.items()}
+        ranks = [r - deltas.get(e, 0) for e, r in enumerate(self._ranks)]
+        self._relayout(ranks, [i for e in range(self.num_experts) for i in self._rows(e)[:ranks[e]]], optimizer)
+
+    def set_ranks(self, ranks: list[int]) -> None:
+        """Recreate the factors for ``ranks`` (values zero; load a state dict afterwards)."""
+        if len(ranks) != self.num_experts:
+            raise ValueError(f"layout has {len(ranks)} experts, the layer has {self.num_experts}")
+        self._ranks = [int(r) for r in ranks]
+        device, n = self.weight.device, sum(self._ranks)  # the meta device too: storage comes with to_empty
+        self.lora_A = mark_rows(nn.Parameter(torch.zeros(n, self.in_features, device=device)), 0)
+        self.lora_B = mark_rows(nn.Parameter(torch.zeros(self.out_features, n, device=device)), 1)
         self._packing = None
-
-    def chunk_layout(self) -> list[list[int]]:
-        """Rows of every chunk of every expert: what must be rebuilt before loading saved weights."""
-        return [[a.shape[0] for a in chunks.A] for chunks in self.lora]
-
-    def set_chunk_layout(self, layout: list[list[int]]) -> None:
-        """Recreate the chunk structure ``layout`` (values zero; load a state dict afterwards)."""
-        if len(layout) != self.num_experts:
-            raise ValueError(f"layout has {len(layout)} experts, the layer has {self.num_experts}")
-        self.lora = nn.ModuleList(_ExpertChunks() for _ in range(self.num_experts))
-        for e, sizes in enumerate(layout):
-            for r in sizes:
-                self._append(e, torch.zeros(r, self.in_features, device=self.weight.device))
-        self._packing = None  # also when the layout has no chunk at all
 
     def _check_experts(self, experts) -> list[int]:
         experts = [int(e) for e in experts]
@@ -388,29 +378,28 @@ class ResizableLoRAExpert(Adapter):
 
     # --- protocol (adapters/base.py) -------------------------------------------------------------------
     def spec(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "scaling": self.scaling, "ranks": self.ranks.tolist(),
-                "chunks": self.chunk_layout()}
+        return {"rank": self.rank, "alpha": self.alpha, "scaling": self.scaling, "ranks": list(self._ranks)}
 
     @classmethod
     def from_spec(cls, base, spec, generator=None) -> ResizableLoRAExpert:
-        return cls(base, spec["rank"], spec["alpha"], ranks=spec["ranks"], generator=generator,
-                   chunks=spec.get("chunks"))  # files written before chunks were recorded: one per expert
+        return cls(base, spec["rank"], spec["alpha"], ranks=spec["ranks"], generator=generator)
 
     @classmethod
     def check_spec(cls, base, spec) -> str | None:
         if len(spec["ranks"]) != base.num_experts:
             return f"lists {len(spec['ranks'])} ranks for {base.num_experts} experts"
-        chunks = spec.get("chunks")
+        chunks = spec.get("chunks")  # layouts written before the rows were stored flat
         if chunks is not None and [sum(c) for c in chunks] != list(spec["ranks"]):
             return f"chunks {chunks} do not add up to the ranks {spec['ranks']}"
         return check_scaling(spec)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """Each adapted expert's A and B, its chunks concatenated: ``lora_A.{e} [r_e, in]``, ``lora_B.{e}``."""
+        """Each adapted expert's A and B: ``lora_A.{e} [r_e, in]``, ``lora_B.{e} [out, r_e]``."""
         out = {}
         for e in range(self.num_experts):
-            if self.rank_of(e):
-                out[f"lora_A.{e}"], out[f"lora_B.{e}"] = self.lora_A_of(e), self.lora_B_of(e)
+            if self._ranks[e]:
+                out[f"lora_A.{e}"] = self.lora_A_of(e).detach().clone()  # own storage, contiguous
+                out[f"lora_B.{e}"] = self.lora_B_of(e).detach().clone(memory_format=torch.contiguous_format)
         return out
 
     @classmethod
@@ -423,13 +412,10 @@ class ResizableLoRAExpert(Adapter):
 
     @torch.no_grad()
     def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for e, chunks in enumerate(self.lora):
-            if len(chunks.A):
-                sizes = [a.shape[0] for a in chunks.A]
-                for a, part in zip(chunks.A, tensors[f"lora_A.{e}"].split(sizes, 0), strict=True):
-                    a.copy_(part)
-                for b, part in zip(chunks.B, tensors[f"lora_B.{e}"].split(sizes, 1), strict=True):
-                    b.copy_(part)
+        for e in range(self.num_experts):
+            if self._ranks[e]:
+                self.lora_A_of(e).copy_(tensors[f"lora_A.{e}"])
+                self.lora_B_of(e).copy_(tensors[f"lora_B.{e}"])
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

@@ -8,7 +8,9 @@
                         spec: chunk sizes, LoRA-MoE survivors, ESFT's selection)
 
 Checkpoints written before the adapter protocol (counts, expert ids and ESFT's selection as buffers, EPnG's
-statistics in its policy state, the old layout format) still load.
+statistics in its policy state, the old layout format) still load, and so do those written while expert LoRA
+kept a tensor per expert and growth chunk (``...lora.{e}.A.{c}``; now one ``lora_A`` / ``lora_B`` per projection:
+``flatten_chunks``).
 
 A checkpoint is written into a temporary directory and renamed into place (``files.atomic_dir``), so
 ``checkpoint/`` is always complete (a crash leaves at worst a ``.checkpoint.tmp-*`` directory, never read). Resuming
@@ -82,6 +84,64 @@ def apply_layout(model, layout: dict) -> None:
         replace_module(model, name, type(m).from_spec(base, spec, g))  # same base tensors, same requires_grad
 
 
+# --- expert LoRA written as chunks ---------------------------------------------------------------
+CHUNK_KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<expert>\d+)\.(?P<factor>[AB])\.(?P<chunk>\d+)$")
+
+
+def _chunks_by_module(names) -> dict[str, list[tuple[int, int, str, str]]]:
+    """``{module: [(expert, chunk, "A"|"B", name), ...]}`` sorted, for the chunk keys among ``names``."""
+    found = {}
+    for name in names:
+        m = CHUNK_KEY.match(name)
+        if m:
+            found.setdefault(m["module"], []).append((int(m["expert"]), int(m["chunk"]), m["factor"], name))
+    return {module: sorted(chunks) for module, chunks in found.items()}
+
+
+def flatten_chunks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Expert LoRA as written before its rows were flat: ``{module}.lora.{e}.A.{c} (r_c, in)`` and ``.B.{c}
+    (out, r_c)`` become ``{module}.lora_A (Σr, in)`` / ``lora_B (out, Σr)``: experts in order, chunks in
+    order (the row order of ``ResizableLoRAExpert``). Other keys pass through."""
+    out = {k: v for k, v in tensors.items() if not CHUNK_KEY.match(k)}
+    for module, chunks in _chunks_by_module(tensors).items():
+        out[f"{module}.lora_A"] = torch.cat([tensors[n] for _, _, f, n in chunks if f == "A"], 0)
+        out[f"{module}.lora_B"] = torch.cat([tensors[n] for _, _, f, n in chunks if f == "B"], 1)
+    return out
+
+
+def flatten_chunk_state(saved: dict, chunk_shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The optimizer state (``optimizer_state``'s form) of ``flatten_chunks``: moments concatenated like the
+    weights, each chunk's step count repeated over its rows (minimoe's ``AdamW`` counts steps per row), zero
+    moments and step 0 for a chunk never stepped; in the param groups each module's chunks become its two
+    factors. ``chunk_shapes``: the chunks' shapes in the weights file (a chunk without state has no other)."""
+    state = {k: v for k, v in saved["state"].items() if not CHUNK_KEY.match(k)}
+    for module, chunks in _chunks_by_module(chunk_shapes).items():
+        for factor, dim in (("A", 0), ("B", 1)):
+            names = [n for _, _, f, n in chunks if f == factor]
+            if not any(n in saved["state"] for n in names):
+                continue
+            moments, steps = {"exp_avg": [], "exp_avg_sq": []}, []
+            for n in names:
+                st, shape = saved["state"].get(n, {}), chunk_shapes[n]
+                for k in moments:
+                    moments[k].append(st[k] if k in st else torch.zeros(shape))
+                steps.append(torch.full((shape[dim],), float(st.get("step", 0.0)), dtype=torch.float32))
+            state[f"{module}.lora_{factor}"] = {"step": torch.cat(steps),
+                                               **{k: torch.cat(v, dim) for k, v in moments.items()}}
+    groups = []
+    for g in saved["groups"]:
+        names, done = [], set()
+        for n in g["params"]:
+            m = CHUNK_KEY.match(n)
+            if not m:
+                names.append(n)
+            elif m["module"] not in done:
+                done.add(m["module"])
+                names += [f"{m['module']}.lora_A", f"{m['module']}.lora_B"]
+        groups.append({**g, "params": names})
+    return {"groups": groups, "state": state}
+
+
 # --- optimizer state by name ------------------------------------------------------------------
 def optimizer_state(model, optimizer, keep: bool = True) -> dict:
     """Param groups as name lists, state by parameter name, whole on the CPU (sharded moments gathered one
@@ -108,10 +168,13 @@ def load_optimizer_state(model, optimizer, saved: dict) -> None:
     for name, st in saved["state"].items():
         p = params[name]
         for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+            per_row = k == "step" and torch.is_tensor(v) and v.dim() == 1 and getattr(p, "row_dim", None) is not None and \
+                v.shape[0] == p.shape[p.row_dim]  # minimoe's AdamW: a step count per row
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape and not per_row:
                 raise CheckpointMismatch(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, "
                                          f"the parameter {tuple(p.shape)}")
-        optimizer.state[p] = {k: (shard_like(v, p) if torch.is_tensor(v) and v.dim() > 0 else
+        optimizer.state[p] = {k: (v.clone() if k == "step" and torch.is_tensor(v) and v.dim() == 1 else
+                                  shard_like(v, p) if torch.is_tensor(v) and v.dim() > 0 else
                                   v.to(p.device) if torch.is_tensor(v) else v) for k, v in st.items()}
 
 
@@ -220,19 +283,24 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
         legacy = [k for k in shapes if k not in targets and k.rsplit(".", 1)[-1] in ("counts", "expert_ids", "selected")]
         legacy_counts = {k[:-len(".counts")]: f.get_tensor(k) for k in legacy if k.endswith(".counts")}
         shapes = {k: s for k, s in shapes.items() if k not in legacy}
+        chunk_shapes = {k: s for k, s in shapes.items() if CHUNK_KEY.match(k)}  # expert LoRA before flat rows
+        flat = flatten_chunks({k: f.get_tensor(k) for k in chunk_shapes})
+        shapes = {**{k: s for k, s in shapes.items() if k not in chunk_shapes},
+                  **{k: tuple(v.shape) for k, v in flat.items()}}
         problems = [f"{k}: checkpoint {s}, model {tuple(targets[k].shape)}"
                     for k, s in shapes.items() if k in targets and tuple(targets[k].shape) != s]
         unknown = [k for k in shapes if k not in targets]
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in shapes]
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.numel() and n not in shapes]
         if problems or unknown or missing:
             raise CheckpointMismatch(f"{ckpt}/model.safetensors does not fit the model: "
                                      f"shapes {problems[:5]}, unknown {unknown[:5]}, missing {missing[:5]}")
         with torch.no_grad():
             for k in shapes:  # one tensor at a time (cut into this process's shard when sharded)
-                targets[k].copy_(shard_like(f.get_tensor(k), targets[k]))
+                targets[k].copy_(shard_like(flat[k] if k in flat else f.get_tensor(k), targets[k]))
     # memory-mapped: processes on one machine share the pages, none holds the whole state twice
     opt = load_pickle(ckpt / "optimizer.pt", mmap=True)
-    load_optimizer_state(model, optimizer, opt["optimizer"])
+    saved = opt["optimizer"]
+    load_optimizer_state(model, optimizer, flatten_chunk_state(saved, chunk_shapes) if chunk_shapes else saved)
     scheduler.load_state_dict(opt["scheduler"])
     state = load_pickle(ckpt / "state.pt")
     set_rng_state(state["rng"])

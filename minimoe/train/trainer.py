@@ -25,6 +25,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import fsdp
+from ..adapters.adamw import AdamW
 from ..model.config import preset
 from .data import Dataset, answer_only, load_pairs
 from ..lm import CausalLM, from_pretrained
@@ -233,8 +234,8 @@ class Trainer:
         params = self.policy.trainable_parameters(self.model)
         if not params:
             raise TrainingError(f"policy {c.policy} left nothing to train")
-        self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay,
-                                           fused=self.device.startswith("cuda") or None)
+        self.optimizer = AdamW(params, lr=c.lr, weight_decay=c.weight_decay,  # per-row steps: adamw.py
+                               fused=self.device.startswith("cuda") or None)
         self.scheduler = lr_schedule(self.optimizer, c.steps, c.warmup_ratio, c.schedule)
 
     def _restore(self, saved: dict) -> None:
