@@ -2,6 +2,8 @@
 
     python -m minimoe.bench                      # OLMoE-shaped "medium" model, batch 4 x 256, CPU fp32
     python -m minimoe.bench --device cuda --shape olmoe-layer   # bf16 on CUDA
+    python -m minimoe.bench --shape olmoe-1b-7b  # the full OLMoE-1B-7B, bf16, batch 1 x 256: a 24 GB CPU machine
+    python -m minimoe.bench --shape wide --event # what one EPnG prune/grow event costs next to 50 steps
 
 Every route runs in its own subprocess (so peak RSS is its own) on the same weights and the same
 batch: the parent saves one random checkpoint in the Hub layout and each worker loads it.
@@ -11,6 +13,12 @@ transformers + PEFT), minimoe with heterogeneous per-expert ranks next to unifor
 LoRA-MoE (DMEP) step before and after pruning half its experts.
 transformers and peft are needed only for their routes, whose code is ``tests/reference_routes.py``
 (minimoe itself never imports them; ``pip install -e '.[test]'``); without them those routes are skipped.
+
+A route whose worker runs out of memory (killed by the OOM killer, or an allocation error) is a result: its row
+says "out of memory" and how large the worker had grown; only other failures make the exit status non-zero.
+The olmoe-1b-7b checkpoint (14 GB in bf16) is written shard by shard, one tensor at a time (``bench_real.py``;
+``--stream-checkpoint`` does the same for any shape), in ``--workdir`` (default: the system's temporary
+directory; not a tmpfs, whose files take memory).
 """
 
 from __future__ import annotations
@@ -28,7 +36,19 @@ from pathlib import Path
 
 import torch
 
+from . import bench_real
 from .adapters.adamw import AdamW
+from .bench_real import EVENT_ROUTE, out_of_memory, peak_rss, run_worker, stage
+from .model.reference import shipped_shapes
+
+
+def _shipped_shape(name: str) -> dict:
+    """The architecture keys of a reference checkpoint's config.json as shipped in ``model/shapes`` (exact,
+    offline); what records how it was saved or run (dtype, cache, name) is left out."""
+    d = json.loads(shipped_shapes()[name].read_text())
+    return {k: v for k, v in d.items()
+            if k not in ("_name_or_path", "architectures", "torch_dtype", "dtype", "use_cache", "output_router_logits")}
+
 
 # Shapes (names as in config.json): an OLMoE-shaped MoE and a Qwen3-shaped dense model of the same
 # width. "medium" is the shape of ENVIRONMENT.md's reference measurements.
@@ -68,6 +88,18 @@ SHAPES = {
                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
                       max_position_embeddings=4096, eos_token_id=0),
     },
+    # the whole allenai/OLMoE-1B-7B-0125 (16 layers, 6.9B parameters, 14 GB in bf16): MoE only
+    "olmoe-1b-7b": {"moe": _shipped_shape("allenai/OLMoE-1B-7B-0125")},
+}
+
+# What a run uses when a flag is not given: the defaults, then its shape's. The full 7B model fits a 24 GB CPU
+# machine only in bf16 at batch 1 and with adapters (full fine-tuning holds 4+ copies of 7B parameters), and its
+# checkpoint can only be written streamed.
+DEFAULTS = dict(batch=4, seq=256, steps=5, warmup=2, stream_checkpoint=False)
+SHAPE_DEFAULTS = {
+    "olmoe-1b-7b": dict(dtype="bfloat16", batch=1, steps=2, warmup=1, stream_checkpoint=True,
+                        routes=["minimoe expert LoRA r=8 gate+up",
+                                "transformers+PEFT LoRA r=8 gate+up (grouped_mm experts)"]),
 }
 
 DMEP_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -152,6 +184,7 @@ def _reference_routes():
 def _worker(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
+    stage("loading the checkpoint")
     model, params = _setup(args.worker, Path(args.dir) / ROUTES[args.worker][3], device, dtype)
     # one multi-tensor AdamW for every route (minimoe's counts steps per expert-LoRA row: its grown rows train fresh)
     opt = (AdamW if ROUTES[args.worker][0] == "minimoe" else torch.optim.AdamW)(params, lr=1e-5, foreach=True)
@@ -163,8 +196,10 @@ def _worker(args) -> dict:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    stage(f"loaded; {sum(p.numel() for p in params):,} trainable parameters")
     fwd_bwd, step = [], []
     for i in range(args.warmup + args.steps):
+        stage(f"step {i + 1} of {args.warmup + args.steps}")
         sync()
         t0 = time.perf_counter()
         out = model(ids, labels=ids)
@@ -191,89 +226,169 @@ def _worker(args) -> dict:
                 trainable=sum(p.numel() for p in params), loss=float(out.loss))
 
 
-def peak_rss() -> int:
-    """This process's peak resident set size, in bytes (Linux ``VmHWM``). Not ``getrusage``'s maxrss: that
-    survives ``exec`` and starts at the parent's size, so a measuring process started by a large one (a test
-    session holding models) would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024  # kB
-
-
 def _have_reference() -> bool:
     """Whether the transformers routes can run: the libraries installed and the reference file present."""
     return all(importlib.util.find_spec(m) is not None for m in ("transformers", "peft")) and REFERENCE_ROUTES.is_file()
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with each flag not given set from ``DEFAULTS`` and then its shape's ``SHAPE_DEFAULTS``;
+    routes the shape cannot run are refused here, before anything is written."""
     p = argparse.ArgumentParser(prog="python -m minimoe.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=list(SHAPES), default="medium", help="model shape (default: medium)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="parameter dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+                   help="parameter dtype (default: float32 on CPU, bfloat16 on CUDA; olmoe-1b-7b: bfloat16)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 4; olmoe-1b-7b: 1)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 256)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps; the median is reported (default: 5; olmoe-1b-7b: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2; olmoe-1b-7b: 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
-    p.add_argument("--routes", nargs="*", default=None, help=f"subset of routes (default: all): {list(ROUTES)}")
+    p.add_argument("--routes", nargs="*", default=None,
+                   help=f"subset of routes (default: all; olmoe-1b-7b: {SHAPE_DEFAULTS['olmoe-1b-7b']['routes']}): "
+                        f"{list(ROUTES)}")
+    p.add_argument("--event", action="store_true",
+                   help="instead of the routes: time one EPnG prune/grow event against the steps between events")
+    p.add_argument("--stream-checkpoint", action="store_true", default=None,
+                   help="write the random checkpoint in --dtype, shard by shard and tensor by tensor "
+                        "(always for olmoe-1b-7b)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the random checkpoint is written (default: the system's temporary directory)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.event and args.routes:
+        p.error("--event measures the EPnG event instead of the routes: give --event or --routes, not both")
+    for key, value in {**DEFAULTS, **SHAPE_DEFAULTS.get(args.shape, {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.routes = args.routes or list(ROUTES)
+    if not args.worker:
+        unknown = [r for r in args.routes if r not in ROUTES]
+        if unknown:
+            p.error(f"unknown --routes {unknown}; choose from {list(ROUTES)}")
+        absent = [r for r in args.routes if ROUTES[r][3] not in SHAPES[args.shape]]
+        if absent:
+            p.error(f"shape {args.shape} has no {ROUTES[absent[0]][3]} model (it is {', '.join(SHAPES[args.shape])} "
+                    f"only): routes {absent} cannot run on it")
+    return args
+
+
+def _write_checkpoint(shape: dict, directory: Path, args) -> dict:
+    """The random checkpoint every route of one kind loads: ``{"bytes", "files", "seconds", "streamed"}``."""
+    directory.mkdir()
+    print(f"  writing the random checkpoint in {directory} ...", file=sys.stderr)
+    if args.stream_checkpoint:
+        if bench_real.filesystem_type(directory) == "tmpfs":
+            print(f"  warning: {directory} is on a tmpfs: the checkpoint will take memory from the routes "
+                  "(choose a disk with --workdir)", file=sys.stderr)
+        info = bench_real.write_random_checkpoint(shape, directory, seed=0, dtype=getattr(torch, args.dtype))
+        info.update(dtype=args.dtype)
+    else:
+        t0 = time.perf_counter()
+        _save_checkpoint(shape, directory, seed=0)
+        files = list(directory.glob("*.safetensors"))
+        info = dict(bytes=sum(f.stat().st_size for f in files), files=len(files), seconds=time.perf_counter() - t0,
+                    dtype="float32")
+    info.update(streamed=bool(args.stream_checkpoint))
+    print(f"  {_checkpoint_line(info)}", file=sys.stderr)
+    return info
+
+
+def _checkpoint_line(info: dict) -> str:
+    how = "streamed, tensor by tensor" if info["streamed"] else "in memory"
+    size = f"{info['bytes'] / 1e9:.2f} GB" if info["bytes"] >= 1e8 else f"{info['bytes'] / 1e6:.2f} MB"
+    return (f"checkpoint: {size} {info['dtype']} in {info['files']} file(s), "
+            f"written in {info['seconds']:.1f} s ({how})")
+
+
+def _oom_row(route: str, reason: str, run) -> dict:
+    """The result of a route that ran out of memory: no numbers, how large its worker had grown and how far it got."""
+    return dict(route=route, oom=True, reason=reason, stage=run.stage, peak_rss_mib_seen=run.peak_rss / 2**20,
+                fwd_bwd_tok_s=None, step_tok_s=None, peak_mib=None, trainable=None, loss=None)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(_worker(args)))
+        if args.worker == EVENT_ROUTE:
+            result = bench_real.event_worker(args, Path(args.dir) / "moe")
+        else:
+            result = _worker(args)
+        print("RESULT " + json.dumps(result))
         return 0
 
-    routes = args.routes or list(ROUTES)
-    unknown = [r for r in routes if r not in ROUTES]
-    if unknown:
-        p.error(f"unknown --routes {unknown}; choose from {list(ROUTES)}")
-    if not _have_reference():
+    routes = [EVENT_ROUTE] if args.event else args.routes
+    if not args.event and not _have_reference():
         print(f"transformers/peft not installed or {REFERENCE_ROUTES} absent: their routes are skipped "
               "(in a clone of the repository: pip install -e '.[test]')")
         routes = [r for r in routes if ROUTES[r][0] == "minimoe"]
 
     shapes = SHAPES[args.shape]
-    results, failed = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in sorted({ROUTES[r][3] for r in routes}):
-            (Path(tmp) / kind).mkdir()
-            _save_checkpoint(shapes[kind], Path(tmp) / kind, seed=0)
+    results, failed, checkpoints = [], [], {}
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="minimoe-bench-") as tmp:
+        for kind in sorted({"moe" if r == EVENT_ROUTE else ROUTES[r][3] for r in routes}):
+            checkpoints[kind] = _write_checkpoint(shapes[kind], Path(tmp) / kind, args)
         for route in routes:
             cmd = [sys.executable, "-m", "minimoe.bench", "--worker", route, "--dir", tmp]
             for flag in ("shape", "device", "dtype", "batch", "seq", "steps", "warmup", "threads"):
                 cmd += [f"--{flag}", str(getattr(args, flag))]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if done.returncode or not line:
-                print(f"{route}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            run = run_worker(cmd)
+            result = run.result()
+            if result is not None:
+                results.append({**result, "oom": False})
+                print(f"  done: {route}", file=sys.stderr)
+            elif reason := out_of_memory(run.returncode, run.stderr):
+                results.append(_oom_row(route, reason, run))
+                print(f"  out of memory: {route} ({reason}; at: {run.stage or 'start'}; resident size reached "
+                      f"{run.peak_rss / 2**20:,.0f} MiB)", file=sys.stderr)
+            else:
+                print(f"{route}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
                 failed.append(route)
-                continue
-            results.append(json.loads(line[-1][len("RESULT "):]))
-            print(f"  done: {route}", file=sys.stderr)
 
     print()
     for kind, shape in shapes.items():
+        if kind not in checkpoints:  # (no route ran on it)
+            continue
         desc = ", ".join(f"{k}={v}" for k, v in shape.items() if k not in ("model_type", "eos_token_id", "pad_token_id"))
         print(f"{kind}: {shape['model_type']} [{desc}]")
+        print(f"  {_checkpoint_line(checkpoints[kind])}")
     print(f"batch {args.batch} x {args.seq} tokens, {args.device} {args.dtype}, "
           f"{args.threads} threads, median of {args.steps} steps (torch {torch.__version__})\n")
-    mem = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
-    print(f"| route | trainable params | fwd+bwd tok/s | step tok/s (fwd+bwd+AdamW) | {mem} |")
-    print("|---|---:|---:|---:|---:|")
+    if args.event:
+        for r in results:
+            if not r["oom"]:
+                bench_real.print_event(r, args.shape)
+    else:
+        _print_table(results, args.device)
     for r in results:
-        print(f"| {r['route']} | {r['trainable'] / 1e6:.1f}M | {r['fwd_bwd_tok_s']:,.0f} | {r['step_tok_s']:,.0f} | "
-              f"{r['peak_mib']:,.0f} |")
+        if r["oom"]:
+            print(f"\nout of memory: {r['route']}: {r['reason']}, at: {r['stage'] or 'start'}; its resident size "
+                  f"had reached {r['peak_rss_mib_seen']:,.0f} MiB (as last read, every 0.2 s)")
     if args.json:
         args.json.write_text(json.dumps(dict(shapes=shapes, args={k: str(v) for k, v in vars(args).items()},
-                                             results=results, failed=failed), indent=2))
+                                             checkpoints=checkpoints, results=results, failed=failed), indent=2))
     if failed:
         print(f"\n{len(failed)} route(s) failed (see above): {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_table(results: list[dict], device: str) -> None:
+    mem = "peak GPU MiB" if device.startswith("cuda") else "peak RSS MiB"
+    print(f"| route | trainable params | fwd+bwd tok/s | step tok/s (fwd+bwd+AdamW) | {mem} |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        if r["oom"]:  # on CUDA the parent's reading (host RSS) is not the column's GPU memory
+            seen = "–" if device.startswith("cuda") else f"≥ {r['peak_rss_mib_seen']:,.0f}"
+            print(f"| {r['route']} | – | out of memory | out of memory | {seen} |")
+            continue
+        print(f"| {r['route']} | {r['trainable'] / 1e6:.1f}M | {r['fwd_bwd_tok_s']:,.0f} | {r['step_tok_s']:,.0f} | "
+              f"{r['peak_mib']:,.0f} |")
 
 
 if __name__ == "__main__":

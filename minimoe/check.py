@@ -146,11 +146,14 @@ def benchmark(device: str, quick: bool) -> Result:
             rc = bench.main([*args, "--device", device, "--routes", *BENCH_ROUTES.values(), "--json", str(out)])
         no_report = {"results": [], "failed": list(BENCH_ROUTES.values())}
         report = json.loads(out.read_text()) if out.is_file() else no_report
-    speed = {r["route"]: r["step_tok_s"] for r in report["results"]}
+    speed = {r["route"]: r["step_tok_s"] for r in report["results"] if not r.get("oom")}
+    oom = {r["route"] for r in report["results"] if r.get("oom")}  # a result of the benchmark, not a failure
     parts = []
     for label, route in BENCH_ROUTES.items():
         if route in speed:
             parts.append(f"{label} {speed[route]:,.0f} tok/s")
+        elif route in oom:
+            parts.append(f"{label} out of memory")
         elif route in report["failed"]:
             parts.append(f"{label} FAILED")
         else:
