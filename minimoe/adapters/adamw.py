@@ -73,16 +73,20 @@ class AdamW(torch.optim.AdamW):
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         steps, which = torch.unique(step_t, return_inverse=True)  # few distinct counts: one per growth
+        steps = steps.tolist()  # (a state loaded by torch's load_state_dict under fused may sit on the GPU)
         if len(steps) == 1:
-            step = float(steps[0])
+            step = steps[0]
             denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
             p.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1 ** step)))
             return
         # per row: the same host scalars, rounded to the parameter's dtype as addcdiv/div round them
         shape = [1] * p.dim()
         shape[dim] = n
-        col = lambda values: torch.tensor(values, dtype=torch.float64)[which].to(p).view(shape)  # noqa: E731
-        bc2_sqrt = col([(1 - beta2 ** float(s)) ** 0.5 for s in steps])
-        neg_step_size = col([-(lr / (1 - beta1 ** float(s))) for s in steps])
+
+        def col(values: list[float]) -> torch.Tensor:  # one value per distinct count → one per row
+            return torch.tensor(values, dtype=torch.float64, device=which.device)[which].to(p).view(shape)
+
+        bc2_sqrt = col([(1 - beta2 ** s) ** 0.5 for s in steps])
+        neg_step_size = col([-(lr / (1 - beta1 ** s)) for s in steps])
         denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
         p.add_(exp_avg * neg_step_size / denom)
