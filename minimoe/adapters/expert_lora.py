@@ -90,7 +90,7 @@ class _Packing:
     """Host-side layout of the grouped LoRA path, rebuilt after every resize (no device data read).
 
     ``experts``: adapted experts (rank > 0); ``groups``: experts with a slot in the padded buffers (all E,
-    or only the adapted ones when skipping); ``slots (Σr,)``: row of each chunk row in the flattened
+    or only the adapted ones when skipping); ``slots (Σr,)``: row of each ``lora_A`` row in the flattened
     ``[groups · r_pad]`` buffer. When skipping, on the device: ``adapted (E_a,)`` long, the adapted
     experts (an index, not a bool mask: boolean indexing would sync), and ``pruned (E,)`` uint8, 1 for a
     rank-0 expert (the partition's sort key); both None otherwise."""

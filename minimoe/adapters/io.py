@@ -9,7 +9,7 @@
     ESFT          {module}.trained [n_selected, out, in]; a shared expert trained in full: {module}.trained [out, in]
 
 The config records, per kind, each module's ``spec()`` (rank(s), alpha and scaling, the per-expert ranks
-and chunks (EPnG), the surviving LoRA-MoE experts with their original indices (DMEP), ESFT's selected
+(EPnG; files written before the rows were flat also list growth chunks), the surviving LoRA-MoE experts with their original indices (DMEP), ESFT's selected
 experts), the base model id and a fingerprint of the base weights and config; loading onto another base,
 or a file whose shapes disagree with the config, is an error that says so. Nothing here knows a kind:
 each adapter class describes, rebuilds and loads itself.
