@@ -125,6 +125,9 @@ def load_config(name: str, revision: str | None = None) -> tuple[ModelConfig, st
         shape, _, which = kind.partition("/")
         if shape not in SHAPES:
             raise ValueError(f"--model {name}: no benchmark shape {shape!r}; shapes: {', '.join(SHAPES)}")
+        if (which or "moe") not in SHAPES[shape]:
+            raise ValueError(f"--model {name}: benchmark shape {shape} has no {which!r} model; it has: "
+                             f"{', '.join(SHAPES[shape])}")
         return ModelConfig.from_hf_config(SHAPES[shape][which or "moe"], name_or_path=name), \
             f"benchmark shape {shape} ({which or 'moe'})"
     shipped = shipped_shapes()

@@ -158,6 +158,8 @@ def test_memory_sizes_and_errors(monkeypatch, capsys):
         load_config("nobody/no-such-model")
     with pytest.raises(FileNotFoundError, match="not a local directory, a tiny preset"):
         load_config("no-such-thing")
+    with pytest.raises(ValueError, match="bench:olmoe-1b-7b/dense: benchmark shape olmoe-1b-7b has no 'dense' model"):
+        load_config("bench:olmoe-1b-7b/dense")
     assert main(["--model", "nobody/no-such-model"]) == 2
     assert "error: --model 'nobody/no-such-model'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--dtype bfloat16 with --policy full"):
