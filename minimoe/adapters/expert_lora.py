@@ -133,10 +133,8 @@ class ResizableLoRAExpert(Adapter):
     required = ("rank", "alpha", "ranks")
 
     def __init__(self, base: StackedLinear, rank: int, alpha: float, ranks: list[int] | None = None,
-                 generator: torch.Generator | None = None, chunks: list[list[int]] | None = None):
-        """Every expert at ``rank`` (or at ``ranks[e]``, 0 = none). ``chunks`` (per expert, the rows of each
-        growth event: the layout files and checkpoints recorded before rows were stored flat) gives the ranks
-        as its sums."""
+                 generator: torch.Generator | None = None):
+        """Every expert at ``rank`` (or at ``ranks[e]``, 0 = none)."""
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
@@ -144,9 +142,7 @@ class ResizableLoRAExpert(Adapter):
         self.weight = base.weight
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self._packing: _Packing | None = None  # layout cache, rebuilt after every resize
-        if ranks is None:
-            ranks = [sum(c) for c in chunks] if chunks is not None else [rank] * self.num_experts
-        self.set_ranks(ranks)
+        self.set_ranks(ranks if ranks is not None else [rank] * self.num_experts)
         if not on_meta(base.weight):
             self.reset_adapter_parameters(generator)
 
@@ -290,8 +286,6 @@ class ResizableLoRAExpert(Adapter):
         """New ``lora_A`` / ``lora_B`` whose row j is the old row ``index[j]`` (-1: a new row, A from ``new_a`` in
         order, B zero), for experts of ``ranks``; the optimizer state follows (``optim.reindex_param``)."""
         index = torch.tensor(index, dtype=torch.long)
-        if new_a is not None:  # before anything changes: a refusal leaves both factors as they were
-            new_a = new_a.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
         self.lora_A = optim.reindex_param(optimizer, self.lora_A, index, 0, fill=new_a, group=group)
         self.lora_B = optim.reindex_param(optimizer, self.lora_B, index, 1, group=group)
         self._ranks = list(ranks)
@@ -330,11 +324,8 @@ class ResizableLoRAExpert(Adapter):
         the optimizer yet. All-or-nothing: an impossible request raises before anything changes."""
         self.check_grow(deltas)
         deltas = {int(e): int(dr) for e, dr in deltas.items()}
-        fresh = []  # new A rows, drawn in the order of ``deltas`` (the generator's order)
-        for e, dr in deltas.items():
-            fresh.append((e, orthogonal_rows(kaiming_rows(dr, self.in_features, generator),
-                                             self.lora_A_of(e).detach().float().cpu())))
-        fresh = dict(fresh)
+        fresh = {e: orthogonal_rows(kaiming_rows(dr, self.in_features, generator),  # drawn in the order of deltas
+                                    self.lora_A_of(e).detach().float().cpu()) for e, dr in deltas.items()}
         ranks, index, new_a = list(self._ranks), [], []
         for e in range(self.num_experts):
             index += self._rows(e)

@@ -96,11 +96,11 @@ def reindex_param(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, in
     per_row = optimizer is not None and _per_row_step(optimizer.state.get(old, {}))
     src = torch.where(fresh, n, index)  # row n: a zero row appended below
 
-    def take(t: torch.Tensor) -> torch.Tensor:
+    def take(t: torch.Tensor) -> torch.Tensor:  # t shaped like old, or a per-row step count (1-d)
+        d = dim if t.dim() > 1 else 0
         pad = list(t.shape)
-        pad[dim if t.dim() > 1 else 0] = 1
-        return torch.cat([t, t.new_zeros(pad)], dim if t.dim() > 1 else 0).index_select(
-            dim if t.dim() > 1 else 0, src.to(t.device))
+        pad[d] = 1
+        return torch.cat([t, t.new_zeros(pad)], d).index_select(d, src.to(t.device))
 
     data = take(old.detach())
     if fill is not None and bool(fresh.any()):

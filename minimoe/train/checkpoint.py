@@ -167,13 +167,14 @@ def load_optimizer_state(model, optimizer, saved: dict) -> None:
     optimizer.state.clear()
     for name, st in saved["state"].items():
         p = params[name]
+        rows = (p.shape[p.row_dim],) if getattr(p, "row_dim", None) is not None else None
         for k, v in st.items():
-            per_row = k == "step" and torch.is_tensor(v) and v.dim() == 1 and getattr(p, "row_dim", None) is not None and \
-                v.shape[0] == p.shape[p.row_dim]  # minimoe's AdamW: a step count per row
+            per_row = k == "step" and torch.is_tensor(v) and v.shape == rows  # minimoe's AdamW: a count per row
             if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape and not per_row:
                 raise CheckpointMismatch(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, "
                                          f"the parameter {tuple(p.shape)}")
-        optimizer.state[p] = {k: (v.clone() if k == "step" and torch.is_tensor(v) and v.dim() == 1 else
+        # per-row step counts stay on the CPU, where AdamW reads them; moments go where the parameter is
+        optimizer.state[p] = {k: (v.clone() if k == "step" and torch.is_tensor(v) and v.shape == rows else
                                   shard_like(v, p) if torch.is_tensor(v) and v.dim() > 0 else
                                   v.to(p.device) if torch.is_tensor(v) else v) for k, v in st.items()}
 
