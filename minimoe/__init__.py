@@ -4,7 +4,7 @@ Subpackages: ``model`` (the network), ``adapters`` (the layers that prune and gr
 state), ``policies`` (EPnG, DMEP and the baselines, and the routing statistics they decide from), ``train``
 (the loop, run directory, checkpoints, several processes), ``eval`` (benchmarks and graders). ``lm.CausalLM``
 joins the network and its adapter methods; the modules at the top are commands
-(``python -m minimoe.bench|check|convert|export|scaling|tiny|plots|reproduce``) and two small utilities
+(``minimoe bench|check|convert|export|scaling|tiny|plots|reproduce``) and two small utilities
 (``files``, ``options``).
 """
 
@@ -17,7 +17,7 @@ from .adapters.io import save_adapter
 from .adapters.lora import LoRALinear
 from .adapters.lora_moe import PrunableLoRAMoE
 from .adapters.selected import SelectedExperts
-from .lm import CausalLM, from_pretrained
+from .adapters.lm import CausalLM, from_pretrained
 from .model.config import PRESETS, ModelConfig, preset
 from .model.generate import KVCache, generate
 from .model.hf import CheckpointError

@@ -1,55 +1,10 @@
-"""Deploy a fine-tune elsewhere: a merged Hub-layout checkpoint, or a PEFT adapter (``adapters/export.py``).
+"""Moved to ``minimoe.tools.export_adapter`` (``minimoe export``): kept so ``python -m minimoe.export`` and
+``import minimoe.export`` keep working."""
 
-    python -m minimoe.export --adapter ADAPTER_DIR --out weights/my-merged   # --model BASE: default, the adapter's base
-    python -m minimoe.export --model BASE --adapter ADAPTER_DIR --out runs/x/peft --peft
-    python -m minimoe.export --model weights/x-minimoe --out weights/x    # no adapter: a Hub-layout copy
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-from .adapters.base import AdapterError
-from .adapters.io import adapter_base_model
-from .files import check_destination
-from .adapters.export import export_merged, export_peft, merged_state_dict, peft_tensors
-
-__all__ = ["export_merged", "export_peft", "main", "merged_state_dict", "peft_tensors"]
-
-
-def main(argv=None) -> int:
-    from .lm import from_pretrained
-
-    p = argparse.ArgumentParser(prog="python -m minimoe.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="base model: Hub id or directory (default: the base the adapter records)")
-    p.add_argument("--adapter", help="a minimoe adapter directory (minimoe.save_adapter); omit for a plain copy")
-    p.add_argument("--out", required=True, help="destination directory")
-    p.add_argument("--peft", action="store_true", help="write a PEFT adapter instead of a merged checkpoint")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the base (default: its own)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    p.add_argument("--no-check-base", action="store_true",
-                   help="load the adapter even if --model is not the base it was saved on")
-    args = p.parse_args(argv)
-    if not args.model and not args.adapter:
-        p.error("--model is required without --adapter")
-    try:
-        check_destination(args.out, args.overwrite, flag="--overwrite")  # before loading anything
-        model = from_pretrained(args.model or adapter_base_model(args.adapter), dtype=args.dtype)
-        if args.adapter:
-            model.load_adapter(args.adapter, check_base=not args.no_check_base)
-        path = (export_peft if args.peft else export_merged)(model, args.out, overwrite=args.overwrite)
-    except FileExistsError:
-        print(f"error: {args.out} already exists; pass --overwrite to replace it (nothing was written)",
-              file=sys.stderr)
-        return 2
-    except (AdapterError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {'PEFT adapter' if args.peft else 'merged checkpoint'} to {path}")
-    return 0
-
+from minimoe.tools import export_adapter as _moved
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(_moved.main())
+sys.modules[__name__] = _moved

@@ -15,7 +15,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import transformers  # noqa: E402  (the reference; a test-only dependency)
 
-from minimoe.check_numerics import randomize  # noqa: E402  (after HF_HUB_OFFLINE is set)
+from minimoe.tools.check_numerics import randomize  # noqa: E402  (after HF_HUB_OFFLINE is set)
 
 HF_CLASSES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 import minimoe
-from minimoe import bench, bench_real
+from minimoe.tools.bench import run as bench
+from minimoe.tools.bench import real as bench_real
 
 
 def test_bench_runs_minimoe_and_transformers_routes_on_the_same_model(tmp_path, capsys):

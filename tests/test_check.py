@@ -1,4 +1,4 @@
-"""``python -m minimoe.check --device cpu --quick``: every check runs, passes (or skips for a stated reason),
+"""``minimoe check --device cpu --quick``: every check runs, passes (or skips for a stated reason),
 the table is printed, and a failing check makes the exit code 1. (The CUDA path has not run in CI.)"""
 
 import contextlib
@@ -9,7 +9,9 @@ import re
 import pytest
 import torch
 
-from minimoe import check, check_numerics
+from minimoe.tools import check
+
+from minimoe.tools import check_numerics
 
 ROW = re.compile(r"^(?P<name>.+?)\s{2,}(?P<status>PASS|FAIL|SKIP)\s+(?P<secs>[\d.]+)s\s+(?P<detail>.+)$")
 HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) is not None for m in ("transformers", "peft"))
@@ -117,7 +119,7 @@ def test_events_compare_exactly_on_cpu_and_to_a_relative_1e_4_on_cuda():
 
 
 def test_benchmark_without_the_reference_libraries_reports_their_routes_skipped(monkeypatch):
-    from minimoe import bench
+    from minimoe.tools.bench import run as bench
 
     monkeypatch.setattr(bench, "_have_reference", lambda: False)  # as where transformers/peft are not installed
     rc, _, rows = _run(["--device", "cpu", "--only", "benchmark"])

@@ -1,4 +1,4 @@
-"""Converted checkpoints (``python -m minimoe.convert``): exact round trips for every family, a layout that
+"""Converted checkpoints (``minimoe convert``): exact round trips for every family, a layout that
 other tools refuse instead of misreading, and an existing destination refused before any work."""
 
 import json
@@ -11,9 +11,9 @@ from conftest import VARIANTS, save_fused
 from safetensors import safe_open
 
 import minimoe
-import minimoe.convert as convert_mod
-from minimoe.convert import convert, main
-from minimoe.files import DestinationExists
+import minimoe.tools.convert as convert_mod
+from minimoe.tools.convert import convert, main
+from minimoe.utils.files import DestinationExists
 from minimoe.model.hf import CONVERTED_WEIGHTS
 
 IDS = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(0))
@@ -84,7 +84,7 @@ def test_transformers_refuses_a_converted_checkpoint_instead_of_misreading_it(hf
     with pytest.raises(OSError, match="no file named model.safetensors"):
         AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     # the way back to the Hub layout is a plain export, which transformers reads again
-    from minimoe.export import main as export_main
+    from minimoe.tools.export_adapter import main as export_main
 
     assert export_main(["--model", str(out), "--out", str(tmp_path / "hub")]) == 0
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hub", dtype=torch.float32).eval()

@@ -229,7 +229,7 @@ def test_fsdp_needs_several_processes(tmp_path, capsys):
 
 
 def test_the_scaling_benchmark_runs_one_and_two_processes(tmp_path):
-    from minimoe import scaling
+    from minimoe.tools import scaling
 
     out = tmp_path / "scaling.json"
     assert scaling.main(["--model", "tiny-olmoe", "--steps", "2", "--global-batch", "4", "--json", str(out)]) == 0

@@ -12,7 +12,7 @@ import torch
 
 import minimoe
 
-from minimoe.train.data import tiny_arith_split
+from minimoe.data.dataset import tiny_arith_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluate  # noqa: E402
@@ -436,7 +436,7 @@ def test_grading_shared_out_over_processes_resumes_with_another_count(tmp_path, 
 
     from minimoe.eval.progress import Progress
     from minimoe.eval.runners import grade
-    from minimoe.train.distributed import World
+    from minimoe.parallel.distributed import World
 
     @dataclass(frozen=True)
     class Rank(World):

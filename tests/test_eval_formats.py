@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from minimoe.eval import scoring
-from minimoe.mc_rows import mc_rows
+from minimoe.data.mc_rows import mc_rows
 from minimoe.eval.tasks import get_task
 from minimoe.eval.scoring import extract_gsm8k, final_answer, gsm8k_correct, math_correct, math_grader
 

@@ -8,7 +8,7 @@ import torch
 
 import minimoe
 from minimoe.adapters.io import AdapterError
-from minimoe.files import DestinationExists
+from minimoe.utils.files import DestinationExists
 
 IDS = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(0))
 
@@ -207,7 +207,7 @@ def test_wrong_base_shape_mismatch_truncated_file_and_existing_destination(hf_ch
 
 
 def test_export_cli_merges_an_adapter(hf_checkpoint, tmp_path, capsys):
-    from minimoe.export import main
+    from minimoe.tools.export_adapter import main
 
     _, directory = hf_checkpoint("olmoe")
     model = _epng_like(directory)
@@ -257,7 +257,7 @@ def test_fingerprint_agrees_across_dtypes_and_a_failed_load_changes_nothing(hf_c
 
 
 def test_export_cli_no_check_base(hf_checkpoint, tmp_path, capsys):
-    from minimoe.export import main
+    from minimoe.tools.export_adapter import main
 
     _, directory = hf_checkpoint("olmoe")
     _, clip = hf_checkpoint("olmoe-clip")
@@ -284,7 +284,7 @@ def _peft_logits(directory, adapter):
 
 def test_exports_refuse_an_existing_destination_before_building_anything(hf_checkpoint, tmp_path, monkeypatch,
                                                                          capsys):
-    import minimoe.export as export_mod
+    import minimoe.tools.export_adapter as export_mod
     import minimoe.model.hf as hf_mod
 
     _, directory = hf_checkpoint("olmoe")
@@ -319,7 +319,7 @@ def test_exports_refuse_an_existing_destination_before_building_anything(hf_chec
 
 
 def test_export_cli_peft_end_to_end(hf_checkpoint, tmp_path, capsys):
-    from minimoe.export import main
+    from minimoe.tools.export_adapter import main
 
     _, directory = hf_checkpoint("qwen3_moe")
     model = _epng_like(directory, targets=("gate_proj", "up_proj", "down_proj"), dense=("q_proj",))
@@ -379,7 +379,7 @@ def test_an_adapter_finds_its_base_after_the_project_moves(hf_checkpoint, tmp_pa
     import shutil
 
     from minimoe.adapters.io import adapter_base_model
-    from minimoe.export import main
+    from minimoe.tools.export_adapter import main
 
     _, directory = hf_checkpoint("olmoe")
     project = tmp_path / "proj"

@@ -1,4 +1,4 @@
-"""The memory plan (``python -m minimoe.plan``): exact counts against real models, the shipped reference shapes
+"""The memory plan (``minimoe plan``): exact counts against real models, the shipped reference shapes
 against transformers' own models (on the meta device), the arithmetic of the memory terms, the verdict, the
 activation formula against what autograd really saves, and the errors."""
 
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from minimoe.lm import CausalLM
-from minimoe.plan import (activation_bytes, build, load_config, main, parse_memory, plan, shipped_shapes)
+from minimoe.adapters.lm import CausalLM
+from minimoe.tools.plan import (activation_bytes, build, load_config, main, parse_memory, plan, shipped_shapes)
 from minimoe.policies import Context, make_policy
 
 GIB = 2**30
@@ -198,7 +198,7 @@ def test_train_py_plan_prints_the_runs_plan_and_trains_nothing(capsys, tmp_path,
 
 
 def test_plan_check_measures_a_real_cpu_step():
-    from minimoe.plan_check import check
+    from minimoe.tools.plan_check import check
 
     r = check("bench:medium", "lora", steps=2, threads=1)
     assert r["trainable"] == 786_432  # 4 layers x 32 experts x (gate, up) x 8 x (256 + 128)

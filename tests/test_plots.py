@@ -1,10 +1,10 @@
-"""python -m minimoe.plots on real run directories, and its message when matplotlib is missing."""
+"""minimoe plots on real run directories, and its message when matplotlib is missing."""
 
 import json
 import sys
 from pathlib import Path
 
-from minimoe.plots import main
+from minimoe.tools.plots import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
@@ -38,7 +38,7 @@ def test_plots_of_epng_and_dmep_runs(tmp_path):
     assert set(files) == figures | {"index.md"}
     assert all(files[f].startswith(PNG) and len(files[f]) > 5000 for f in figures)
     assert "| policy | dmep |" in files["index.md"].decode()
-    from minimoe.reproduce import figures  # what python -m minimoe.reproduce appends to its table.md
+    from minimoe.tools.reproduce import figures  # what minimoe reproduce appends to its table.md
 
     links = figures(tmp_path, [tmp_path / "e", tmp_path / "d"])
     assert "[epng_prune_grow](e/plots/epng_prune_grow.png)" in links and "[dmep_routing](d/plots/dmep_routing.png)" in links
@@ -54,7 +54,7 @@ def test_without_matplotlib_the_command_says_how_to_install(tmp_path, monkeypatc
 
 
 def test_reproduce_table_reports_mean_and_std():
-    from minimoe.reproduce import table
+    from minimoe.tools.reproduce import table
 
     def runs(scores, trainable=(12288,), speed=1000.0, late=None):
         return [{"task_score_after": s, "task_score_before": 0.1, "trainable_parameters": n, "tokens_per_s": speed,
@@ -80,7 +80,7 @@ def _run(path, args, summary=None, metrics=()):
 
 
 def test_reproduce_reuses_only_matching_finished_runs(tmp_path):
-    from minimoe.reproduce import finished
+    from minimoe.tools.reproduce import finished
 
     epng = {"policy": "epng", "seed": 1, "steps": 300, "model": "/x/weights/tiny-moe",
             "policy_options": {"final_event": False}}
@@ -102,7 +102,7 @@ def test_reproduce_reuses_only_matching_finished_runs(tmp_path):
 
 
 def test_second_half_throughput_from_metrics(tmp_path):
-    from minimoe.reproduce import late_throughput
+    from minimoe.tools.reproduce import late_throughput
 
     metrics = [{"step": s, "tokens": 100 * s, "elapsed_s": float(s * s)} for s in range(1, 7)]
     _run(tmp_path / "r", {}, metrics=metrics)

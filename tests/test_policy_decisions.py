@@ -10,7 +10,7 @@ import torch
 from test_training import _lines, _run, train
 
 import minimoe
-from minimoe.train.data import Dataset
+from minimoe.data.dataset import Dataset
 from minimoe.policies import Context, EPnG
 from minimoe.model.tokenizer import byte_tokenizer
 from minimoe.train.trainer import TrainConfig, Trainer

@@ -11,9 +11,9 @@ import pytest
 from test_eval_formats import OBQA_HUB, SCIENCEQA_HINT, SCIENCEQA_IMAGE, SCIENCEQA_TEXT
 from test_sources import CODE_ALPACA, GSM8K, METAMATHQA, _jsonl, hub  # noqa: F401  (hub: the fixture)
 
-from minimoe.mc_rows import mc_prompt, mc_row
+from minimoe.data.mc_rows import mc_prompt, mc_row
 from minimoe.train.config import resolve
-from minimoe.train.data import DataError, answer_only, read_pairs
+from minimoe.data.dataset import DataError, answer_only, read_pairs
 from minimoe.train.recipes import RECIPES, SEVEN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -1,4 +1,4 @@
-"""``python -m minimoe.reproduce`` never replaces earlier runs without ``--overwrite`` (train.py is faked)."""
+"""``minimoe reproduce`` never replaces earlier runs without ``--overwrite`` (train.py is faked)."""
 
 import json
 import subprocess
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from minimoe import reproduce
+from minimoe.tools import reproduce
 
 
 def _summary(policy, seed):

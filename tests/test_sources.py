@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from minimoe.sources import DataError, read_records
-from minimoe.train.data import read_pairs, record_to_pair
+from minimoe.data.sources import DataError, read_records
+from minimoe.data.dataset import read_pairs, record_to_pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluate  # noqa: E402
@@ -426,7 +426,7 @@ def test_the_environment_alone_points_at_the_cache(hub, tmp_path):
     import subprocess
 
     hub("meta-math/MetaMathQA", {"MetaMathQA-395K.json": json.dumps(METAMATHQA).encode()})
-    code = ("from minimoe.sources import read_records; "
+    code = ("from minimoe.data.sources import read_records; "
             "print(len(read_records('meta-math/MetaMathQA:MetaMathQA-395K.json')))")
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf-home"),
            "PATH": "/usr/bin:/bin"}

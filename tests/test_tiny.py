@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minimoe
-from minimoe import tiny
+from minimoe.tools import tiny
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "tiny-moe"
 
@@ -117,7 +117,7 @@ def test_cli_refuses_existing_out_with_one_line_and_exit_code_2(tmp_path):
 
     out = tmp_path / "tiny"
     out.mkdir()
-    done = subprocess.run([sys.executable, "-m", "minimoe.tiny", "--out", str(out), "--steps", "1"],
+    done = subprocess.run([sys.executable, "-m", "minimoe.tools.tiny", "--out", str(out), "--steps", "1"],
                           cwd=WEIGHTS.parents[1], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [f"error: --out {out} already exists; pass --overwrite to replace it "

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import minimoe
 from minimoe import optim
-from minimoe.train.data import Dataset, encode_pair, read_pairs
+from minimoe.data.dataset import Dataset, encode_pair, read_pairs
 from minimoe.policies import DMEP, Context, EPnG
 from minimoe.policies.esft import SelectedExperts, normalize_scores, top_p_selection
 from minimoe.policies.stats import drift, gini, normalized_entropy
@@ -463,7 +463,7 @@ def test_resume_with_more_steps_follows_the_new_schedule_at_once(tmp_path):
 
 def test_a_failed_checkpoint_swap_keeps_the_previous_copy(tmp_path, monkeypatch):
     from minimoe.train import checkpoint as ckpt
-    from minimoe.files import atomic_dir
+    from minimoe.utils.files import atomic_dir
 
     dst = tmp_path / "checkpoint"
     with atomic_dir(dst) as tmp:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from .base import AdapterError, adapters_of, base_state_dict
-from ..files import atomic_dir, check_destination
+from ..utils.files import atomic_dir, check_destination
 from ..model.hf import resolve, write_hub_checkpoint
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .base import KINDS, Adapter, AdapterError, adapters_of, base_state_dict, replace_module
 from .expert_lora import ResizableLoRAExpert
-from ..files import atomic_dir
+from ..utils.files import atomic_dir
 from .lora import LoRALinear
 from .lora_moe import PrunableLoRAMoE
 from .selected import SelectedExperts

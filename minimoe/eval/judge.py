@@ -91,7 +91,7 @@ class VerdictCache:
             finally:
                 os.close(fd)
         except OSError as e:
-            from ..files import Unwritable
+            from ..utils.files import Unwritable
 
             raise Unwritable(f"cannot write {self.path}: {e.strerror or e}") from None
         self.answers[key] = content

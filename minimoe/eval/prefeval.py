@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..train.data import prompt_text
+from ..data.dataset import prompt_text
 from .judge import ChatJudge, JudgeError, VerdictCache
 from .progress import partial_dir
 from .tasks import Task, read_rows, register

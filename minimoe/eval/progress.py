@@ -23,8 +23,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..files import Unwritable, write_text_atomic
-from ..train.distributed import World
+from ..utils.files import Unwritable, write_text_atomic
+from ..parallel.distributed import World
 
 
 def partial_dir(out: str | os.PathLike) -> Path:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..sources import select
-from ..train.data import prompt_text
-from ..train.distributed import World
+from ..data.sources import select
+from ..data.dataset import prompt_text
+from ..parallel.distributed import World
 from .progress import Progress
 from .tasks import CODE_STOPS, GENERATE, OPTION_LOGLIK, PERPLEXITY, Task, get_task, read_rows
 from .tasks import TASKS as _REGISTRY
@@ -58,7 +58,7 @@ def task_rows(task: str | Task, data: str | None, limit: int | None, filters=())
 
     Args:
         task: a registered task's name, or a task object.
-        data: the ``--data`` spec (a file or Hub dataset: :mod:`minimoe.sources`), or None.
+        data: the ``--data`` spec (a file or Hub dataset: :mod:`minimoe.data.sources`), or None.
         limit: score only the first ``limit`` problems (None or 0: all).
         filters: ``--data-filter`` ``KEY=VALUE`` strings, applied before ``limit`` (e.g. ``type=Algebra``).
     """

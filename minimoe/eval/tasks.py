@@ -6,7 +6,7 @@ Tasks and metrics (the papers'):
     math        exact match of the ``\\boxed{}`` / "The answer is:" answer (``problem``/``solution`` rows),
                 by math-verify where installed, else Hendrycks' normalisation (``--math-grader``)
     mc          multiple choice: ARC, OpenBookQA, ScienceQA (text-only), MMLU rows as distributed, or
-                ``question``, ``choices``, ``answer`` (:mod:`minimoe.mc_rows`), by option
+                ``question``, ``choices``, ``answer`` (:mod:`minimoe.data.mc_rows`), by option
                 log-likelihood (``--mc-mode loglik``) or by generated letter (``letter``)
     humaneval   pass@k (``task_id``, ``prompt``, ``test``, ``entry_point``), programs run in a sandbox
     mbpp        pass@k (``task_id``, ``text``, ``test_list``[, ``test_setup_code``])
@@ -41,10 +41,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from ..sources import holds_records, read_records
-from ..train.data import prompt_text, tiny_arith_split
+from ..data.sources import holds_records, read_records
+from ..data.dataset import prompt_text, tiny_arith_split
 from .sandbox import humaneval_program, mbpp_program, run_program, sandbox_info
-from ..mc_rows import LETTERS, mc_prompt, mc_row, mc_rows
+from ..data.mc_rows import LETTERS, mc_prompt, mc_row, mc_rows
 from .scoring import extract_choice, gsm8k_correct, math_correct, math_grader, pass_at_k
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def read_rows(path: str | Path) -> list[dict]:
     Args:
         path: a local JSON array, JSONL, gzip (HumanEval.jsonl.gz as distributed) or Parquet file, or a Hub
             dataset (``hf://datasets/OWNER/NAME/FILE``, ``OWNER/NAME:FILE``, ``OWNER/NAME[:DIR]@SPLIT``):
-            see :mod:`minimoe.sources`.
+            see :mod:`minimoe.data.sources`.
     """
     return [record for _, record in read_records(str(path))]
 
@@ -289,7 +289,7 @@ class MultipleChoice(Task):
         return OPTION_LOGLIK if self.mode == "loglik" else GENERATE
 
     def rows(self, data):
-        """The rows in the form scored (:func:`~minimoe.mc_rows.mc_rows`: ARC, OpenBookQA, ScienceQA, MMLU
+        """The rows in the form scored (:func:`~minimoe.data.mc_rows.mc_rows`: ARC, OpenBookQA, ScienceQA, MMLU
         or minimoe's own layout); rows with an image are left out and counted in :attr:`skipped`."""
         if data is None:
             return super().rows(data)  # the error naming --data

@@ -8,7 +8,7 @@ which are stacked along a new first dimension:
     model.layers.{l}.mlp.experts.down_proj                       [E, H, I]    gate rows first)
         → layers.{l}.mlp.experts.{gate,up,down}_proj.weight      [E, out, in]
 
-A converted checkpoint (``minimoe.convert``) stores ``layers.{l}.mlp.experts.{p}.weight [E, out, in]``
+A converted checkpoint (``minimoe.tools.convert``) stores ``layers.{l}.mlp.experts.{p}.weight [E, out, in]``
 as is, in ``minimoe.safetensors`` (older conversions: ``model.safetensors``); its keys need no mapping.
 
 The model is built on the meta device and loaded tensors are assigned into it, so a checkpoint is
@@ -29,9 +29,10 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import Transformer
+from .shipped import SHIPPED, shipped
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# minimoe's converted layout (``python -m minimoe.convert``) keeps its weights under this name, not
+# minimoe's converted layout (``minimoe convert``) keeps its weights under this name, not
 # model.safetensors: tools that read Hub checkpoints then fail loudly ("no model.safetensors") instead of
 # loading a config whose stacked expert keys they do not know and initialising those experts at random.
 # Its keys already are minimoe's names, so ``map_key`` passes them through unchanged.
@@ -48,11 +49,14 @@ class CheckpointError(ValueError):
 
 
 def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local directory, or a Hub repo id fetched through ``huggingface_hub`` (its cache, its
-    ``HF_HUB_OFFLINE``). Only config, tokenizer and safetensors files are downloaded."""
+    """A local directory, a shipped model's name (``tiny-moe``, ``tiny-dense``: ``shipped``), or a Hub repo id
+    fetched through ``huggingface_hub`` (its cache, its ``HF_HUB_OFFLINE``). Only config, tokenizer and
+    safetensors files are downloaded."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
+    if str(path_or_repo_id) in SHIPPED:
+        return shipped(str(path_or_repo_id))
     if path.exists():
         raise FileNotFoundError(f"{path} is a file; pass the directory that holds config.json")
     name = str(path_or_repo_id)

@@ -1,6 +1,6 @@
 """The ``config.json`` of a checkpoint without its weights: the reference checkpoints' shapes shipped with
 minimoe (``model/shapes/OWNER--NAME.json``, offline; see ``shapes/SOURCES.md``), or any Hub id's config.json
-alone, through the Hub cache (``HF_HUB_OFFLINE=1`` never touches the network). What ``python -m minimoe.plan``
+alone, through the Hub cache (``HF_HUB_OFFLINE=1`` never touches the network). What ``minimoe plan``
 builds its meta-device model from."""
 
 from __future__ import annotations

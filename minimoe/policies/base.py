@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..options import option  # noqa: F401  (policies declare their options with it)
+from ..utils.options import option  # noqa: F401  (policies declare their options with it)
 from .stats import RoutingStats
 
 
@@ -22,7 +22,7 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 class Context:
     """What a policy may need from the trainer at setup time."""
 
-    dataset: object = None  # minimoe.train.data.Dataset (ESFT scores experts on a sample of it)
+    dataset: object = None  # minimoe.data.dataset.Dataset (ESFT scores experts on a sample of it)
     batch_size: int = 8
     steps_per_epoch: int = 1
     total_steps: int = 0  # the run's steps (0: unknown)

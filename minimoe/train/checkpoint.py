@@ -32,8 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..adapters.base import Adapter, adapters_of, replace_module
-from ..files import atomic_dir, previous_copy
-from .fsdp import full, shard_like
+from ..utils.files import atomic_dir, previous_copy
+from ..parallel.fsdp import full, shard_like
 
 CHECKPOINT = "checkpoint"
 

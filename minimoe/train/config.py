@@ -22,11 +22,12 @@ import torch
 
 from . import checkpoint as ckpt
 from ..model.config import PRESETS
-from ..options import add_arguments, checked, option
+from ..model.shipped import shipped, shipped_name
+from ..utils.options import add_arguments, checked, option
 from ..policies import POLICIES
 from .recipes import get_recipe, listing
 
-# With no --model, train.py fine-tunes a shipped tiny model (in ``weights``: tiny-moe, or for DMEP, whose
+# With no --model, train fine-tunes a shipped tiny model (``minimoe/weights``: tiny-moe, or for DMEP, whose
 # paper adapts a dense Qwen3, tiny-dense) on tiny-arith with the papers' methods at a scale that finishes
 # in minutes on a CPU (flags given explicitly still win). EPnG keeps the
 # paper's own T_w = 100, T_p = 50: 5 prune/grow events in 300 steps. (Scaling the paper's 500-step schedule
@@ -50,8 +51,8 @@ class TrainConfig:
 
     policy: str = option("epng", "training method: " + ", ".join(POLICIES))
     model: str = option("", "Hub id, checkpoint directory, or tiny preset (tiny-olmoe, tiny-qwen2-moe, tiny-qwen3, "
-                            "tiny-qwen3-moe: random weights, byte tokenizer); default: the shipped weights/tiny-moe "
-                            "(weights/tiny-dense for dmep); a shipped model, named or by default, trains with the embedded "
+                            "tiny-qwen3-moe: random weights, byte tokenizer); default: the shipped tiny-moe "
+                            "(tiny-dense for dmep; both ship inside the package); a shipped model, named or by default, trains with the embedded "
                             "run's scaled defaults (--steps 300 --batch-size 16 --lr 3e-3 --warmup-ratio 0.05)")
     data: str = option("tiny-arith", "data file (JSON, JSONL, .gz, Parquet) or Hub dataset (hf://datasets/OWNER/NAME/"
                                      "FILE, OWNER/NAME:FILE, OWNER/NAME[:DIR]@SPLIT) of MetaMathQA, GSM8K, Code Alpaca, "
@@ -125,7 +126,7 @@ def is_preset(name: str) -> bool:
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The flags of every TrainConfig field and of every policy option (``--<policy>-<option>``)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="minimoe train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="TOML file: [train] table (or top-level keys) and a table per policy")
     add_arguments(p, TrainConfig)
     for name, cls in POLICIES.items():
@@ -181,15 +182,16 @@ def _resumed_batch_size(run, batch_size: int, saved_world: int, given: bool, fai
     return global_batch // world
 
 
-def resolve(argv=None, weights: Path | None = None, description: str | None = None) -> TrainConfig:
+def resolve(argv=None, description: str | None = None, embedded: bool = True) -> TrainConfig:
     """A TrainConfig from command-line arguments (see the module docstring for the layers).
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
-        weights: the directory of the shipped tiny models: without ``--model`` (and not resuming) the run trains
-            ``weights/tiny-moe`` (``EMBEDDED_MODELS``: tiny-dense for dmep); a shipped model, by default or named
-            (``--model weights/tiny-dense --policy lora``), trains with ``EMBEDDED_RUN``'s defaults.
         description: the ``--help`` text above the flags.
+        embedded: without ``--model`` (and not resuming) the run trains the shipped ``tiny-moe``
+            (``EMBEDDED_MODELS``: ``tiny-dense`` for dmep, ``minimoe.model.shipped``); a shipped model, by
+            default or named (``--model tiny-dense --policy lora``), trains with ``EMBEDDED_RUN``'s defaults.
+            False: an unnamed model stays unset (the policy's tiny random preset, as in the Python API).
     """
     p = build_parser(description)
     args = vars(p.parse_args(argv))
@@ -237,10 +239,13 @@ def resolve(argv=None, weights: Path | None = None, description: str | None = No
         else:
             train[key] = value
     policy = train.get("policy", TrainConfig.policy)
-    if weights is not None and not resume:  # the embedded run: a shipped model, by default or named
-        model = train.get("model") or str(weights / EMBEDDED_MODELS.get(policy, "tiny-moe"))
-        shipped = {(weights / name).resolve() for name in (*EMBEDDED_MODELS.values(), "tiny-moe")}
-        if Path(model).resolve() in shipped and Path(model).is_dir():
+    if embedded and not resume:  # the embedded run: a shipped model, by default or named
+        model = train.get("model") or EMBEDDED_MODELS.get(policy, "tiny-moe")
+        if shipped_name(model):
+            try:
+                shipped(shipped_name(model))
+            except FileNotFoundError as e:  # never a random preset in its place
+                p.error(f"{'' if train.get('model') else 'the default base: '}{e}")
             train = {**EMBEDDED_RUN, **train, "model": model}
             options[policy] = {**EMBEDDED_OPTIONS.get(policy, {}), **options.get(policy, {})}
     if policy not in POLICIES:

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from ..files import atomic_dir, write_text_atomic
+from ..utils.files import atomic_dir, write_text_atomic
 
 ARGS, METRICS, EVENTS, SUMMARY = "args.json", "metrics.jsonl", "events.jsonl", "summary.json"
 LOGS = (METRICS, EVENTS)

@@ -24,19 +24,19 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import fsdp
+from ..parallel import fsdp
 from ..adapters.adamw import AdamW
 from ..model.config import preset
-from .data import Dataset, answer_only, load_pairs
-from ..lm import CausalLM, from_pretrained
+from ..data.dataset import Dataset, answer_only, load_pairs
+from ..adapters.lm import CausalLM, from_pretrained
 from ..model.hf import resolve
-from ..options import check_choices, to_toml
+from ..utils.options import check_choices, to_toml
 from ..policies import Context, Policy, make_policy
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
 from ..model.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 from .config import DTYPES, TrainConfig, default_model, is_preset
-from .distributed import World
+from ..parallel.distributed import World
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "lr_schedule", "load_model_and_tokenizer"]
 

@@ -1,7 +1,8 @@
-"""The transformers (+ PEFT) routes of ``python -m minimoe.bench``: the reference side of the benchmark.
+"""The transformers (+ PEFT) routes of ``minimoe bench``: the reference side of the benchmark.
 
-They live with the tests because minimoe itself never imports the reference libraries; the benchmark's
-worker loads this file by path when it runs a transformers route (``pip install -e '.[test]'``).
+The only module of minimoe that imports transformers and peft (the ``bench`` extra), and only inside its
+functions: the benchmark's worker imports it when it runs a transformers route, the self-check and the tests
+when they compare against transformers. Nothing that trains or evaluates imports it.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from .adapters.attach import AdapterMixin
-from .model import hf
-from .model.model import Transformer
+from .attach import AdapterMixin
+from ..model import hf
+from ..model.model import Transformer
 
 
 class CausalLM(AdapterMixin, Transformer):

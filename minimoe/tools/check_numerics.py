@@ -1,4 +1,4 @@
-"""The numerical checks of ``python -m minimoe.check``: parity, the expert paths, adapter gradients.
+"""The numerical checks of ``minimoe check``: parity, the expert paths, adapter gradients.
 
 Each check builds tiny models on the CPU in fp32 (the reference), copies them to the device under test
 and compares. Weights are drawn as in the project's parity tests (norms ~1 ± 0.2, the rest 0.15·N(0, 1)):
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters.adamw import AdamW
-from .adapters.base import adapters_of
-from .lm import CausalLM
-from .model.config import preset
-from .model.hf import to_hub_state_dict
-from .model.moe import grouped_mm_supported
+from ..adapters.adamw import AdamW
+from ..adapters.base import adapters_of
+from ..adapters.lm import CausalLM
+from ..model.config import preset
+from ..model.hf import to_hub_state_dict
+from ..model.moe import grouped_mm_supported
 
 # Tolerances (every number the table prints is compared against one of these)
 FP32_TOL = 1e-4  # fp32 logits: max |device - cpu| / max(1, max |cpu|) (reduction order only)
@@ -140,7 +140,7 @@ def parity(family: str, device: str, quick: bool) -> Result:
 
 def transformers_parity(family: str, device: str, quick: bool) -> Result:
     """minimoe against transformers' model of the same weights on the same device (fp32 tight, bf16 relative)."""
-    from . import bench
+    from .bench import run as bench
 
     if not bench._have_reference():
         return Result("SKIP", f"transformers/peft not importable or {bench.REFERENCE_ROUTES.name} absent "

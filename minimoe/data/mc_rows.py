@@ -112,7 +112,7 @@ def mc_rows(records: list[tuple[str, dict]], source: str) -> tuple[list[dict], i
     """The rows in the form ``eval.py`` scores, and how many were skipped for an image.
 
     Args:
-        records: ``(where, row)`` in file order, as :func:`minimoe.sources.read_records` gives them (``where``:
+        records: ``(where, row)`` in file order, as :func:`minimoe.data.sources.read_records` gives them (``where``:
             ``FILE:LINE``, ``FILE:LINE (item I)`` or ``FILE: row I``).
         source: the data spec, for the error of a file without a text-only row.
 

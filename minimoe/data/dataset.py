@@ -1,7 +1,7 @@
 """Fine-tuning data: the formats of the papers' data, prompt masking, truncation, packing, and a seeded
 batch order that can be saved and resumed exactly.
 
-Records come from a data spec (:mod:`minimoe.sources`: a local JSON/JSONL/gzip/Parquet file or a Hub
+Records come from a data spec (:mod:`minimoe.data.sources`: a local JSON/JSONL/gzip/Parquet file or a Hub
 dataset); each one is mapped to a (prompt, response) pair by the first format whose fields it has:
 
     MetaMathQA   {"query": ..., "response": ...}
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..model.tokenizer import Tokenizer
-from ..mc_rows import LETTERS, RowError, is_mc, mc_prompt, mc_row
-from ..sources import DataError, read_records
+from .mc_rows import LETTERS, RowError, is_mc, mc_prompt, mc_row
+from .sources import DataError, read_records
 
 FORMATS = {
     "metamathqa": ("query", "response"),
@@ -70,7 +70,7 @@ def _messages(messages, where: str) -> list[dict]:
 def record_to_pair(record, where: str) -> tuple[str, str] | None:
     """One JSON record → (prompt, response) text, or a ``DataError`` naming ``where`` and the field: every
     text field must be a string (a number, list or null is not silently turned into one). A multiple-choice
-    row (:mod:`minimoe.mc_rows`) becomes its lettered prompt and the correct letter; None: a row with an image,
+    row (:mod:`minimoe.data.mc_rows`) becomes its lettered prompt and the correct letter; None: a row with an image,
     left out (the papers train on ScienceQA's text-only questions)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -96,7 +96,7 @@ def record_to_pair(record, where: str) -> tuple[str, str] | None:
 
 
 def read_pairs(spec: str, filters=()) -> list[tuple[str, str]]:
-    """The (prompt, response) pairs of a data spec (a local file or Hub dataset, :mod:`minimoe.sources`),
+    """The (prompt, response) pairs of a data spec (a local file or Hub dataset, :mod:`minimoe.data.sources`),
     keeping the records that pass ``filters`` (``KEY=VALUE``); a bad record is a ``DataError`` naming its
     file and line."""
     pairs = (record_to_pair(record, where) for where, record in read_records(spec, filters))

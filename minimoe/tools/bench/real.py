@@ -1,4 +1,4 @@
-"""What ``python -m minimoe.bench`` needs at real scale, and its EPnG event measurement.
+"""What ``minimoe bench`` needs at real scale, and its EPnG event measurement.
 
 * ``write_random_checkpoint`` — a random checkpoint of any benchmark shape in the Hub layout (safetensors
   shards + ``model.safetensors.index.json``), written tensor by tensor in the dtype asked for: the full
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters.adamw import AdamW
+from ...adapters.adamw import AdamW
 
 
 def peak_rss() -> int:
@@ -62,9 +62,9 @@ def checkpoint_specs(shape: dict) -> list[TensorSpec]:
     """The Hub keys and shapes of a shape dict's checkpoint, from minimoe's model on the meta device (no
     memory). Filled as ``Transformer.init_weights`` does: RMSNorm weights ones (so the logits stay finite),
     biases zeros, every other tensor normal(0, 0.02). A tied head is not written (as ``write_hub_checkpoint``)."""
-    from .model.config import ModelConfig
-    from .model.hf import to_hub_state_dict
-    from .model.model import RMSNorm, Transformer
+    from ...model.config import ModelConfig
+    from ...model.hf import to_hub_state_dict
+    from ...model.model import RMSNorm, Transformer
 
     config = ModelConfig.from_hf_config(shape)
     with torch.device("meta"):
@@ -125,7 +125,7 @@ def write_random_checkpoint(shape: dict, directory: Path, seed: int = 0, dtype: 
     ``dtype``), shards ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``. At most one
     tensor is in memory at a time. Refuses (OSError) before writing when the disk has no room for it.
     Returns ``{"bytes", "files", "tensors", "seconds"}``."""
-    from .model.config import ModelConfig
+    from ...model.config import ModelConfig
 
     if sys.byteorder != "little":  # the bytes are written as this machine holds them; safetensors is little-endian
         raise OSError("write_random_checkpoint writes the tensors' memory as is: a little-endian machine is needed")
@@ -241,9 +241,9 @@ def event_worker(args, directory: Path) -> dict:
     grow the top β with the freed parameters, the optimizer's state following), then the first step after it
     (the adapters re-pack their new layout) and the steps after that. A step is forward + backward + AdamW, as
     the benchmark's routes; the trainer's own step does more (clipping, checks), so the share is an upper bound."""
-    from .lm import from_pretrained
-    from .policies.base import Context
-    from .policies.epng import EPnG
+    from ...adapters.lm import from_pretrained
+    from ...policies.base import Context
+    from ...policies.epng import EPnG
 
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
