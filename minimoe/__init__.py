@@ -1,11 +1,13 @@
 """minimoe: fine-tune Mixture-of-Experts LMs with adapters that change shape while they train.
 
-Subpackages: ``model`` (the network), ``adapters`` (the layers that prune and grow, and their optimizer
-state), ``policies`` (EPnG, DMEP and the baselines, and the routing statistics they decide from), ``train``
-(the loop, run directory, checkpoints, several processes), ``eval`` (benchmarks and graders). ``lm.CausalLM``
-joins the network and its adapter methods; the modules at the top are commands
-(``minimoe bench|check|convert|export|scaling|tiny|plots|reproduce``) and two small utilities
-(``files``, ``options``).
+Subpackages, bottom up: ``model`` (the network, Hub checkpoints in and out, the shipped tiny models),
+``adapters`` (the layers that prune and grow, their optimizer state, ``CausalLM`` = the network with the adapter
+methods), ``policies`` (EPnG, DMEP and the baselines, and the routing statistics they decide from), ``data``
+(sources, record formats, batches), ``parallel`` (several processes), ``train`` (the loop, run directory,
+checkpoints, recipes, the ``train`` command), ``eval`` (benchmarks, graders, the ``eval`` command) and ``tools``
+(bench, plan, check, convert, export, plots, reproduce, scaling, tiny); ``utils`` holds atomic writes and option
+fields. ``minimoe SUBCOMMAND`` (``cli``) runs the commands. The modules left at this level under the old command
+names (``bench``, ``plan``, ...) only keep ``python -m minimoe.bench`` working.
 """
 
 from .adapters import optim

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,24 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 import transformers  # noqa: E402  (the reference; a test-only dependency)
 
 from minimoe.tools.check_numerics import randomize  # noqa: E402  (after HF_HUB_OFFLINE is set)
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _system_temp_inside_the_session(tmp_path_factory):
+    """What the code under test writes to the system temp dir (the sandbox's ``minimoe-exec-*`` work dirs, the
+    benchmark's checkpoints, a killed evaluation's leftovers), in this process and the subprocesses it starts,
+    lands in this session's pytest directory instead of the machine's /tmp."""
+    tmp = tmp_path_factory.mktemp("system-temp")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(tmp), str(tmp)
+    yield tmp
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+
 
 HF_CLASSES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),

@@ -5,12 +5,10 @@ replicas differ and the run must refuse to save them."""
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
+from minimoe.train import cli as train  # noqa: E402
 from minimoe.train import trainer as trainer_mod  # noqa: E402
 
 FAULT = os.environ.get("MINIMOE_TEST_FAULT", "nan")

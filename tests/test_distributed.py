@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+from minimoe.train import cli as train  # noqa: E402
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 COMMON = ["--eval-limit", "0", "--seed", "0"]
 POLICIES = {
     "epng": ["--policy", "epng", "--model", "tiny-olmoe", "--steps", "12", "--epng-warmup", "4",
@@ -163,7 +163,7 @@ def test_a_failing_rank_stops_every_rank_and_the_checkpoint_stays(tmp_path):
                                    "--batch-size", "5", "--max-new-tokens", "24"],
                                   ["--task", "perplexity", "--data", "README.md"]])
 def test_evaluation_shared_over_two_processes_writes_the_one_process_result(tmp_path, task):
-    model = ["--model", str(ROOT / "weights" / "tiny-moe"), "--device", "cpu"]
+    model = ["--model", "tiny-moe", "--device", "cpu"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(ROOT / "eval.py"), *model, *task, "--out", str(tmp_path / "two")],
                          cwd=ROOT, capture_output=True, text=True, timeout=240)

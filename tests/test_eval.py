@@ -14,9 +14,8 @@ import minimoe
 
 from minimoe.data.dataset import tiny_arith_split
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as evaluate  # noqa: E402
-import train  # noqa: E402
+from minimoe.eval import cli as evaluate  # noqa: E402
+from minimoe.train import cli as train  # noqa: E402
 
 HUMANEVAL = [
     {"task_id": "T/0", "entry_point": "add", "prompt": "def add(a, b):\n",
@@ -119,9 +118,9 @@ def test_short_run_on_the_embedded_default_then_eval(tmp_path, capsys):
     assert train.main(["--policy", "epng", "--steps", "4", "--eval-limit", "4", "--epng-warmup", "2",
                        "--epng-interval", "2", "--out", str(run)]) == 0
     said = capsys.readouterr().out
-    assert "weights/tiny-moe" in said and "tiny-arith test exact match: " in said  # defaults: the shipped model
+    assert "model tiny-moe (olmoe" in said and "tiny-arith test exact match: " in said  # defaults: the shipped model
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["model"].endswith("weights/tiny-moe") and summary["events"] >= 2
+    assert summary["model"] == "tiny-moe" and summary["events"] >= 2
     assert 0 <= summary["task_score_before"] <= 1 and 0 <= summary["task_score_after"] <= 1
     assert json.loads((run / "args.json").read_text())["lr"] == 3e-3  # the embedded run's scaled default
     out = tmp_path / "eval"
@@ -322,7 +321,7 @@ def test_a_resumed_model_evaluation_neither_generates_nor_grades_again(tmp_path,
     from minimoe.eval import runners
     from minimoe.eval.progress import Progress
 
-    args = ["--model", str(ROOT / "weights" / "tiny-moe"), "--device", "cpu", "--task", "humaneval", "--data",
+    args = ["--model", "tiny-moe", "--device", "cpu", "--task", "humaneval", "--data",
             str(_jsonl(tmp_path / "he.jsonl", HUMANEVAL)), "--max-new-tokens", "8", "--k", "1"]
     assert evaluate.main([*args, "--out", str(tmp_path / "whole")]) == 0
     record = Progress.record
@@ -416,14 +415,14 @@ def test_records_carry_the_prompt_and_the_reference(tmp_path):
     assert rec["reference"] == "1 + 1 = 2\n#### 2" and "prompt" not in rec  # no model: no chat template to show
     mc = _jsonl(tmp_path / "mc.jsonl", [{"question": "Sky?", "choices": ["blue", "green"], "answer": 0},
                                         {"question": "Grass?", "choices": ["blue", "green"], "answer": "B"}])
-    model = ["--model", str(ROOT / "weights" / "tiny-moe"), "--max-new-tokens", "4", "--device", "cpu"]
+    model = ["--model", "tiny-moe", "--max-new-tokens", "4", "--device", "cpu"]
     for mode in ("loglik", "letter"):
         assert evaluate.main([*model, "--task", "mc", "--data", str(mc), "--mc-mode", mode,
                               "--out", str(tmp_path / mode)]) == 0
         assert [r["reference"] for r in _records(tmp_path / mode)] == ["A. blue", "B. green"]
         assert all(r["prompt"].count("Sky?") + r["prompt"].count("Grass?") == 1 for r in _records(tmp_path / mode))
     assert evaluate.main([*model, "--task", "tiny-arith", "--limit", "2", "--out", str(tmp_path / "t")]) == 0
-    tok = minimoe.load_tokenizer(str(ROOT / "weights" / "tiny-moe"))
+    tok = minimoe.load_tokenizer("tiny-moe")
     rows = tiny_arith_split("test")[:2]
     assert [(r["prompt"], r["reference"]) for r in _records(tmp_path / "t")] == \
         [(task_prompt("tiny-arith", {"question": q}, tok), a) for q, a in rows]

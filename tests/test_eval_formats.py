@@ -14,8 +14,7 @@ from minimoe.data.mc_rows import mc_rows
 from minimoe.eval.tasks import get_task
 from minimoe.eval.scoring import extract_gsm8k, final_answer, gsm8k_correct, math_correct, math_grader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as evaluate  # noqa: E402
+from minimoe.eval import cli as evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,7 +301,7 @@ def test_a_json_array_row_is_named_by_its_line_and_rows_are_filtered_by_their_ow
 
 def test_loglik_mode_scores_native_rows_with_a_model(tmp_path):
     data = _jsonl(tmp_path / "mc.jsonl", [ARC_JSONL, SCIENCEQA_IMAGE, ARC_DIGITS, MMLU])
-    assert evaluate.main(["--model", str(ROOT / "weights" / "tiny-moe"), "--device", "cpu", "--task", "mc",
+    assert evaluate.main(["--model", "tiny-moe", "--device", "cpu", "--task", "mc",
                           "--data", str(data), "--out", str(tmp_path / "m")]) == 0
     summary = json.loads((tmp_path / "m/summary.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "m/samples.jsonl").read_text().splitlines()]

@@ -4,15 +4,13 @@ Each test names what it reproduces."""
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+from minimoe.train import cli as train  # noqa: E402
 
 TINY = ["--model", "tiny-olmoe", "--batch-size", "2", "--eval-limit", "0"]
 

@@ -183,16 +183,12 @@ def test_local_directory_and_esft_default_selection(tmp_path):
 
 
 def test_train_py_plan_prints_the_runs_plan_and_trains_nothing(capsys, tmp_path, monkeypatch):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
+    from minimoe.train import cli as train
 
     monkeypatch.chdir(tmp_path)
     assert train.main(["--policy", "epng", "--plan", "--device", "cpu"]) == 0  # the shipped tiny-moe
     out = capsys.readouterr().out
-    assert "weights/tiny-moe" in out and "policy epng, batch 16 x 256 tokens" in out  # the embedded run's batch
+    assert "minimoe/weights/tiny-moe/config.json" in out and "policy epng, batch 16 x 256 tokens" in out  # the embedded run's batch
     assert "trainable parameters                      131,072" in out  # the README's epng budget
     assert not (tmp_path / "runs").exists()
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from minimoe.tools.plots import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
+from minimoe.train import cli as train  # noqa: E402
 
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,6 @@ import http.server
 import json
 import re
 import socket
-import sys
 import threading
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import pytest
 from minimoe.eval import prefeval
 from minimoe.eval.judge import ChatJudge, JudgeError, VerdictCache, chat_url
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as evaluate  # noqa: E402
+from minimoe.eval import cli as evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -383,7 +381,7 @@ def test_a_model_answers_the_official_conversation_and_resumes_without_generatin
     from minimoe.eval import runners
 
     data = checkout(tmp_path / "PrefEval")
-    args = [*_args(stub, data, tmp_path / "out"), "--model", ROOT / "weights" / "tiny-moe", "--device", "cpu",
+    args = [*_args(stub, data, tmp_path / "out"), "--model", "tiny-moe", "--device", "cpu",
             "--limit", "2", "--max-new-tokens", "4", "--prefeval-inter-turns", "1", "--judge-retries", "0"]
     stub.fail_after = 3  # the first response is judged (3 checks), then the judge goes away
     assert _main(args) == 2

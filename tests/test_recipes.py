@@ -4,7 +4,6 @@ cache (offline), its evaluations through ``eval.py --recipe``, and the data form
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,8 @@ from minimoe.train.config import resolve
 from minimoe.data.dataset import DataError, answer_only, read_pairs
 from minimoe.train.recipes import RECIPES, SEVEN
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as eval_py  # noqa: E402
-import train  # noqa: E402
+from minimoe.eval import cli as eval_py  # noqa: E402
+from minimoe.train import cli as train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"allenai/OLMoE-1B-7B-0125": "tiny-olmoe", "Qwen/Qwen1.5-MoE-A2.7B": "tiny-qwen2-moe",
@@ -113,7 +111,7 @@ def test_answer_only_keeps_the_final_answer():
 def test_eval_recipe_runs_each_evaluation_of_the_row(hub, tmp_path, capsys):  # noqa: F811
     _hub_data(hub)
     out = tmp_path / "ev"
-    assert eval_py.main(["--recipe", "dmep-qwen3-0.6b-openbookqa", "--model", str(ROOT / "weights/tiny-dense"),
+    assert eval_py.main(["--recipe", "dmep-qwen3-0.6b-openbookqa", "--model", "tiny-dense",
                          "--limit", "2", "--out", str(out)]) == 0
     summary = json.loads((out / "openbookqa-mc" / "summary.json").read_text())
     assert summary["task"] == "mc" and summary["problems"] == 2 and summary["decoding"]["max_new_tokens"] == 256

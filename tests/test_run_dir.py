@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import minimoe
+from minimoe.model.shipped import shipped
 from minimoe.train.run_dir import EVENTS, METRICS, RunDir, RunDirError
 from minimoe.train.config import TrainConfig, build_parser, resolve
 from minimoe.train.trainer import Trainer
@@ -63,18 +64,21 @@ def test_every_train_option_carries_its_help_and_resolve_is_reusable(tmp_path):
     text = build_parser().format_help()
     assert "tokens counted by routing statistics" in text and "{all,response}" in text
     assert "--policy-options" not in text  # set through --<policy>-<option>
-    c = resolve(["--policy", "dmep", "--steps", "7", "--dmep-tau", "0.2"])  # no embedded model: plain defaults
+    c = resolve(["--policy", "dmep", "--steps", "7", "--dmep-tau", "0.2"], embedded=False)  # plain defaults
     assert (c.policy, c.steps, c.batch_size, c.policy_options) == ("dmep", 7, 8, {"tau": 0.2})
     toml = tmp_path / "run.toml"
     toml.write_text('[train]\nsteps = 5\n[epng]\nalpha = 0.3\n')
-    assert resolve(["--config", str(toml)]).policy_options == {"alpha": 0.3}
+    assert resolve(["--config", str(toml)], embedded=False).policy_options == {"alpha": 0.3}
 
 
 def test_a_shipped_model_trains_with_the_embedded_defaults_whether_named_or_default():
-    weights = Path(__file__).resolve().parents[1] / "weights"
-    bare = resolve(["--policy", "dmep"], weights=weights)
-    assert Path(bare.model) == weights / "tiny-dense" and (bare.steps, bare.batch_size, bare.lr) == (300, 16, 3e-3)
-    named = resolve(["--policy", "lora", "--model", str(weights / "tiny-dense"), "--lr", "1e-3"], weights=weights)
-    assert Path(named.model) == weights / "tiny-dense" and (named.steps, named.batch_size, named.lr) == (300, 16, 1e-3)
-    preset = resolve(["--policy", "lora", "--model", "tiny-qwen3"], weights=weights)
+    bare = resolve(["--policy", "dmep"])
+    assert bare.model == "tiny-dense" and (bare.steps, bare.batch_size, bare.lr) == (300, 16, 3e-3)
+    named = resolve(["--policy", "lora", "--model", "tiny-dense", "--lr", "1e-3"])
+    assert named.model == "tiny-dense" and (named.steps, named.batch_size, named.lr) == (300, 16, 1e-3)
+    by_path = resolve(["--policy", "lora", "--model", str(shipped("tiny-dense"))])
+    assert by_path.model == str(shipped("tiny-dense")) and (by_path.steps, by_path.batch_size) == (300, 16)
+    old = Path(__file__).resolve().parents[1] / "weights" / "tiny-dense"  # where a clone had it before 2026-12-06
+    assert resolve(["--policy", "lora", "--model", str(old)]).steps == 300
+    preset = resolve(["--policy", "lora", "--model", "tiny-qwen3"])
     assert (preset.steps, preset.batch_size) == (TrainConfig.steps, TrainConfig.batch_size)  # not a shipped model

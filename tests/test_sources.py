@@ -12,9 +12,8 @@ import pytest
 from minimoe.data.sources import DataError, read_records
 from minimoe.data.dataset import read_pairs, record_to_pair
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as evaluate  # noqa: E402
-import train  # noqa: E402
+from minimoe.eval import cli as evaluate  # noqa: E402
+from minimoe.train import cli as train  # noqa: E402
 
 import pyarrow  # noqa: E402  (the test extra installs the parquet extra; its absence is tested by hiding it)
 import pyarrow.parquet  # noqa: E402

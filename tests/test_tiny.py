@@ -1,15 +1,15 @@
-"""The embedded defaults in weights/tiny-moe and weights/tiny-dense: load like Hub checkpoints, generate, round-trip."""
+"""The shipped tiny-moe and tiny-dense (minimoe/weights): load like Hub checkpoints, generate, round-trip."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import minimoe
+from minimoe.model.shipped import shipped
 from minimoe.tools import tiny
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "tiny-moe"
+WEIGHTS = shipped("tiny-moe")
 
 
 DENSE = WEIGHTS.parent / "tiny-dense"

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,7 @@ from minimoe.policies.stats import drift, gini, normalized_entropy
 from minimoe.model.tokenizer import byte_tokenizer
 from minimoe.train.trainer import TrainConfig, Trainer, TrainingError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
+from minimoe.train import cli as train  # noqa: E402
 
 
 def _run(tmp_path, name, *args):

@@ -35,7 +35,6 @@ only names which of those scores it (:attr:`Task.scoring`).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import Transformer
-from .shipped import SHIPPED, shipped
+from .shipped import shipped, shipped_name
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # minimoe's converted layout (``minimoe convert``) keeps its weights under this name, not
@@ -55,8 +55,8 @@ def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> 
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
-    if str(path_or_repo_id) in SHIPPED:
-        return shipped(str(path_or_repo_id))
+    if ship := shipped_name(path_or_repo_id):
+        return shipped(ship)
     if path.exists():
         raise FileNotFoundError(f"{path} is a file; pass the directory that holds config.json")
     name = str(path_or_repo_id)

@@ -23,13 +23,16 @@ def shipped(name: str) -> Path:
     return directory
 
 
-def shipped_name(model: str) -> str | None:
-    """The shipped model that ``model`` names: its name (unless a local directory has that name) or a path to
-    it (``weights/tiny-moe`` in a clone of the repository, where ``weights`` links to ``minimoe/weights``)."""
-    if model in SHIPPED and not Path(model).exists():
-        return model
+def shipped_name(model: str | Path) -> str | None:
+    """The shipped model that ``model`` names, or None: its name (unless a local directory has that name), a
+    path to it, or a path of the layout before the models moved into the package (``weights/tiny-moe`` beside
+    ``train.py``, as saved runs and adapters of earlier versions record it) that no longer exists."""
     path = Path(model).expanduser()
     if path.is_dir():
         resolved = path.resolve()
         return next((n for n in SHIPPED if resolved == (WEIGHTS / n).resolve()), None)
+    if str(model) in SHIPPED:
+        return str(model)
+    if path.name in SHIPPED and path.parent.name == "weights" and not path.exists():
+        return path.name
     return None

@@ -4,7 +4,7 @@ Each check builds tiny models on the CPU in fp32 (the reference), copies them to
 and compares. Weights are drawn as in the project's parity tests (norms ~1 ± 0.2, the rest 0.15·N(0, 1)):
 with a real checkpoint's 0.02 init every logit is ~0 and nothing would be compared. Every check returns a
 ``Result``; the tolerances sit next to the comparisons that use them. transformers is never imported
-here: the reference model comes from the benchmark's reference routes (``tests/reference_routes.py``).
+here: the reference model comes from the benchmark's reference routes (``minimoe.tools.bench.reference``).
 """
 
 from __future__ import annotations
@@ -143,8 +143,7 @@ def transformers_parity(family: str, device: str, quick: bool) -> Result:
     from .bench import run as bench
 
     if not bench._have_reference():
-        return Result("SKIP", f"transformers/peft not importable or {bench.REFERENCE_ROUTES.name} absent "
-                              "(pip install -e '.[test]' in a clone)")
+        return Result("SKIP", "transformers/peft not importable (pip install 'minimoe[bench]')")
     routes = bench._reference_routes()
     cpu = tiny(family)
     ids = ids_for(cpu)

@@ -85,6 +85,7 @@ from ..adapters.lm import CausalLM
 from ..model.config import PRESETS, ModelConfig
 from ..model.moe import SparseMoeBlock
 from ..model.reference import hub_config, shipped_shapes
+from ..model import shipped as shipped_models
 from ..policies import Context, make_policy
 
 POLICY_NAMES = ("lora", "epng", "dmep", "esft", "full")
@@ -107,6 +108,8 @@ def load_config(name: str, revision: str | None = None) -> tuple[ModelConfig, st
     (``bench:medium``), a shipped reference shape (by Hub id), else the Hub's config.json (cache first;
     ``HF_HUB_OFFLINE=1`` never touches the network)."""
     path = Path(name).expanduser()
+    if not path.is_dir() and (ship := shipped_models.shipped_name(name)):  # tiny-moe, tiny-dense: in the package
+        path = shipped_models.shipped(ship)
     if path.is_dir():
         return ModelConfig.from_json(path / "config.json"), f"{path / 'config.json'}"
     if name in PRESETS:

@@ -11,12 +11,13 @@ One step = forward with loss, backward, AdamW step over what the route trains; "
 part before the optimizer. Routes: full fine-tuning, LoRA on the experts' gate+up (minimoe, and
 transformers + PEFT), minimoe with heterogeneous per-expert ranks next to uniform r_max, and a
 LoRA-MoE (DMEP) step before and after pruning half its experts.
-transformers and peft are needed only for their routes, whose code is ``tests/reference_routes.py``
-(minimoe itself never imports them; ``pip install -e '.[test]'``); without them those routes are skipped.
+transformers and peft are needed only for their routes, whose code is ``reference.py`` beside this module,
+imported only when such a route runs (the ``bench`` extra: ``pip install 'minimoe[bench]'``); without them
+those routes are skipped.
 
 A route whose worker runs out of memory (killed by the OOM killer, or an allocation error) is a result: its row
 says "out of memory" and how large the worker had grown; only other failures make the exit status non-zero.
-The olmoe-1b-7b checkpoint (14 GB in bf16) is written shard by shard, one tensor at a time (``bench_real.py``;
+The olmoe-1b-7b checkpoint (14 GB in bf16) is written shard by shard, one tensor at a time (``real.py``;
 ``--stream-checkpoint`` does the same for any shape), in ``--workdir`` (default: the system's temporary
 directory; not a tmpfs, whose files take memory).
 """
@@ -28,7 +29,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -321,8 +321,7 @@ def main(argv=None) -> int:
 
     routes = [EVENT_ROUTE] if args.event else args.routes
     if not args.event and not _have_reference():
-        print(f"transformers/peft not installed or {REFERENCE_ROUTES} absent: their routes are skipped "
-              "(in a clone of the repository: pip install -e '.[test]')")
+        print("transformers/peft not installed: their routes are skipped (pip install 'minimoe[bench]')")
         routes = [r for r in routes if ROUTES[r][0] == "minimoe"]
 
     shapes = SHAPES[args.shape]
