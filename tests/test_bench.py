@@ -14,6 +14,7 @@ from minimoe.tools.bench import run as bench
 from minimoe.tools.bench import real as bench_real
 
 
+@pytest.mark.slow
 def test_bench_runs_minimoe_and_transformers_routes_on_the_same_model(tmp_path, capsys):
     routes = ["minimoe full", "transformers full (grouped_mm experts)", "minimoe expert LoRA r=8 gate+up",
               "transformers+PEFT LoRA r=8 gate+up (grouped_mm experts)", "minimoe LoRA-MoE E=8 top-2 r=8 (dense)"]
@@ -31,6 +32,7 @@ def test_bench_runs_minimoe_and_transformers_routes_on_the_same_model(tmp_path, 
     assert "| minimoe full |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_fails_loudly_when_a_route_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench.ROUTES, "broken", ("minimoe", "auto", "no-such-mode", "moe"))
     rc = bench.main(["--shape", "tiny", "--device", "cpu", "--batch", "1", "--seq", "8", "--steps", "1",
@@ -97,6 +99,7 @@ def test_the_streamed_checkpoint_has_the_in_memory_writers_keys_and_loads_in_bf1
     assert out.logits.dtype == torch.bfloat16 and bool(torch.isfinite(out.logits).all()) and math.isfinite(out.loss)
 
 
+@pytest.mark.slow
 def test_the_real_scale_routes_run_on_a_streamed_bf16_checkpoint(tmp_path, capsys):
     routes = bench.SHAPE_DEFAULTS["olmoe-1b-7b"]["routes"]  # minimoe and transformers+PEFT, on the same shards
     out = tmp_path / "bench.json"
@@ -149,6 +152,7 @@ def test_a_route_that_runs_out_of_memory_is_reported_and_the_run_succeeds(tmp_pa
 
 
 # --- the cost of an EPnG event -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_epng_event_is_timed_against_the_steps_between_events(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--shape", "tiny", "--device", "cpu", "--event", "--batch", "1", "--seq", "16", "--steps", "2",

@@ -39,6 +39,7 @@ def quick_run():
     return _run(["--device", "cpu", "--quick"])
 
 
+@pytest.mark.slow
 def test_every_check_runs_and_passes_or_skips_for_a_reason(quick_run):
     rc, text, rows = quick_run
     assert rc == 0, text
@@ -53,6 +54,7 @@ def test_every_check_runs_and_passes_or_skips_for_a_reason(quick_run):
     assert "checks passed or skipped" in text and "FAILED" not in text
 
 
+@pytest.mark.slow  # the module's one quick self-check run (quick_run) takes ~20 s
 def test_the_table_reports_the_measured_numbers(quick_run):
     _, _, rows = quick_run
     for family in check.FAMILIES:  # on the CPU the "device" copy runs the very same fp32 computation
@@ -118,6 +120,7 @@ def test_events_compare_exactly_on_cpu_and_to_a_relative_1e_4_on_cuda():
     assert check._first_difference(a, a + a, exact=True) == " (length 1 vs 2)"
 
 
+@pytest.mark.slow
 def test_benchmark_without_the_reference_libraries_reports_their_routes_skipped(monkeypatch):
     from minimoe.tools.bench import run as bench
 

@@ -30,6 +30,7 @@ def _jsonl(path, rows):
     return path
 
 
+@pytest.mark.slow
 def test_completions_from_another_tool_are_scored_without_a_model(tmp_path, capsys):
     data = _jsonl(tmp_path / "he.jsonl", HUMANEVAL)
     samples = _jsonl(tmp_path / "samples.jsonl", [
@@ -268,6 +269,7 @@ def graded_programs(monkeypatch):
     return ran
 
 
+@pytest.mark.slow
 def test_a_completion_that_kills_its_parent_does_not_kill_eval(tmp_path):
     data = _jsonl(tmp_path / "he.jsonl", HUMANEVAL)
     kill = "    return a + b\nimport os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
@@ -282,6 +284,7 @@ def test_a_completion_that_kills_its_parent_does_not_kill_eval(tmp_path):
     assert summary["pass@1"] == 0.5 and summary["sandbox"] == "process" and "landlock_abi" in summary
 
 
+@pytest.mark.slow
 def test_a_killed_evaluation_resumes_where_it_stopped(tmp_path, graded_programs, capsys):
     data = _jsonl(tmp_path / "he.jsonl", FOUR)
     slow = "    import time\n    time.sleep(3)\n    return a + b\n"  # problem 2: gives us time to kill eval.py
@@ -428,6 +431,7 @@ def test_records_carry_the_prompt_and_the_reference(tmp_path):
         [(task_prompt("tiny-arith", {"question": q}, tok), a) for q, a in rows]
 
 
+@pytest.mark.slow
 def test_grading_shared_out_over_processes_resumes_with_another_count(tmp_path, graded_programs):
     """The world plumbing with OUT.partial: each process grades i % N == rank into its own file; a rerun with
     another number of processes grades nothing again, and every process gets the one-process result."""

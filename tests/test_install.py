@@ -37,6 +37,7 @@ def test_the_command_lists_its_subcommands_and_refuses_an_unknown_one(capsys):
     assert cli.main(["--version"]) == 0 and capsys.readouterr().out == f"minimoe {minimoe.__version__}\n"
 
 
+@pytest.mark.slow
 def test_python_m_minimoe_and_every_old_module_name_run_the_same_commands():
     out = subprocess.run([sys.executable, "-m", "minimoe", "plan", "--help"], capture_output=True, text=True,
                          check=True).stdout
@@ -58,6 +59,7 @@ def test_python_m_minimoe_and_every_old_module_name_run_the_same_commands():
     assert minimoe.plan is minimoe.tools.plan  # old imports get the moved module itself
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, usage", [("train.py", "usage: minimoe train "), ("eval.py", "usage: minimoe eval ")])
 def test_the_clones_train_py_and_eval_py_are_the_same_commands(script, usage):
     done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, check=True,
@@ -84,6 +86,7 @@ def test_only_the_benchmarks_reference_routes_import_transformers_and_only_insid
     assert not any(n.split(".")[0] in REFERENCE_LIBRARIES for n in _imports_of(ast.Module(top_level, [])))
 
 
+@pytest.mark.slow
 def test_nothing_that_trains_or_evaluates_imports_the_reference_libraries():
     modules = ["minimoe", "minimoe.cli", "minimoe.train.cli", "minimoe.train.trainer", "minimoe.eval.cli",
                "minimoe.tools.export_adapter", "minimoe.tools.convert", "minimoe.tools.plan", "minimoe.tools.bench.run"]

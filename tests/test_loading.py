@@ -151,6 +151,7 @@ def test_dtype_and_no_meta_left(hf_checkpoint):
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
 
 
+@pytest.mark.slow
 def test_hub_id_resolves_from_offline_cache(hf_checkpoint, tmp_path):
     """A Hub id loads through huggingface_hub's cache with HF_HUB_OFFLINE=1 (no network touched)."""
     _, directory = hf_checkpoint("qwen3-tied")

@@ -193,6 +193,7 @@ def test_train_py_plan_prints_the_runs_plan_and_trains_nothing(capsys, tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_plan_check_measures_a_real_cpu_step():
     from minimoe.tools.plan_check import check
 

@@ -4,10 +4,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from minimoe.tools.plots import main
-
-from minimoe.train import cli as train  # noqa: E402
-
+from minimoe.train import cli as train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -16,6 +16,7 @@ def _written(run: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (run / "plots").iterdir()}
 
 
+@pytest.mark.slow
 def test_plots_of_epng_and_dmep_runs(tmp_path):
     assert train.main(["--policy", "epng", "--model", "tiny-olmoe", "--steps", "6", "--batch-size", "4", "--eval-limit", "0",
                        "--epng-warmup", "2", "--epng-interval", "2", "--epng-probe-batches", "2",

@@ -115,6 +115,7 @@ def test_gradient_checkpointing_through_train_py_trains_the_same(tmp_path):
     assert ea[0]["counts"] == eb[0]["counts"] and ea[0]["survivors"] == eb[0]["survivors"]  # counted once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["lora", "epng", "dmep"])
 def test_bf16_base_trains_fp32_adapters(tmp_path, policy):
     extra = ["--epng-warmup", "2", "--epng-interval", "2"] if policy == "epng" else []

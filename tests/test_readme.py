@@ -18,7 +18,7 @@ def test_readme_test_command_is_what_ci_runs():
     """The command under "The two commands" that runs the tests is the last command .ci/run runs."""
     section = README.read_text().split("## The two commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in section.splitlines() if line.strip()]
-    assert len(commands) == 2 and commands[0].startswith("python train.py")
+    assert len(commands) == 2 and commands[0].startswith("minimoe train")
     ci = [line.strip() for line in (README.parent / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.lstrip().startswith("#")]
     assert ci[-1] == commands[1]

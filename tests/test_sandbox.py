@@ -169,6 +169,7 @@ print('detached', pid, file=sys.stderr)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("confine", [True, False], ids=["landlock-if-any", "no-landlock"])
 def test_a_detached_grandchild_does_not_outlive_the_program(tmp_path, confine):
     done = run_program(DETACH + "sys.exit(1)\n", confine=confine)  # fails, so its stderr is in the detail

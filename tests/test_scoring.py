@@ -80,6 +80,7 @@ def test_humaneval_programs_are_scored_right():
     assert run_program(mbpp_program(sanitized, "def half(x):\n    return x / 2\n")).passed
 
 
+@pytest.mark.slow
 def test_infinite_loop_and_memory_hog_are_stopped_and_fail():
     loop = run_program(humaneval_program(PROBLEM, "    while True:\n        pass\n"), timeout=2)
     assert loop.status == "timeout" and not loop.passed
@@ -119,6 +120,7 @@ def test_children_and_escaped_grandchildren_are_killed(tmp_path):
     assert not any(_alive(int(p)) for p in pids.read_text().split())
 
 
+@pytest.mark.slow
 def test_output_floods_stay_out_of_the_evaluator():
     import resource
 

@@ -420,6 +420,7 @@ def test_online_a_split_is_listed_by_the_hub_and_failures_are_named(hub, tmp_pat
                             "accept its terms on the Hub, then log in (hf auth login)")
 
 
+@pytest.mark.slow
 def test_the_environment_alone_points_at_the_cache(hub, tmp_path):
     """In a fresh process, HF_HUB_CACHE and HF_HUB_OFFLINE=1 from the environment are all it takes."""
     import subprocess

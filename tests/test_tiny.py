@@ -111,6 +111,7 @@ def test_existing_out_is_refused_before_pretraining(tmp_path, monkeypatch, capsy
     assert e.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_refuses_existing_out_with_one_line_and_exit_code_2(tmp_path):
     import subprocess
     import sys
