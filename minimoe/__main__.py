@@ -1,4 +1,4 @@
-"""``python -m minimoe SUBCOMMAND ...``: the ``minimoe`` command (``minimoe/cli.py``)."""
+"""``python -m minimoe SUBCOMMAND ...``: the ``minimoe`` command (``minimoe/cli/main.py``)."""
 
 import sys
 

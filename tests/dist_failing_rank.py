@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from minimoe.train import cli as train  # noqa: E402
+from minimoe.cli import train as train  # noqa: E402
 from minimoe.train import trainer as trainer_mod  # noqa: E402
 
 FAULT = os.environ.get("MINIMOE_TEST_FAULT", "nan")

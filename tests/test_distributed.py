@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-from minimoe.train import cli as train  # noqa: E402
+from minimoe.cli import train as train  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 COMMON = ["--eval-limit", "0", "--seed", "0"]
@@ -224,7 +224,7 @@ def test_fsdp_trains_base_weights_like_replicated_data_parallel(runs, tmp_path, 
 def test_fsdp_needs_several_processes(tmp_path, capsys):
     assert train.main(["--policy", "lora", "--fsdp", "--model", "tiny-olmoe", "--out", str(tmp_path / "r"),
                        *COMMON]) == 2
-    assert "--fsdp needs several processes: start train.py with torchrun" in capsys.readouterr().err
+    assert "--fsdp needs several processes: start it with torchrun --nproc_per_node N -m minimoe train" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

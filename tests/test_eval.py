@@ -14,8 +14,8 @@ import minimoe
 
 from minimoe.data.dataset import tiny_arith_split
 
-from minimoe.eval import cli as evaluate  # noqa: E402
-from minimoe.train import cli as train  # noqa: E402
+from minimoe.cli import eval as evaluate  # noqa: E402
+from minimoe.cli import train as train  # noqa: E402
 
 HUMANEVAL = [
     {"task_id": "T/0", "entry_point": "add", "prompt": "def add(a, b):\n",

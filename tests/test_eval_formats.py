@@ -14,7 +14,7 @@ from minimoe.data.mc_rows import mc_rows
 from minimoe.eval.tasks import get_task
 from minimoe.eval.scoring import extract_gsm8k, final_answer, gsm8k_correct, math_correct, math_grader
 
-from minimoe.eval import cli as evaluate  # noqa: E402
+from minimoe.cli import eval as evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-from minimoe.train import cli as train  # noqa: E402
+from minimoe.cli import train as train  # noqa: E402
 
 TINY = ["--model", "tiny-olmoe", "--batch-size", "2", "--eval-limit", "0"]
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import minimoe
 from minimoe.adapters.io import read_adapter
 
-from minimoe.train import cli as train  # noqa: E402
+from minimoe.cli import train as train  # noqa: E402
 
 LEGACY = Path(__file__).parent / "data" / "legacy-v0"
 BASES = {"epng": "epng-run", "esft": "epng-run", "lora": "epng-run", "dmep": "dmep-run"}

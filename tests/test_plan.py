@@ -183,7 +183,7 @@ def test_local_directory_and_esft_default_selection(tmp_path):
 
 
 def test_train_py_plan_prints_the_runs_plan_and_trains_nothing(capsys, tmp_path, monkeypatch):
-    from minimoe.train import cli as train
+    from minimoe.cli import train as train
 
     monkeypatch.chdir(tmp_path)
     assert train.main(["--policy", "epng", "--plan", "--device", "cpu"]) == 0  # the shipped tiny-moe

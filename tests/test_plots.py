@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from minimoe.tools.plots import main
-from minimoe.train import cli as train
+from minimoe.cli import train as train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -13,7 +13,7 @@ import pytest
 from minimoe.eval import prefeval
 from minimoe.eval.judge import ChatJudge, JudgeError, VerdictCache, chat_url
 
-from minimoe.eval import cli as evaluate  # noqa: E402
+from minimoe.cli import eval as evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

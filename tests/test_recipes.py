@@ -15,8 +15,8 @@ from minimoe.train.config import resolve
 from minimoe.data.dataset import DataError, answer_only, read_pairs
 from minimoe.train.recipes import RECIPES, SEVEN
 
-from minimoe.eval import cli as eval_py  # noqa: E402
-from minimoe.train import cli as train  # noqa: E402
+from minimoe.cli import eval as eval_py  # noqa: E402
+from minimoe.cli import train as train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"allenai/OLMoE-1B-7B-0125": "tiny-olmoe", "Qwen/Qwen1.5-MoE-A2.7B": "tiny-qwen2-moe",

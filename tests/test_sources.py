@@ -12,8 +12,8 @@ import pytest
 from minimoe.data.sources import DataError, read_records
 from minimoe.data.dataset import read_pairs, record_to_pair
 
-from minimoe.eval import cli as evaluate  # noqa: E402
-from minimoe.train import cli as train  # noqa: E402
+from minimoe.cli import eval as evaluate  # noqa: E402
+from minimoe.cli import train as train  # noqa: E402
 
 import pyarrow  # noqa: E402  (the test extra installs the parquet extra; its absence is tested by hiding it)
 import pyarrow.parquet  # noqa: E402

@@ -20,7 +20,7 @@ from minimoe.policies.stats import drift, gini, normalized_entropy
 from minimoe.model.tokenizer import byte_tokenizer
 from minimoe.train.trainer import TrainConfig, Trainer, TrainingError
 
-from minimoe.train import cli as train  # noqa: E402
+from minimoe.cli import train as train  # noqa: E402
 
 
 def _run(tmp_path, name, *args):

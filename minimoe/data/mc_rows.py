@@ -1,7 +1,7 @@
 """The row layouts of the multiple-choice benchmarks, as distributed, read into one form, and the prompt that
-shows them (the same in training, ``train.py --data``, and in evaluation, ``eval.py --task mc``).
+shows them (the same in training, ``minimoe train --data``, and in evaluation, ``minimoe eval --task mc``).
 
-``eval.py --task mc`` scores rows of the form ``{"question": str, "choices": [str, ...], "answer": int}`` (the
+``minimoe eval --task mc`` scores rows of the form ``{"question": str, "choices": [str, ...], "answer": int}`` (the
 index of the correct choice). :func:`mc_rows` turns each benchmark's own rows into that form, so its files are
 used as downloaded (Hub datasets by their id):
 
@@ -75,7 +75,7 @@ def _answer(row: dict, labels: list[str]) -> int:
 
 
 def mc_row(row: dict) -> dict | None:
-    """One row in the form ``eval.py`` scores: ``{"question", "choices", "answer"}`` (``answer`` an index)
+    """One row in the form ``minimoe eval`` scores: ``{"question", "choices", "answer"}`` (``answer`` an index)
     followed by the row's other fields, or None for a row with an image. A RowError says why not."""
     if not isinstance(row, dict):
         raise RowError(f"it is a {type(row).__name__}, not an object")
@@ -109,7 +109,7 @@ def is_mc(record: dict) -> bool:
 
 
 def mc_rows(records: list[tuple[str, dict]], source: str) -> tuple[list[dict], int]:
-    """The rows in the form ``eval.py`` scores, and how many were skipped for an image.
+    """The rows in the form ``minimoe eval`` scores, and how many were skipped for an image.
 
     Args:
         records: ``(where, row)`` in file order, as :func:`minimoe.data.sources.read_records` gives them (``where``:

@@ -1,7 +1,7 @@
 """Where data comes from: a data spec (a local file or a file of a Hub dataset) read into records, each
 kept with the place it came from, so that a complaint about any record names the file and line.
 
-Specs (``train.py --data`` and ``eval.py --data``):
+Specs (``minimoe train --data`` and ``minimoe eval --data``):
 
     path/to/file                         a local file
     hf://datasets/OWNER/NAME/PATH         a file of a Hub dataset repo; ``NAME@REVISION`` pins a branch,

@@ -33,7 +33,7 @@ RETRY_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 
 
 class JudgeError(ValueError):
-    """The judge cannot be asked (no key, unreachable, refusing). A ValueError so ``eval.py`` reports it as
+    """The judge cannot be asked (no key, unreachable, refusing). A ValueError so ``minimoe eval`` reports it as
     one line and exits 2; the completions and graded problems kept in ``OUT.partial`` are not lost."""
 
 

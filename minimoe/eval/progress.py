@@ -1,8 +1,8 @@
 """An evaluation's progress on disk, so that a killed evaluation resumes where it stopped.
 
-``eval.py`` keeps ``OUT.partial/`` next to its output directory while it runs:
+``minimoe eval`` keeps ``OUT.partial/`` next to its output directory while it runs:
 
-    run.json          what is evaluated (eval.py's arguments, the data files' digests): only the same
+    run.json          what is evaluated (`minimoe eval`'s arguments, the data files' digests): only the same
                       evaluation resumes from this directory
     completions.json  the generated completions (model runs), written once generation is over
     first-turns.json  replies the prompts are built on (PrefEval: the reply to the stated preference)

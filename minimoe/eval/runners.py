@@ -1,10 +1,10 @@
-"""Task runners behind ``eval.py``: generate (batched, KV cache) or score log-likelihoods, then grade.
+"""Task runners behind ``minimoe eval``: generate (batched, KV cache) or score log-likelihoods, then grade.
 
 The tasks and their metrics (gsm8k, math, mc, humaneval, mbpp, perplexity, tiny-arith) are listed in
 :mod:`minimoe.eval.tasks`, one object per task in its registry: where its rows come from, its prompt, its
 grader, its summary metric and which runner scores it (``Task.scoring``). This module holds what the tasks
 share (decoding settings, batched generation, option log-likelihoods, perplexity, the grading loop, the
-result files) and the functions ``train.py`` and ``eval.py`` call with a task's name, which look the task
+result files) and the functions ``minimoe train`` and ``minimoe eval`` call with a task's name, which look the task
 up in the registry. It imports :mod:`minimoe.eval.tasks`, never the other way round.
 Every run records its decoding settings; per-sample records go to ``samples.jsonl``.
 """

@@ -1,4 +1,4 @@
-"""The benchmarks of ``eval.py``, one object per task, in a registry that ``eval.py`` and
+"""The benchmarks of ``minimoe eval``, one object per task, in a registry that ``minimoe eval`` and
 :mod:`minimoe.eval.runners` look tasks up in by name.
 
 Tasks and metrics (the papers'):
@@ -79,7 +79,7 @@ class Task:
 
     Args:
         name: the ``--task`` name and registry key.
-        description: one line for ``eval.py --help`` (metric and row fields).
+        description: one line for ``minimoe eval --help`` (metric and row fields).
     """
 
     name: str
@@ -163,7 +163,7 @@ class Task:
             raise ValueError(f"--completions cannot score {self.name} by log-likelihood")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add the task's own command-line options to ``eval.py``'s parser (none by default)."""
+        """Add the task's own command-line options to ``minimoe eval``'s parser (none by default)."""
 
     def configure(self, args: argparse.Namespace) -> Task:
         """This task with its options of :meth:`add_arguments` taken from ``args`` (itself by default)."""
@@ -174,7 +174,7 @@ TASKS: dict[str, Task] = {}
 
 
 def register(task: Task) -> Task:
-    """Add a benchmark to the registry: ``eval.py --task`` (choices and help) and the functions of
+    """Add a benchmark to the registry: ``minimoe eval --task`` (choices and help) and the functions of
     :mod:`minimoe.eval.runners` find it by name. A name is registered once (no silent replacement).
 
     Args:
@@ -220,7 +220,7 @@ class Math(Task):
 
     Args:
         grader: ``"auto"`` (math-verify where it is installed), ``"math-verify"`` (an error without it) or
-            ``"normalisation"`` (Hendrycks' alone, as before math-verify existed); ``eval.py --math-grader``.
+            ``"normalisation"`` (Hendrycks' alone, as before math-verify existed); ``minimoe eval --math-grader``.
     """
 
     grader: str = "auto"
@@ -335,7 +335,7 @@ class CodeTask(Task):
     Args:
         stops: without a fenced block, the completion is cut at the first of these (HumanEval's
             completions continue a function body; MBPP's are whole programs and are kept whole).
-        sandbox: how programs are isolated (``eval.py --sandbox``): ``"process"`` or ``"bwrap"``.
+        sandbox: how programs are isolated (``minimoe eval --sandbox``): ``"process"`` or ``"bwrap"``.
     """
 
     stops: tuple[str, ...] = ()
@@ -362,7 +362,7 @@ class CodeTask(Task):
         return sandbox_info(self.sandbox)
 
     def configure(self, args):
-        """The task with ``eval.py --sandbox`` (an option of eval.py, shared by the code tasks)."""
+        """The task with ``minimoe eval --sandbox`` (an option of minimoe eval, shared by the code tasks)."""
         return replace(self, sandbox=getattr(args, "sandbox", None) or self.sandbox)
 
     def summarize(self, per_problem, ks=(1, 10)):

@@ -30,7 +30,7 @@ def check(policy: str, world, device: str) -> str | None:
                 "sharded, which --fsdp keeps in CPU memory (a GPU forward on CPU weights); train esft without "
                 "--fsdp, or on the CPU")
     if not world.distributed:
-        return "--fsdp needs several processes: start train.py with torchrun --nproc_per_node N"
+        return "--fsdp needs several processes: start it with torchrun --nproc_per_node N -m minimoe train"
     return None
 
 

@@ -106,7 +106,7 @@ def ids_for(model: CausalLM, shape=(2, 16), seed: int = 1) -> torch.Tensor:
 
 
 def on_device(model: CausalLM, device: str, base_dtype: torch.dtype = torch.float32) -> CausalLM:
-    """A copy on ``device`` with the frozen base in ``base_dtype`` and the adapters kept fp32 (as train.py's
+    """A copy on ``device`` with the frozen base in ``base_dtype`` and the adapters kept fp32 (as `minimoe train`'s
     ``--dtype`` does)."""
     model = copy.deepcopy(model)
     adapter = {id(p) for p in model.adapter_parameters()}

@@ -10,7 +10,7 @@ local directory, or a Hub id of which only config.json is fetched, through the H
 ``HF_HUB_OFFLINE``), and the chosen policy attaches its adapters to it through the real policy code, so the
 parameter and trainable counts are exact. Memory per GPU is then:
 
-* weights: every parameter at its dtype (the base at ``--dtype``; adapters are fp32, as ``train.py`` keeps
+* weights: every parameter at its dtype (the base at ``--dtype``; adapters are fp32, as ``minimoe train`` keeps
   them); with ``--fsdp`` the base is divided by the world size and adapters stay whole;
 * gradients: one per trainable parameter, at its dtype;
 * optimizer: AdamW keeps two moments per trainable parameter at the parameter's dtype (8 bytes for fp32)
@@ -104,7 +104,7 @@ def parse_memory(text: str, flag: str = "--gpu-memory") -> int:
 
 def load_config(name: str, revision: str | None = None) -> tuple[ModelConfig, str]:
     """The ``ModelConfig`` of ``name`` and where it came from. In order: a local directory (its config.json),
-    a tiny preset (with the byte tokenizer's vocabulary, as ``train.py`` builds it), a benchmark shape
+    a tiny preset (with the byte tokenizer's vocabulary, as ``minimoe train`` builds it), a benchmark shape
     (``bench:medium``), a shipped reference shape (by Hub id), else the Hub's config.json (cache first;
     ``HF_HUB_OFFLINE=1`` never touches the network)."""
     path = Path(name).expanduser()
@@ -150,11 +150,11 @@ def build(config: ModelConfig, policy: str, options: dict | None = None, dtype: 
     layer selects ``esft_experts`` experts (default: ``ceil(top_p · E)``, what uniform routing selects, the
     most any routing can: skewed routing reaches top_p with fewer)."""
     if dtype != "float32" and policy in ("full", "esft"):
-        raise ValueError(f"--dtype {dtype} with --policy {policy}: train.py refuses it (the trained weights would "
+        raise ValueError(f"--dtype {dtype} with --policy {policy}: minimoe train refuses it (the trained weights would "
                          "have no fp32 master copy); plan with --dtype float32")
     with torch.device("meta"):
         model = CausalLM(config)
-    model.to(getattr(torch, dtype))  # as train.py: the base at --dtype, adapters attached after in fp32
+    model.to(getattr(torch, dtype))  # as minimoe train: the base at --dtype, adapters attached after in fp32
     pol = make_policy(policy, options or {})
     if policy == "esft":
         pol.selection = _esft_selection(config, pol, esft_experts)
@@ -345,17 +345,17 @@ def plan(model_name: str, policy: str = "epng", options: dict | None = None, bat
          dtype: str = "float32", device: str = "cuda", checkpointing: bool = False, world_size: int = 1,
          fsdp: bool = False, gpu_memory: int | None = None, esft_experts: int | None = None,
          revision: str | None = None) -> Plan:
-    """The memory plan of a ``train.py`` run (arguments as its flags; ``device`` "cuda" means bf16 autocast)."""
+    """The memory plan of a ``minimoe train`` run (arguments as its flags; ``device`` "cuda" means bf16 autocast)."""
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(_DTYPE_BYTES)}")
     if batch < 1 or length < 2 or world_size < 1:
         raise ValueError("--batch-size and --world-size must be at least 1, --max-len at least 2")
     if fsdp and world_size < 2:
-        raise ValueError("--fsdp needs --world-size 2 or more (train.py refuses --fsdp in one process)")
+        raise ValueError("--fsdp needs --world-size 2 or more (minimoe train refuses --fsdp in one process)")
     config, source = load_config(model_name, revision)
     if length > config.max_position_embeddings:
         raise ValueError(f"--max-len {length} is above the model's max_position_embeddings "
-                         f"({config.max_position_embeddings}); train.py refuses it")
+                         f"({config.max_position_embeddings}); minimoe train refuses it")
     model, _, trainable = build(config, policy, options, dtype, esft_experts)
     params = _unique(model.parameters())
     trainable = _unique(trainable)
@@ -425,7 +425,7 @@ def describe(p: Plan) -> str:
 
 
 def plan_for(config) -> int:
-    """``python train.py ... --plan``: print the plan of the run a ``TrainConfig`` describes (this machine's GPU
+    """``minimoe train ... --plan``: print the plan of the run a ``TrainConfig`` describes (this machine's GPU
     memory for the verdict when it has one) instead of training. Returns the exit status."""
     from ..train.config import default_model
 
@@ -458,7 +458,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default: 8)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per sequence (default: 256)")
     p.add_argument("--dtype", default="float32", choices=tuple(_DTYPE_BYTES),
-                   help="dtype of the frozen base, as train.py's --dtype (default: float32)")
+                   help="dtype of the frozen base, as `minimoe train`'s --dtype (default: float32)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cuda: bf16 autocast activations (default); cpu: activations in --dtype")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing")

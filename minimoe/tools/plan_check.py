@@ -5,7 +5,7 @@
 
 Each check runs in its own process: the model is built with random weights (no checkpoint, so no
 memory-mapped file pages count), the policy attaches its adapters, and ``--steps`` optimizer steps run
-(forward with loss, backward, AdamW as ``train.py`` builds it). Measured: the peak resident set size
+(forward with loss, backward, AdamW as ``minimoe train`` builds it). Measured: the peak resident set size
 (``VmHWM``) minus the resident size just before the model was built (the Python, torch and
 minimoe runtime, which the plan does not count), after a warm-up step of a very small model (the
 runtime's one-time allocations: kernel libraries, thread pools). Planned: ``minimoe.tools.plan`` for the run on
@@ -75,7 +75,7 @@ def _worker(args) -> dict:
     policy.setup(model, Context(dataset=None))
     model.gradient_checkpointing = args.gradient_checkpointing
     params = policy.trainable_parameters(model)
-    opt = AdamW(params, lr=1e-5)  # as train.py on CPU
+    opt = AdamW(params, lr=1e-5)  # as minimoe train on CPU
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.max_len))
     model.train()
     for _ in range(args.steps):

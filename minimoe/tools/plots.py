@@ -239,10 +239,10 @@ def plot_run(run: Path) -> list[Path]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="minimoe plots", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path, help="a run directory written by train.py")
+    p.add_argument("run", type=Path, help="a run directory written by minimoe train")
     args = p.parse_args(argv)
     if not (args.run / "metrics.jsonl").is_file():
-        print(f"error: {args.run} is not a train.py run directory (no metrics.jsonl)", file=sys.stderr)
+        print(f"error: {args.run} is not a run directory of minimoe train (no metrics.jsonl)", file=sys.stderr)
         return 2
     try:
         import matplotlib  # noqa: F401

@@ -2,7 +2,7 @@
 
     minimoe reproduce --seeds 3            # ~25 minutes on 2 CPU cores
 
-Two tables, one per paper, each row ``train.py --policy P --seed S`` on ``tiny-arith`` (greedy exact match
+Two tables, one per paper, each row ``minimoe train --policy P --seed S`` on ``tiny-arith`` (greedy exact match
 on the test split):
 
 * **EPnG** (its Table 2's methods) on the shipped tiny MoE ``weights/tiny-moe``: ``lora`` and ``epng`` at the

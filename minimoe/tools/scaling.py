@@ -3,7 +3,7 @@
     minimoe scaling                                  # epng on the shipped tiny model, 1 and 2 processes
     minimoe scaling --processes 1 2 4 --policy dmep --steps 40 --device cuda
 
-Each count runs ``train.py`` (through ``torchrun --standalone`` above one process) for ``--steps`` steps with
+Each count runs ``minimoe train`` (through ``torchrun --standalone`` above one process) for ``--steps`` steps with
 the same global batch (``--global-batch``, split evenly) and reads the tokens/s the run reports (every
 process's tokens, over the training loop, startup excluded). On a CPU the processes share the machine's
 cores (``--threads`` in all, divided among them), so the table says what splitting the same cores into
@@ -40,13 +40,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="minimoe scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts (default: 1 2)")
-    p.add_argument("--policy", default="epng", help="train.py --policy (default: epng)")
-    p.add_argument("--model", default="", help="train.py --model (default: the shipped weights/tiny-moe)")
+    p.add_argument("--policy", default="epng", help="minimoe train --policy (default: epng)")
+    p.add_argument("--model", default="", help="minimoe train --model (default: the shipped weights/tiny-moe)")
     p.add_argument("--steps", type=int, default=30, help="training steps per run (default: 30)")
     p.add_argument("--global-batch", type=int, default=16, help="sequences per step over all processes (16)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per process)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads in all (default: all cores)")
-    p.add_argument("--fsdp", action="store_true", help="shard the base (train.py --fsdp) above one process")
+    p.add_argument("--fsdp", action="store_true", help="shard the base (minimoe train --fsdp) above one process")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     bad = [n for n in args.processes if n < 1 or args.global_batch % n]

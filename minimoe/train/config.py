@@ -5,7 +5,7 @@ user can set, in order of precedence:
                                         <  a resumed run's saved arguments  <  a TOML file  <  the command line
 
 Every field carries its ``--help`` text and choices (``options.option``), as policy options do, so the
-command line, TOML files and checks come from one definition. ``train.py`` is a thin command over this;
+command line, TOML files and checks come from one definition. ``minimoe train`` is a thin command over this;
 recipes and tests call ``resolve`` directly.
 """
 
@@ -47,7 +47,7 @@ LEGACY_OPTIONS = {"dmep": {"lb_reduce": "sum"}, "epng": {"final_event": True}}
 
 @dataclass
 class TrainConfig:
-    """Arguments of a run (``train.py --help`` shows each field's text; TOML keys use the same names)."""
+    """Arguments of a run (``minimoe train --help`` shows each field's text; TOML keys use the same names)."""
 
     policy: str = option("epng", "training method: " + ", ".join(POLICIES))
     model: str = option("", "Hub id, checkpoint directory, or tiny preset (tiny-olmoe, tiny-qwen2-moe, tiny-qwen3, "

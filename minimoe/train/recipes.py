@@ -1,8 +1,8 @@
-"""The papers' own settings, one name each: ``python train.py --recipe NAME`` and ``python eval.py --recipe NAME``.
+"""The papers' own settings, one name each: ``minimoe train --recipe NAME`` and ``minimoe eval --recipe NAME``.
 
-    python train.py --recipe list                       # every recipe, with the paper, table and row it reproduces
-    python train.py --recipe epng-olmoe-math            # model, data, steps, batch, lr, schedule, dtype, seed, options
-    python eval.py --recipe epng-olmoe-math --adapter runs/epng-olmoe-math/adapter   # the paper's evaluations
+    minimoe train --recipe list                       # every recipe, with the paper, table and row it reproduces
+    minimoe train --recipe epng-olmoe-math            # model, data, steps, batch, lr, schedule, dtype, seed, options
+    minimoe eval --recipe epng-olmoe-math --adapter runs/epng-olmoe-math/adapter   # the paper's evaluations
 
 A recipe is the bottom layer of a run's arguments: a TOML file and flags given explicitly still win (e.g.
 ``--batch-size 4 --grad-accum 8`` keeps the effective batch on a smaller GPU). Its data and benchmarks come
@@ -37,7 +37,7 @@ DATA = {
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One ``eval.py`` run of a recipe: a task on a Hub benchmark with its decoding flags."""
+    """One ``minimoe eval`` run of a recipe: a task on a Hub benchmark with its decoding flags."""
 
     task: str
     data: str
@@ -66,7 +66,7 @@ class Recipe:
     options: dict = field(default_factory=dict)  # the policy's options
     evals: tuple[Evaluation, ...] = ()
     notes: str = ""  # what the recipe chose where the paper is silent
-    # (memory per GPU: python train.py --recipe NAME --plan, computed from the model's shape)
+    # (memory per GPU: minimoe train --recipe NAME --plan, computed from the model's shape)
 
 
 EPNG_MODELS = {"olmoe": ("allenai/OLMoE-1B-7B-0125", "Table 1 (OLMoE)"),
@@ -135,7 +135,7 @@ RECIPES = _all()
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise KeyError(f"--recipe {name!r}: unknown; python train.py --recipe list shows them")
+        raise KeyError(f"--recipe {name!r}: unknown; minimoe train --recipe list shows them")
     return RECIPES[name]
 
 

@@ -1,7 +1,7 @@
 """``RunDir``: every file of a training run, written in one place.
 
     RUN/args.json         the resolved arguments (TrainConfig, every policy option), processes, global batch
-    RUN/config.toml       the same as a TOML file: ``train.py --config RUN/config.toml`` repeats the run
+    RUN/config.toml       the same as a TOML file: ``minimoe train --config RUN/config.toml`` repeats the run
     RUN/metrics.jsonl     one line per optimizer step
     RUN/events.jsonl      one line per prune / grow / slice / selection / routing measurement
     RUN/checkpoint/       everything needed to continue bit for bit (``checkpoint.py``)

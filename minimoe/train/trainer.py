@@ -1,4 +1,4 @@
-"""The training loop behind ``train.py``: written out, one optimizer step at a time.
+"""The training loop behind ``minimoe train``: written out, one optimizer step at a time.
 
     for step in 1..steps:
         for each micro-batch: forward (routing info if the policy reads it), loss = CE + policy loss,

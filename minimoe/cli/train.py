@@ -19,9 +19,9 @@ import sys
 import traceback
 
 from ..parallel.distributed import exit_with_error, lost_peer
-from .config import TrainConfig, resolve as resolve_config
-from .run_dir import RunDir, RunDirError
-from .trainer import Trainer, TrainingError
+from ..train.config import TrainConfig, resolve as resolve_config
+from ..train.run_dir import RunDir, RunDirError
+from ..train.trainer import Trainer, TrainingError
 
 
 def resolve(argv=None) -> TrainConfig:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     c, world = trainer.config, trainer.world
     say = print if world.main else (lambda *a, **k: None)  # one process speaks
     if c.recipe:  # what it reproduces, and what it chose where the paper is silent
-        from .recipes import get_recipe
+        from ..train.recipes import get_recipe
 
         recipe = get_recipe(c.recipe)
         say(f"recipe {recipe.name}: {recipe.paper} (the paper: {recipe.reported}); {recipe.notes}")

@@ -27,10 +27,10 @@ from pathlib import Path
 from ..data.sources import hub_parts, resolve
 from ..parallel.distributed import World, exit_with_error
 from ..utils.files import DestinationExists, Unwritable, atomic_dir, check_destination, check_writable
-from .progress import Progress, partial_dir
-from .runners import Decoding, grade, read_rows, run_task, task_rows, write_results
-from .sandbox import SANDBOXES, check_sandbox
-from .tasks import GENERATE, TASKS, Task, get_task
+from ..eval.progress import Progress, partial_dir
+from ..eval.runners import Decoding, grade, read_rows, run_task, task_rows, write_results
+from ..eval.sandbox import SANDBOXES, check_sandbox
+from ..eval.tasks import GENERATE, TASKS, Task, get_task
 
 
 def task_list() -> str:

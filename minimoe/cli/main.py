@@ -1,5 +1,6 @@
 """The ``minimoe`` command: ``minimoe SUBCOMMAND [flags]`` runs one of the package's commands, each a module
-with a ``main(argv) -> int`` (``python -m minimoe`` is the same; ``minimoe SUBCOMMAND --help`` shows its flags).
+with a ``main(argv) -> int``: ``train`` and ``eval`` beside this module, the others in ``minimoe.tools``
+(``python -m minimoe`` is the same; ``minimoe SUBCOMMAND --help`` shows its flags).
 A subcommand's module is imported only when it runs, so ``minimoe train`` never loads the benchmark's code."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import sys
 
 # subcommand -> (module, what it does); the modules' own docstrings say more (their --help)
 COMMANDS = {
-    "train": ("minimoe.train.cli", "fine-tune with a policy: epng, dmep, lora, esft, full"),
-    "eval": ("minimoe.eval.cli", "score a model, a model + adapter or a merged export on a benchmark"),
+    "train": ("minimoe.cli.train", "fine-tune with a policy: epng, dmep, lora, esft, full"),
+    "eval": ("minimoe.cli.eval", "score a model, a model + adapter or a merged export on a benchmark"),
     "export": ("minimoe.tools.export_adapter", "write an adapter as a merged checkpoint or a PEFT adapter"),
     "convert": ("minimoe.tools.convert", "convert a Hub checkpoint to minimoe's stacked-experts layout"),
     "plan": ("minimoe.tools.plan", "the memory a run needs, per GPU, before it runs"),
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from .. import __version__
 
         print(f"minimoe {__version__}")
         return 0
