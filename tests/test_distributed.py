@@ -224,7 +224,8 @@ def test_fsdp_trains_base_weights_like_replicated_data_parallel(runs, tmp_path, 
 def test_fsdp_needs_several_processes(tmp_path, capsys):
     assert train.main(["--policy", "lora", "--fsdp", "--model", "tiny-olmoe", "--out", str(tmp_path / "r"),
                        *COMMON]) == 2
-    assert "--fsdp needs several processes: start it with torchrun --nproc_per_node N -m minimoe train" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--fsdp needs several processes: start it with torchrun --nproc_per_node N -m minimoe train" in err
     assert not (tmp_path / "r").exists()
 
 

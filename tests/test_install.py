@@ -131,7 +131,8 @@ def test_the_wheel_holds_the_shipped_weights_the_reference_routes_and_the_comman
     for model in shipped_module.SHIPPED:
         for file in (PACKAGE / "weights" / model).iterdir():
             assert f"minimoe/weights/{model}/{file.name}" in names
-    assert {"minimoe/tools/bench/reference.py", "minimoe/model/shapes/allenai--OLMoE-1B-7B-0125.json", "minimoe/__main__.py"} <= names
+    assert {"minimoe/__main__.py", "minimoe/tools/bench/reference.py",
+            "minimoe/model/shapes/allenai--OLMoE-1B-7B-0125.json"} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "minimoe = minimoe.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     assert not any(n.startswith(("tests/", "weights/")) for n in names)

@@ -188,7 +188,8 @@ def test_train_py_plan_prints_the_runs_plan_and_trains_nothing(capsys, tmp_path,
     monkeypatch.chdir(tmp_path)
     assert train.main(["--policy", "epng", "--plan", "--device", "cpu"]) == 0  # the shipped tiny-moe
     out = capsys.readouterr().out
-    assert "minimoe/weights/tiny-moe/config.json" in out and "policy epng, batch 16 x 256 tokens" in out  # the embedded run's batch
+    assert "minimoe/weights/tiny-moe/config.json" in out
+    assert "policy epng, batch 16 x 256 tokens" in out  # the embedded run's batch
     assert "trainable parameters                      131,072" in out  # the README's epng budget
     assert not (tmp_path / "runs").exists()
 

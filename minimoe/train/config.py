@@ -52,8 +52,9 @@ class TrainConfig:
     policy: str = option("epng", "training method: " + ", ".join(POLICIES))
     model: str = option("", "Hub id, checkpoint directory, or tiny preset (tiny-olmoe, tiny-qwen2-moe, tiny-qwen3, "
                             "tiny-qwen3-moe: random weights, byte tokenizer); default: the shipped tiny-moe "
-                            "(tiny-dense for dmep; both ship inside the package); a shipped model, named or by default, trains with the embedded "
-                            "run's scaled defaults (--steps 300 --batch-size 16 --lr 3e-3 --warmup-ratio 0.05)")
+                            "(tiny-dense for dmep; both ship inside the package); a shipped model, named or by "
+                            "default, trains with the embedded run's scaled defaults (--steps 300 --batch-size 16 "
+                            "--lr 3e-3 --warmup-ratio 0.05)")
     data: str = option("tiny-arith", "data file (JSON, JSONL, .gz, Parquet) or Hub dataset (hf://datasets/OWNER/NAME/"
                                      "FILE, OWNER/NAME:FILE, OWNER/NAME[:DIR]@SPLIT) of MetaMathQA, GSM8K, Code Alpaca, "
                                      "MATH, prompt/response or chat-messages records; or built-in tiny-arith")
@@ -126,7 +127,8 @@ def is_preset(name: str) -> bool:
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The flags of every TrainConfig field and of every policy option (``--<policy>-<option>``)."""
-    p = argparse.ArgumentParser(prog="minimoe train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="minimoe train", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="TOML file: [train] table (or top-level keys) and a table per policy")
     add_arguments(p, TrainConfig)
     for name, cls in POLICIES.items():
