@@ -3,6 +3,7 @@ package (and in the wheel), nothing that trains or evaluates importing transform
 earlier versions (``python -m minimoe.bench`` ...) still running their commands."""
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -124,8 +125,12 @@ def test_a_missing_shipped_model_is_an_error_naming_it_never_a_random_model(tmp_
 
 @pytest.mark.slow
 def test_the_wheel_holds_the_shipped_weights_the_reference_routes_and_the_command(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info/ next to the sources
+    shutil.copytree(PACKAGE, source / "minimoe", ignore=shutil.ignore_patterns("__pycache__"))
+    for file in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / file, source / file)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
+                   check=True, capture_output=True)
     (wheel,) = tmp_path.glob("minimoe-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for model in shipped_module.SHIPPED:
