@@ -5,10 +5,10 @@
 Two tables, one per paper, each row ``minimoe train --policy P --seed S`` on ``tiny-arith`` (greedy exact match
 on the test split):
 
-* **EPnG** (its Table 2's methods) on the shipped tiny MoE ``weights/tiny-moe``: ``lora`` and ``epng`` at the
+* **EPnG** (its Table 2's methods) on the shipped tiny MoE ``tiny-moe``: ``lora`` and ``epng`` at the
   same LoRA budget (rank 8 on the experts' gate+up), ``epng-final`` (with Alg. 1's event at the last step,
   ``--epng-final-event``), ``esft`` and ``full``;
-* **DMEP** (its Table I) on the shipped dense ``weights/tiny-dense``, every row on all seven linears (q, k, v,
+* **DMEP** (its Table I) on the shipped dense ``tiny-dense``, every row on all seven linears (q, k, v,
   o, gate, up, down): ``dense-lora`` (plain LoRA, rank 8), ``lora-moe`` (the symmetric LoRA-MoE: 8 experts
   per linear, LB loss on throughout, never pruned) and ``dmep`` (the same, pruned once at the end of the
   first epoch, LB loss off after). Besides the whole run's throughput it reports the second half's, when
@@ -60,8 +60,8 @@ ROWS = {
     "lora-moe": Row("dmep", "tiny-dense", ("--dmep-prune-step", "-1"), {"prune_step": -1}),  # never pruned
     "dmep": Row("dmep", "tiny-dense", options={"prune_step": 0}),
 }
-TABLES = {"EPnG: expert LoRA on the tiny MoE (weights/tiny-moe)": ("lora", "epng", "epng-final", "esft", "full"),
-          "DMEP: all seven linears of the dense tiny model (weights/tiny-dense)": ("dense-lora", "lora-moe", "dmep")}
+TABLES = {"EPnG: expert LoRA on the tiny MoE (tiny-moe)": ("lora", "epng", "epng-final", "esft", "full"),
+          "DMEP: all seven linears of the dense tiny model (tiny-dense)": ("dense-lora", "lora-moe", "dmep")}
 POLICIES = tuple(ROWS)  # (the name --policies kept from when every row was a policy)
 
 

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts (default: 1 2)")
     p.add_argument("--policy", default="epng", help="minimoe train --policy (default: epng)")
-    p.add_argument("--model", default="", help="minimoe train --model (default: the shipped weights/tiny-moe)")
+    p.add_argument("--model", default="", help="minimoe train --model (default: the shipped tiny-moe)")
     p.add_argument("--steps", type=int, default=30, help="training steps per run (default: 30)")
     p.add_argument("--global-batch", type=int, default=16, help="sequences per step over all processes (16)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per process)")
