@@ -1,4 +1,5 @@
-"""The README's runnable examples run as written (blocks that start with '# example:')."""
+"""The runnable examples of the README and the docs pages run as written (blocks that start with '# example:'),
+and the README's test command is what CI runs."""
 
 import re
 from pathlib import Path
@@ -6,12 +7,13 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    runnable = [b for b in blocks if b.startswith("# example:")]
-    assert runnable, "the README lost its runnable example"
-    for block in runnable:
-        exec(compile(block, str(README), "exec"), {})
+def test_examples_run():
+    pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    runnable = [(page, block) for page in pages for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+                if block.startswith("# example:")]
+    assert {page.name for page, _ in runnable} >= {"README.md", "adapters.md"}, "a page lost its runnable example"
+    for page, block in runnable:
+        exec(compile(block, str(page), "exec"), {})
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox", choices=SANDBOXES, default="process",
                    help="how generated programs are isolated: process (default; a supervised process tree, confined "
                         "by Landlock where the kernel has it) or bwrap (also in bubblewrap's namespaces: no network, "
-                        "read-only root; needs the bwrap command). See README, Evaluation")
+                        "read-only root; needs the bwrap command). See docs/evaluation.md")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     return p

@@ -57,7 +57,7 @@ checkpointing). ``--dtype bfloat16`` avoids it. (From reading the code paths: no
 
 Calibration: on CPU (fp32, batch 4 × 256) the formula is within 0.92-1.06× of the bytes autograd saves
 (counted with ``saved_tensors_hooks``; tests/test_plan.py) for expert LoRA, full fine-tuning, ESFT, dense
-LoRA and LoRA-MoE, and the whole plan within the README's table of a real step's peak resident memory
+LoRA and LoRA-MoE, and the whole plan within the table of a real step's peak resident memory in docs/memory.md
 (``minimoe plan-check``). It has not been measured on a GPU, where the caching allocator's
 fragmentation comes on top.
 """

@@ -32,7 +32,7 @@ from .recipes import get_recipe, listing
 # in minutes on a CPU (flags given explicitly still win). EPnG keeps the
 # paper's own T_w = 100, T_p = 50: 5 prune/grow events in 300 steps. (Scaling the paper's 500-step schedule
 # instead -- T_w = 60, T_p = 30, 9 events -- prunes ~81% of the 32 adapted experts and scored 0.06 vs 0.39 on
-# tiny-arith, mean of 3 seeds: see the README's reproduce section.)
+# tiny-arith, mean of 3 seeds: see docs/reproducing.md.)
 EMBEDDED_MODELS = {"dmep": "tiny-dense"}  # the others: tiny-moe
 EMBEDDED_RUN = {"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.05}
 EMBEDDED_OPTIONS = {"esft": {"sample_batches": 8}}
