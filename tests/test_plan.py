@@ -202,3 +202,25 @@ def test_plan_check_measures_a_real_cpu_step():
     assert r["trainable"] == 786_432  # 4 layers x 32 experts x (gate, up) x 8 x (256 + 128)
     assert r["measured"] > 100 * 2**20 and r["baseline"] > 0
     assert 0.8 < r["ratio"] < 1.2, r  # README: 0.95 for this run
+
+
+def test_train_plan_takes_gpu_memory_and_json_and_refuses_them_alone(capsys, tmp_path, monkeypatch):
+    from minimoe.cli import train
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--policy", "epng", "--plan", "--device", "cpu", "--gpu-memory", "1MiB"]
+    assert train.main(argv) == 1 and "does NOT fit in 1.0 MiB" in capsys.readouterr().out
+    assert train.main([*argv[:-2], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable"] == 131_072
+    assert train.main(["--policy", "epng", "--json"]) == 2
+    assert "--gpu-memory and --json go with --plan" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_help_lists_its_flags_once_and_plainly(capsys):
+    from minimoe.train.config import build_parser, resolve
+
+    text = build_parser().format_help()
+    assert all(f in text for f in ("--plan", "--gpu-memory SIZE", "--json", "--lora-alpha LORA_ALPHA"))
+    assert "--lora-lora-alpha" not in text and "(default: -1.0)" not in text
+    assert resolve(["--policy", "lora", "--lora-lora-alpha", "4"], embedded=False).policy_options == {"lora_alpha": 4.0}

@@ -19,7 +19,7 @@ import sys
 import traceback
 
 from ..parallel.distributed import exit_with_error, lost_peer
-from ..train.config import TrainConfig, resolve as resolve_config
+from ..train.config import TrainConfig, build_parser, resolve as resolve_config
 from ..train.run_dir import RunDir, RunDirError
 from ..train.trainer import Trainer, TrainingError
 
@@ -43,10 +43,13 @@ def task_score(trainer: Trainer, limit: int) -> float:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--plan" in argv:  # the run's memory plan instead of the run (see minimoe plan)
+    flags = build_parser(__doc__).parse_args(argv)
+    if flags.plan:  # the run's memory plan instead of the run (see minimoe plan)
         from ..tools.plan import plan_for
 
-        return plan_for(resolve([a for a in argv if a != "--plan"]))
+        return plan_for(resolve(argv), flags.gpu_memory, flags.json)
+    if flags.gpu_memory is not None or flags.json:
+        return exit_with_error("--gpu-memory and --json go with --plan", 2)
     config = resolve(argv)
     if config.resume and (done := RunDir(config.resume).finished(config.steps)):
         return exit_with_error(done, 2)  # summary.json and everything else untouched

@@ -424,9 +424,10 @@ def describe(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def plan_for(config) -> int:
-    """``minimoe train ... --plan``: print the plan of the run a ``TrainConfig`` describes (this machine's GPU
-    memory for the verdict when it has one) instead of training. Returns the exit status."""
+def plan_for(config, gpu_memory: str | None = None, as_json: bool = False) -> int:
+    """``minimoe train ... --plan``: print the plan of the run a ``TrainConfig`` describes instead of training,
+    judged against ``gpu_memory`` (``--gpu-memory``; default: the GPU's own memory on CUDA). Returns the exit
+    status."""
     from ..train.config import default_model
 
     device = config.resolved_device()
@@ -434,13 +435,23 @@ def plan_for(config) -> int:
     if device.startswith("cuda") and torch.cuda.is_available():
         memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
     try:
+        if gpu_memory is not None:
+            memory = parse_memory(gpu_memory)
         result = plan(config.model or default_model(config.policy), config.policy, config.policy_options,
                       config.batch_size, config.max_len, config.dtype, "cuda" if device.startswith("cuda") else "cpu",
                       config.gradient_checkpointing, int(os.environ.get("WORLD_SIZE", "1")), config.fsdp, memory)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(describe(result))
+    return _print(result, as_json)
+
+
+def _print(result, as_json: bool) -> int:
+    """The plan as text or JSON; the exit status: 1 when it does not fit the given memory."""
+    if as_json:
+        print(json.dumps({**dataclasses.asdict(result), "total": result.total, "fits": result.fits}, indent=2))
+    else:
+        print(describe(result))
     return 0 if result.fits in (None, True) else 1
 
 
@@ -487,11 +498,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args["json"]:
-        print(json.dumps({**dataclasses.asdict(result), "total": result.total, "fits": result.fits}, indent=2))
-    else:
-        print(describe(result))
-    return 0 if result.fits in (None, True) else 1
+    return _print(result, args["json"])
 
 
 if __name__ == "__main__":

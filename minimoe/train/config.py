@@ -37,6 +37,7 @@ EMBEDDED_MODELS = {"dmep": "tiny-dense"}  # the others: tiny-moe
 EMBEDDED_RUN = {"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.05}
 EMBEDDED_OPTIONS = {"esft": {"sample_batches": 8}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PLAN_FLAGS = ("plan", "gpu_memory", "json")  # --plan [--gpu-memory SIZE] [--json]: a plan instead of the run
 SCHEDULES = ("linear", "cosine", "constant")
 # What a run resumed from a checkpoint written before a default changed gets for the arguments it lacks: the
 # behaviour it was trained with (2026-12: cosine schedule; DMEP's LB loss summed over modules; EPnG's event at
@@ -131,6 +132,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="TOML file: [train] table (or top-level keys) and a table per policy")
     add_arguments(p, TrainConfig)
+    plan = p.add_argument_group("instead of training", "print the run's memory plan (minimoe plan) and exit")
+    plan.add_argument("--plan", action="store_true", help="the memory per process this run needs; nothing is "
+                      "downloaded but config.json (exit status 1 when it does not fit)")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="with --plan: one GPU's memory, e.g. 80GiB (default: "
+                      "the GPU's own, on CUDA)")
+    plan.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     for name, cls in POLICIES.items():
         if dataclasses.fields(cls.Config):
             group = p.add_argument_group(f"{name} options",
@@ -197,6 +204,8 @@ def resolve(argv=None, description: str | None = None, embedded: bool = True) ->
     """
     p = build_parser(description)
     args = vars(p.parse_args(argv))
+    for key in PLAN_FLAGS:  # the command's, not the run's (minimoe.cli.train reads them)
+        args.pop(key)
     train, options = _read_toml(args["config"], p.error) if args.get("config") else ({}, {})
     resume = args.get("resume") or train.get("resume")
     if resume:  # a resumed run keeps its own arguments; flags given now override them

@@ -36,28 +36,39 @@ def add_arguments(group, cls, flag_prefix: str = "", dest_prefix: str = "") -> N
     """A flag for every field of dataclass ``cls`` (``--{flag_prefix}{name}``, dest ``{dest_prefix}{name}``),
     its help text and choices from the field's metadata, default None (given or not)."""
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli", True):
+        if not f.metadata.get("cli", True):
+            continue
+        if flag_prefix and f.name.startswith(flag_prefix):  # lora's lora_alpha: --lora-alpha, not --lora-lora-alpha
+            _add_field(group, flag(f.name), dest_prefix + f.name, f)
+            _add_field(group, flag(flag_prefix + f.name), dest_prefix + f.name, f, hidden=True)  # the old spelling
+        else:
             _add_field(group, flag(flag_prefix + f.name), dest_prefix + f.name, f)
 
 
-def _add_field(group, name: str, dest: str, f: dataclasses.Field) -> None:
+def _add_field(group, name: str, dest: str, f: dataclasses.Field, hidden: bool = False) -> None:
+    """One flag; its help ends with the field's default unless the text says what the default is, and a
+    ``hidden`` flag (an older spelling) is accepted without being listed."""
     default = default_of(f)
     help_text, choices = f.metadata.get("help", f.name.replace("_", " ")), f.metadata.get("choices")
-    metavar = f.name.upper()
-    if default == "":  # the help text says what an unset string means
-        help_text, default = help_text.replace("%", "%%"), None
+    said = default == "" or "default:" in help_text  # the help text says what the default means
+    if hidden:
+        help_text = argparse.SUPPRESS
+    elif said:
+        help_text = help_text.replace("%", "%%")
+
+    def text(shown) -> str:
+        return help_text if hidden or said else f"{help_text} (default: {shown})"
+
     if choices:
-        group.add_argument(name, dest=dest, choices=choices, default=None,
-                           help=help_text if default is None else f"{help_text} (default: {default})")
+        group.add_argument(name, dest=dest, choices=choices, default=None, help=text(default))
     elif f.type in ("bool", bool):
-        group.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{help_text} (default: {default})")
+        group.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text(default))
     elif isinstance(default, tuple):
         group.add_argument(name, dest=dest, nargs="+", default=None, metavar=f.metadata.get("metavar") or "NAME",
-                           help=f"{help_text} (default: {' '.join(default) or 'none'})")
+                           help=text(" ".join(default) or "none"))
     else:
-        group.add_argument(name, dest=dest, type=str if default is None else type(default), default=None,
-                           metavar=metavar, help=help_text if default is None else f"{help_text} (default: {default})")
+        group.add_argument(name, dest=dest, type=str if default == "" else type(default), default=None,
+                           metavar=f.name.upper(), help=text(default))
 
 
 def checked(cls, values: dict, where: str) -> dict:
