@@ -128,6 +128,32 @@ def test_model_sums_module_losses_and_reports_them_separately():
     assert out.adapter_aux_loss.requires_grad
     plain = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
     assert torch.allclose(out.loss, plain)  # never added to the loss
+
+
+def test_dmep_and_the_tools_weigh_the_pools_the_modules_produce():
+    """One load-balancing path: each LoRA-MoE module pools its routing in its forward; ``adapter_aux_loss`` sums
+    their losses, DMEP's term (``lb_loss``, what the benchmark, plan check and self-check add too) weighs the
+    same pools by lb_coef, mean over the modules or their sum."""
+    from minimoe.policies.dmep import DMEP, lb_loss
+
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3")).train()
+    model.add_lora_moe(num_experts=4, top_k=2, rank=2, targets=("q_proj", "up_proj"))
+    ids = torch.randint(0, 256, (2, 7))
+    mask = torch.ones(2, 7)
+    mask[0, :3] = 0
+    out = model(ids, labels=ids, token_mask=mask)
+    mods = model.lora_moe_modules()
+    assert [p is m.balancing for p, m in zip(out.adapter_balancing, mods.values(), strict=True)] == [True] * 6
+    assert torch.equal(out.adapter_aux_loss, torch.stack([m.aux_loss for m in mods.values()]).sum())
+    assert torch.equal(DMEP(DMEP.Config()).extra_loss(out, mask), lb_loss(out))  # training's term = the tools'
+    assert torch.allclose(lb_loss(out), 0.01 * out.adapter_aux_loss / 6)  # the mean over the modules
+    assert torch.allclose(lb_loss(out, DMEP.Config(lb_reduce="sum", lb_coef=0.5)), 0.5 * out.adapter_aux_loss)
+    assert out.adapter_balancing[0].tokens == 11  # the forward's token mask: 14 tokens, 3 masked
+    for m in mods.values():
+        m.lb_enabled = False
+    out = model(ids, labels=ids)
+    assert out.adapter_balancing is None and out.adapter_aux_loss is None and lb_loss(out) is None
     assert model.eval()(ids).adapter_aux_loss is None
 
 

@@ -53,7 +53,7 @@ class PrunableLoRAMoE(Adapter):
         self.expert_ids = torch.arange(num_experts)
         self.lb_enabled = True
         self.implementation = "auto"
-        self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last training forward
+        self.balancing: LoadBalancingLoss | None = None  # the load-balancing pool of the last training forward
         if not on_meta(base.weight):
             self.reset_adapter_parameters(generator)
 
@@ -105,13 +105,17 @@ class PrunableLoRAMoE(Adapter):
         y = y + (self.scaling * delta).view(*x.shape[:-1], self.out_features).to(y.dtype)
         # computed in every training forward, also when activation checkpointing recomputes this one: the
         # recomputation must run the same operations as the forward it replays
-        self.aux_loss = None
+        self.balancing = None
         if self.lb_enabled and self.training:
-            lb = LoadBalancingLoss(self.num_experts, self.top_k, current_token_mask())
-            lb.add_routing(route.probs, route.experts)
-            self.aux_loss = lb.value()
-        emit_route(self, route, self.aux_loss)
+            self.balancing = LoadBalancingLoss(self.num_experts, self.top_k, current_token_mask())
+            self.balancing.add_routing(route.probs, route.experts)
+        emit_route(self, route, self.balancing)
         return y
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """This module's load-balancing loss in the last training forward (in the graph), None without one."""
+        return None if self.balancing is None else self.balancing.value()
 
     def check_prune(self, keep) -> torch.Tensor:
         """``keep`` as sorted unique positions; raise, changing nothing, if it is not a valid survivor set."""

@@ -165,6 +165,9 @@ class ModelOutput:
             whose loss is on), else None. Also never added to ``loss``.
         adapter_router: per LoRA-MoE module routing (unit = module path) of a training forward, when
             ``output_router=True`` (empty in eval or under no_grad: statistics come from training forwards).
+        adapter_balancing: the same modules' load-balancing pools (``LoadBalancingLoss``: f, P, tokens), from
+            which ``adapter_aux_loss`` is summed and DMEP's LB term is combined
+            (``routing.combined_balancing_loss``: mean or sum, f over every process); None without any.
     """
 
     logits: torch.Tensor
@@ -173,6 +176,7 @@ class ModelOutput:
     router: list[RouterOutput] | None = None
     adapter_aux_loss: torch.Tensor | None = None
     adapter_router: list[RouterOutput] | None = None
+    adapter_balancing: list[LoadBalancingLoss] | None = None
 
 
 class Transformer(nn.Module):
@@ -297,9 +301,10 @@ class Transformer(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        adapter_aux = torch.stack(collector.aux_losses).sum() if collector.aux_losses else None
+        pools = collector.balancing or None
+        adapter_aux = torch.stack([p.value() for p in pools]).sum() if pools else None
         return ModelOutput(logits, loss, lb.value() if lb is not None else None, routes if output_router else None,
-                           adapter_aux, collector.named_routes(self) if output_router else None)
+                           adapter_aux, collector.named_routes(self) if output_router else None, pools)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """KV-cache generation; see ``minimoe.model.generate.generate`` for the arguments."""

@@ -83,10 +83,10 @@ def collecting_statistics(module: nn.Module) -> bool:
 @dataclass
 class RouteCollector:
     """What the routing adapters of one forward handed in: their routes (training forwards only, see
-    ``collecting_statistics``) and their load-balancing losses (in the graph)."""
+    ``collecting_statistics``) and their load-balancing pools (``LoadBalancingLoss``, in the graph)."""
 
     routes: list[tuple[nn.Module, RouterOutput]] = dataclasses.field(default_factory=list)
-    aux_losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    balancing: list["LoadBalancingLoss"] = dataclasses.field(default_factory=list)
 
     def named_routes(self, model: nn.Module) -> list[RouterOutput]:
         """The routes with ``unit`` set to each module's path in ``model``."""
@@ -112,14 +112,14 @@ def collecting_routes():
         _COLLECTOR.reset(token)
 
 
-def emit_route(module: nn.Module, route: RouterOutput, aux_loss: torch.Tensor | None = None) -> None:
+def emit_route(module: nn.Module, route: RouterOutput, balancing: "LoadBalancingLoss | None" = None) -> None:
     """Called by a routing adapter in its forward: hand ``route`` (if statistics are being taken) and its
-    load-balancing loss to the current forward's collector, if any."""
+    load-balancing pool to the current forward's collector, if any."""
     collector = _COLLECTOR.get()
     if collector is None:
         return
-    if aux_loss is not None:
-        collector.aux_losses.append(aux_loss)
+    if balancing is not None:
+        collector.balancing.append(balancing)
     if collecting_statistics(module):
         collector.routes.append((module, route))
 
@@ -161,3 +161,20 @@ class LoadBalancingLoss:
         slots = self.slots if slots is None else slots
         tokens = (self.tokens if tokens is None else tokens).clamp_min(1.0)  # no real token: 0, not NaN
         return self.E * torch.sum((slots / tokens) * (self.probs / tokens))
+
+
+def combined_balancing_loss(pools: list[LoadBalancingLoss], reduce: str = "mean", all_reduce=None) -> torch.Tensor:
+    """Several routers' load-balancing losses as one (DMEP's LB term before its coefficient): each pool's loss
+    with f and the token count summed over the processes (``all_reduce``: a sum across processes; None: one
+    process), this process's share of it (``LoadBalancingLoss.value``), then the ``mean`` over the pools (one
+    pool's loss weighs the coefficient, whatever their number) or their ``sum``."""
+    counts = torch.cat([torch.cat([lb.slots, lb.tokens.reshape(1)]) for lb in pools]).detach()
+    if all_reduce is not None:
+        counts = all_reduce(counts)
+    shares, offset = [], 0
+    for lb in pools:
+        E = lb.slots.numel()
+        shares.append(lb.value(counts[offset:offset + E], counts[offset + E]))
+        offset += E + 1
+    shares = torch.stack(shares)
+    return shares.sum() if reduce == "sum" else shares.mean()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.routing import LoadBalancingLoss
+from ..model.routing import combined_balancing_loss
 from .stats import RoutingStats, drift, gini, normalized_entropy
 from .base import Context, Policy, option
 
@@ -73,25 +73,9 @@ class DMEP(Policy):
         return model.adapter_parameters()
 
     def extra_loss(self, out, mask):
-        """``lb_coef · mean_modules E · Σ_i f_i · P_i`` (``lb_reduce="sum"``: the sum over modules) until the
-        prune, over the tokens of ``mask`` of the whole (global) micro-batch: f and the token count are summed
-        over the processes, P is this process's share (see ``LoadBalancingLoss.value``). In one process the
-        sum equals ``out.adapter_aux_loss``."""
-        if self.pruned_at is not None or not out.adapter_router:
-            return None
-        losses = []
-        for route in out.adapter_router:
-            lb = LoadBalancingLoss(route.probs.shape[-1], route.experts.shape[-1], mask)
-            lb.add_routing(route.probs, route.experts)
-            losses.append(lb)
-        counts = self.all_reduce(torch.cat([torch.cat([lb.slots, lb.tokens.reshape(1)]) for lb in losses]).detach())
-        shares, offset = [], 0
-        for lb in losses:
-            E = lb.slots.numel()
-            shares.append(lb.value(counts[offset:offset + E], counts[offset + E]))
-            offset += E + 1
-        shares = torch.stack(shares)
-        return self.config.lb_coef * (shares.sum() if self.config.lb_reduce == "sum" else shares.mean())
+        """Until the prune, ``lb_loss`` of the forward: the pools the LoRA-MoE modules produced over the tokens
+        of ``mask`` (the forward's token mask), f and the token count summed over the processes."""
+        return None if self.pruned_at is not None else lb_loss(out, self.config, self.all_reduce)
 
     def module_metrics(self, model) -> dict[str, dict]:
         """Gini, normalised entropy and drift of every module's counts over the last interval."""
@@ -181,3 +165,14 @@ class DMEP(Policy):
         super().load_state_dict(state)
         self.pruned_at, self.snapshot, self.previous = state["pruned_at"], state["snapshot"], state["previous"]
         self.last = state["last"]
+
+
+def lb_loss(out, config: DMEP.Config | None = None, all_reduce=None) -> torch.Tensor | None:
+    """DMEP's load-balancing term of a forward, as training adds it to the loss: ``lb_coef`` times the
+    modules' losses combined by ``lb_reduce`` (``combined_balancing_loss``: mean over the modules by default,
+    ``sum`` as the paper's equation reads). None when the forward had no LoRA-MoE with its loss on. The
+    benchmark, the plan check and the self-check train on this, with DMEP's defaults."""
+    config = config or DMEP.Config()
+    if not out.adapter_balancing:
+        return None
+    return config.lb_coef * combined_balancing_loss(out.adapter_balancing, config.lb_reduce, all_reduce)

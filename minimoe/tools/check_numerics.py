@@ -26,6 +26,7 @@ from ..adapters.lm import CausalLM
 from ..model.config import preset
 from ..model.hf import to_hub_state_dict
 from ..model.moe import grouped_mm_supported
+from ..policies.dmep import lb_loss
 
 # Tolerances (every number the table prints is compared against one of these)
 FP32_TOL = 1e-4  # fp32 logits: max |device - cpu| / max(1, max |cpu|) (reduction order only)
@@ -272,7 +273,7 @@ def _adapter_grads(model: CausalLM, ids: torch.Tensor, device: str) -> dict[str,
     """``{adapter class: [grad, ...]}`` after one forward+backward of loss (+ LoRA-MoE's LB loss)."""
     model.zero_grad(set_to_none=True)
     out = model.train()(ids.to(device), labels=ids.to(device))
-    loss = out.loss if out.adapter_aux_loss is None else out.loss + 0.01 * out.adapter_aux_loss
+    loss = out.loss if out.adapter_balancing is None else out.loss + lb_loss(out)  # DMEP's LB term, as in training
     loss.backward()
     grads: dict[str, list[torch.Tensor]] = {}
     for adapter in adapters_of(model).values():

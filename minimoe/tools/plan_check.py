@@ -80,7 +80,8 @@ def _worker(args) -> dict:
     model.train()
     for _ in range(args.steps):
         out = model(ids, labels=ids)
-        loss = out.loss if out.adapter_aux_loss is None else out.loss + 0.01 * out.adapter_aux_loss
+        extra = policy.extra_loss(out, None)  # e.g. DMEP's LB term: the loss minimoe train trains on
+        loss = out.loss if extra is None else out.loss + extra
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

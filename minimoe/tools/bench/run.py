@@ -40,6 +40,7 @@ from . import real as bench_real
 from ...adapters.adamw import AdamW
 from .real import EVENT_ROUTE, out_of_memory, peak_rss, run_worker, stage
 from ...model.reference import shipped_shapes
+from ...policies.dmep import lb_loss
 
 
 def _shipped_shape(name: str) -> dict:
@@ -201,8 +202,8 @@ def _worker(args) -> dict:
         t0 = time.perf_counter()
         out = model(ids, labels=ids)
         loss = out.loss
-        if getattr(out, "adapter_aux_loss", None) is not None:  # LoRA-MoE trains with its LB loss
-            loss = loss + 0.01 * out.adapter_aux_loss
+        if getattr(out, "adapter_balancing", None):  # a LoRA-MoE trains with DMEP's LB term, as minimoe train adds it
+            loss = loss + lb_loss(out)
         loss.backward()
         sync()
         t1 = time.perf_counter()
