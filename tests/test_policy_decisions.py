@@ -197,3 +197,17 @@ def test_dmep_lb_loss_is_that_of_the_whole_micro_batch_when_shared_over_processe
                                  torch.autograd.grad(loss, routers), strict=True):
         assert torch.allclose(g_shared, g_whole, rtol=1e-4, atol=1e-8)
     assert not torch.allclose(shares[0], loss / 2, atol=1e-6)  # the halves really differ
+
+
+def test_routing_units_are_read_by_kind_through_the_statistics_api():
+    stats = minimoe.RoutingStats()
+    probs = torch.softmax(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), -1)
+    experts = probs.topk(2, -1).indices
+    for unit in (3, "layers.0.self_attn.q_proj", 1):
+        stats.update(unit, probs, experts)
+    assert stats.layers() == [1, 3] and stats.modules() == ["layers.0.self_attn.q_proj"]
+    snap = stats.snapshot(stats.layers() + [7])  # a unit never seen is left out
+    assert list(snap) == [1, 3] and snap[1].tokens == 5.0 and snap[1].counts.sum() == 10
+    assert torch.allclose(stats.mean_importance(3), probs.mean(0)) and torch.equal(snap[3].mean_importance,
+                                                                                    stats.mean_importance(3))
+    assert stats.mean_importance(7).numel() == 0

@@ -9,8 +9,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_examples_run():
     pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
-    runnable = [(page, block) for page in pages for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-                if block.startswith("# example:")]
+    blocks = [(page, b) for page in pages for b in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
+    runnable = [(page, block) for page, block in blocks if block.startswith("# example:")]
     assert {page.name for page, _ in runnable} >= {"README.md", "adapters.md"}, "a page lost its runnable example"
     for page, block in runnable:
         exec(compile(block, str(page), "exec"), {})

@@ -91,8 +91,8 @@ class DMEP(Policy):
 
     def _counts(self, name: str, m) -> torch.Tensor:
         """The module's hard top-k counts so far (host fp32; zeros before its first training forward)."""
-        counts = self.stats.counts.get(name)
-        return counts.detach().cpu() if counts is not None else torch.zeros(m.num_experts)
+        snapshot = self.stats.snapshot([name])
+        return snapshot[name].counts if snapshot else torch.zeros(m.num_experts)
 
     def survivors(self, counts: torch.Tensor, top_k: int) -> tuple[list[int], bool]:
         """Experts with u_i ≥ τ, topped up with the most used until max(k_min, top_k) remain.

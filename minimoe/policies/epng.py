@@ -72,11 +72,9 @@ class EPnG(Policy):
         (the LoRA B matrices are zero, so the adapted model routes exactly as the base does) and of the
         fine-tuned model at the end, on the same batches."""
         stats = self.ctx.measure_routing(model, self.config.probe_batches, self.probe_state)
-        snapshot = stats.snapshot()
         return {"event": "importance_probe", "step": step, "policy": self.name, "model": which,
                 "batches": self.config.probe_batches,
-                "importance": {str(l): snapshot[l].mean_importance.tolist()
-                               for l in sorted(u for u in snapshot if isinstance(u, int))}}
+                "importance": {str(l): s.mean_importance.tolist() for l, s in stats.snapshot(stats.layers()).items()}}
 
     def start_events(self, model) -> list[dict]:
         return [self.probe(model, 0, "base")] if self.config.probe_batches else []
@@ -91,8 +89,7 @@ class EPnG(Policy):
 
     def layer_importance(self) -> dict[int, list[float]]:
         """``{layer: [p̄ of each expert]}`` over every MoE layer seen (as of the last statistics sync)."""
-        snapshot = self.stats.snapshot()
-        return {l: snapshot[l].mean_importance.tolist() for l in sorted(u for u in snapshot if isinstance(u, int))}
+        return {l: s.mean_importance.tolist() for l, s in self.stats.snapshot(self.stats.layers()).items()}
 
     def importance(self) -> dict[tuple[int, int], float]:
         """``{(layer, expert): p̄}`` over every MoE layer seen."""

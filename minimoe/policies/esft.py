@@ -84,8 +84,8 @@ class ESFT(Policy):
         """Per MoE layer, the normalised score of every expert on ``sample_batches`` training batches (the
         first ones: training still starts at the first batch)."""
         stats = ctx.measure_routing(model, self.config.sample_batches)
-        table = stats.gate if self.config.score == "gate" else stats.counts  # gate weights, or top-k slots
-        sums = {layer: table[layer].cpu() for layer in stats.units() if isinstance(layer, int)}
+        field = "gate" if self.config.score == "gate" else "counts"  # gate weights, or top-k slots
+        sums = {layer: getattr(s, field) for layer, s in stats.snapshot(stats.layers()).items()}
         return normalize_scores(sums, self.config.normalize)
 
     def setup(self, model, ctx: Context) -> None:

@@ -1,8 +1,8 @@
 """Routing statistics: the one object every policy reads its decisions from.
 
-``RoutingStats`` keeps, per *unit* (a decoder-layer index for an MoE layer's router, a module path for a
-LoRA-MoE's), running sums over the real tokens of training forwards, on the model's device (no host sync
-while training):
+``RoutingStats`` keeps, per *unit* (an MoE layer's router, named by its decoder-layer index: ``layers()``; a
+LoRA-MoE's, named by its module path: ``modules()``), running sums over the real tokens of training forwards,
+on the model's device (no host sync while training):
 
 * ``importance`` — Σ of the full softmax router probabilities (EPnG's p̄ = importance / tokens);
 * ``counts`` — hard top-k choices per expert (DMEP's utilisation; ESFT's token-selection score);
@@ -141,18 +141,25 @@ class RoutingStats:
     def units(self) -> list:
         return list(self.importance)
 
-    def snapshot(self) -> dict:
-        """``{unit: UnitSnapshot}``: host copies of every unit's sums, as of the last ``sync()``."""
+    def layers(self) -> list[int]:
+        """The units of MoE layers' routers (decoder-layer indices, in order) that have seen tokens."""
+        return sorted(u for u in self.importance if isinstance(u, int))
+
+    def modules(self) -> list[str]:
+        """The units of LoRA-MoE modules' routers (module paths) that have seen tokens."""
+        return [u for u in self.importance if isinstance(u, str)]
+
+    def snapshot(self, units=None) -> dict:
+        """``{unit: UnitSnapshot}``: host copies of the sums of ``units`` (default: every unit; one not seen
+        yet is left out), as of the last ``sync()``."""
+        units = self.importance if units is None else [u for u in units if u in self.importance]
         return {u: UnitSnapshot(self.importance[u].cpu(), self.counts[u].cpu(), self.gate[u].cpu(),
-                                float(self.tokens[u])) for u in self.importance}
+                                float(self.tokens[u])) for u in units}
 
     def mean_importance(self, unit) -> torch.Tensor:
-        """EPnG's expert importance p̄ for ``unit`` (host fp32; zeros if nothing was seen)."""
-        if unit not in self.importance:
-            return torch.zeros(0)
-        t = float(self.tokens[unit])
-        imp = self.importance[unit].cpu()
-        return imp / t if t > 0 else torch.zeros_like(imp)
+        """EPnG's expert importance p̄ for ``unit`` (``UnitSnapshot.mean_importance``; empty if never seen)."""
+        snapshot = self.snapshot([unit])
+        return snapshot[unit].mean_importance if snapshot else torch.zeros(0)
 
     def decay(self, factor: float) -> None:
         for unit in self.importance:
