@@ -82,3 +82,18 @@ def test_a_shipped_model_trains_with_the_embedded_defaults_whether_named_or_defa
     assert resolve(["--policy", "lora", "--model", str(old)]).steps == 300
     preset = resolve(["--policy", "lora", "--model", "tiny-qwen3"])
     assert (preset.steps, preset.batch_size) == (TrainConfig.steps, TrainConfig.batch_size)  # not a shipped model
+
+
+def test_a_run_is_read_through_its_run_directory(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert not run.occupied() and not run.is_run() and run.summary() == {} and run.metrics() == []
+    run.write_json("args.json", {"policy": "lora"})
+    run.append(METRICS, {"step": 1, "loss": 2.0})
+    run.append(EVENTS, {"event": "prune_grow", "step": 1})
+    (tmp_path / "r" / METRICS).open("a").write("\n")  # blank lines are skipped
+    run.write_summary({"steps": 1})
+    reader = RunDir(tmp_path / "r", writer=False)
+    assert reader.is_run() and reader.args() == {"policy": "lora"} and reader.summary() == {"steps": 1}
+    assert reader.metrics() == [{"step": 1, "loss": 2.0}] and reader.events()[0]["event"] == "prune_grow"
+    (tmp_path / "file").write_text("x")
+    assert RunDir(tmp_path / "file").occupied()  # a file in the way counts too

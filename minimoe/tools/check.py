@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..model.shipped import shipped
+from ..train.run_dir import RunDir
 from . import check_numerics as num
 from .check_numerics import Result
 
@@ -76,8 +77,8 @@ def epng_resume(device: str, quick: bool) -> Result:
             Trainer(config(None, resume=str(Path(tmp) / "half")), show_progress=False).train()
         runs = {name: Path(tmp) / name for name in ("full", "half")}
         weights = {n: load_file(str(d / "checkpoint" / "model.safetensors")) for n, d in runs.items()}
-        events = {n: _lines(d / "events.jsonl") for n, d in runs.items()}
-        losses = {n: [m["loss"] for m in _lines(d / "metrics.jsonl")] for n, d in runs.items()}
+        events = {n: RunDir(d, writer=False).events() for n, d in runs.items()}
+        losses = {n: [m["loss"] for m in RunDir(d, writer=False).metrics()] for n, d in runs.items()}
     a, b = weights["full"], weights["half"]
     if a.keys() != b.keys():
         return Result("FAIL", f"resumed adapter layout differs: {sorted(a.keys() ^ b.keys())[:3]}")
@@ -101,10 +102,6 @@ def epng_resume(device: str, quick: bool) -> Result:
     return num.verdict(ok and differ is None and len(losses["half"]) == 6,
                        f"{where}, {len(a)} tensors: max diff {diff:.1e}, B diff/B {ratio:.1e}, losses max rel "
                        f"{loss_rel:.1e} ({tol}); {len(events['full'])} events {same}")
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def _first_difference(a, b, exact: bool, where: str = "") -> str | None:

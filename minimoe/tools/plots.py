@@ -20,18 +20,15 @@ Everything is read from ``metrics.jsonl`` and ``events.jsonl``. matplotlib is an
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
+from ..train.run_dir import RunDir
+
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EVENT_STYLE = {"prune_grow": ("tab:orange", "--", "prune/grow"), "dmep_prune": ("tab:red", "-", "DMEP prune"),
                "schedule": ("tab:gray", ":", "schedule stretched")}
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _save(plt, fig, path: Path) -> Path:
@@ -203,7 +200,7 @@ def _dmep(plt, events: list[dict], out: Path) -> list[Path]:
 
 def _index(run: Path, out: Path, written: list[Path]) -> Path:
     """``plots/index.md``: the run's summary and every figure (a README-style page)."""
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    summary = RunDir(run, writer=False).summary()
     keep = ("policy", "model", "steps", "final_loss", "trainable_parameters", "tokens_per_s", "events",
             "task_score_before", "task_score_after")
     def cell(v) -> str:
@@ -228,7 +225,7 @@ def plot_run(run: Path) -> list[Path]:
     out = run / "plots"
     out.mkdir(exist_ok=True)
     written = []
-    metrics, events = _lines(run / "metrics.jsonl"), _lines(run / "events.jsonl")
+    metrics, events = RunDir(run, writer=False).metrics(), RunDir(run, writer=False).events()
     if metrics:
         written.append(_loss(plt, run, metrics, events, out / "loss.png"))
     written += _epng(plt, events, out)
@@ -241,7 +238,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="a run directory written by minimoe train")
     args = p.parse_args(argv)
-    if not (args.run / "metrics.jsonl").is_file():
+    if not RunDir(args.run, writer=False).is_run():
         print(f"error: {args.run} is not a run directory of minimoe train (no metrics.jsonl)", file=sys.stderr)
         return 2
     try:

@@ -25,13 +25,13 @@ or replaced (``--overwrite``); otherwise the command stops and names them.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..train.run_dir import RunDir
 from ..utils.files import write_text_atomic
 
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,10 +67,12 @@ POLICIES = tuple(ROWS)  # (the name --policies kept from when every row was a po
 
 def finished(out: Path, row: str, seed: int, steps: int) -> dict | None:
     """The summary of a completed earlier run of the same row (policy, model, options), seed and steps, else None."""
+    run = RunDir(out, writer=False)
     try:
-        args = json.loads((out / "args.json").read_text())
-        summary = json.loads((out / "summary.json").read_text())
+        args, summary = run.args(), run.summary()
     except (OSError, ValueError):
+        return None
+    if not summary:
         return None
     spec = ROWS[row]
     options = args.get("policy_options", {})
@@ -83,7 +85,7 @@ def finished(out: Path, row: str, seed: int, steps: int) -> dict | None:
 def late_throughput(out: Path, steps: int) -> float | None:
     """Training tokens/s over the second half of a run (``metrics.jsonl``: per-step tokens, cumulative time)."""
     try:
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = RunDir(out, writer=False).metrics()
     except (OSError, ValueError):
         return None
     half = [m for m in metrics if m["step"] > steps // 2]
@@ -91,12 +93,6 @@ def late_throughput(out: Path, steps: int) -> float | None:
     if not half or not start or half[-1]["elapsed_s"] <= start[0]:
         return None
     return sum(m["tokens"] for m in half) / (half[-1]["elapsed_s"] - start[0])
-
-
-def occupied(out: Path) -> bool:
-    """Whether ``out`` holds something ``minimoe train`` would refuse to write over (a non-empty directory or a
-    file)."""
-    return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
 
 def run_one(row: str, seed: int, out: Path, steps: int, overwrite: bool = False) -> dict:
@@ -107,7 +103,7 @@ def run_one(row: str, seed: int, out: Path, steps: int, overwrite: bool = False)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    return json.loads((out / "summary.json").read_text())
+    return RunDir(out, writer=False).summary()
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -186,7 +182,7 @@ def main(argv=None) -> int:
         summary = finished(out, row, seed, args.steps) if args.reuse else None
         if summary is not None:
             reused[out] = summary
-    blocked = [str(out) for _, _, out in plan if out not in reused and occupied(out)]
+    blocked = [str(out) for _, _, out in plan if out not in reused and RunDir(out, writer=False).occupied()]
     if blocked and not args.overwrite:
         why = (" that --reuse cannot keep (not a finished run of the same row, seed and steps)" if args.reuse
                else "")

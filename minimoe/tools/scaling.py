@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..train.run_dir import RunDir
+
 
 def run(processes: int, args, out: Path) -> dict:
     """One training run on ``processes`` processes; its summary.json."""
@@ -33,7 +35,7 @@ def run(processes: int, args, out: Path) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{processes} process(es) failed:\n{proc.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())
+    return RunDir(out, writer=False).summary()
 
 
 def main(argv=None) -> int:

@@ -67,8 +67,8 @@ class RunDir:
 
     # --- starting -----------------------------------------------------------------------------------
     def occupied(self) -> bool:
-        """Whether the directory exists and holds anything."""
-        return self.path.exists() and any(self.path.iterdir())
+        """Whether something is there to be written over: a directory that holds anything, or a file."""
+        return self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir()))
 
     def check_new(self, overwrite: bool) -> None:
         """Refuse an occupied directory unless ``overwrite`` (nothing is removed yet: see ``clear``)."""
@@ -123,7 +123,28 @@ class RunDir:
 
     def read_log(self, name: str) -> list[dict]:
         f = self.path / name
-        return [json.loads(line) for line in f.read_text().splitlines() if line] if f.is_file() else []
+        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+
+    # --- reading a run (the tools read runs through these: plots, check, reproduce, scaling) ------------
+    def is_run(self) -> bool:
+        """Whether a training run wrote here (its arguments or its step log)."""
+        return (self.path / ARGS).is_file() or (self.path / METRICS).is_file()
+
+    def args(self) -> dict:
+        """The run's resolved arguments (``args.json``); raises if there are none."""
+        return self.read_json(ARGS)
+
+    def metrics(self) -> list[dict]:
+        """One record per optimizer step (``metrics.jsonl``; none yet: empty)."""
+        return self.read_log(METRICS)
+
+    def events(self) -> list[dict]:
+        """One record per prune / grow / slice / selection / measurement (``events.jsonl``)."""
+        return self.read_log(EVENTS)
+
+    def summary(self) -> dict:
+        """``summary.json`` of a run that ended; empty for one that has not."""
+        return self.read_json(SUMMARY) if (self.path / SUMMARY).is_file() else {}
 
     def count(self, name: str) -> int:
         f = self.path / name
