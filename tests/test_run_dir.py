@@ -87,6 +87,7 @@ def test_a_shipped_model_trains_with_the_embedded_defaults_whether_named_or_defa
 def test_a_run_is_read_through_its_run_directory(tmp_path):
     run = RunDir(tmp_path / "r")
     assert not run.occupied() and not run.is_run() and run.summary() == {} and run.metrics() == []
+    run.path.mkdir()
     run.write_json("args.json", {"policy": "lora"})
     run.append(METRICS, {"step": 1, "loss": 2.0})
     run.append(EVENTS, {"event": "prune_grow", "step": 1})
