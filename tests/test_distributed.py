@@ -237,3 +237,29 @@ def test_the_scaling_benchmark_runs_one_and_two_processes(tmp_path):
     rows = json.loads(out.read_text())
     assert [(r["processes"], r["batch_per_process"]) for r in rows] == [(1, 4), (2, 2)]
     assert all(r["tokens_per_s"] > 0 for r in rows) and len(rows[1]["peak_memory_mb"]) == 2
+
+
+def test_the_parallel_seam_speaks_once_and_asks_the_policy_not_its_name(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from minimoe.parallel import strategy
+    from minimoe.parallel.distributed import World, launched
+    from minimoe.policies import POLICIES
+
+    World(rank=1, size=2).print("from rank 1")
+    World(rank=0, size=2).print("from rank 0")
+    assert capsys.readouterr().out == "from rank 0\n"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launched() == (2, 4, 0)
+    two = World(rank=0, size=2)
+    fsdp_on = SimpleNamespace(fsdp=True)
+    runs_model = [name for name, cls in POLICIES.items() if cls.setup_runs_model]
+    assert runs_model == ["esft"]
+    assert "runs the whole model before it is sharded" in strategy.problem(fsdp_on, POLICIES["esft"], two, "cuda")
+    assert strategy.problem(fsdp_on, POLICIES["esft"], two, "cpu") is None
+    assert strategy.problem(fsdp_on, POLICIES["lora"], two, "cuda") is None
+    assert "needs several processes" in strategy.problem(fsdp_on, POLICIES["lora"], World(), "cpu")
+    assert strategy.load_device(fsdp_on, "cuda:0") == "cpu"
+    assert strategy.load_device(SimpleNamespace(fsdp=False), "cuda:0") == "cuda:0"

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     except (TrainingError, RunDirError, ValueError, FileNotFoundError) as e:
         return exit_with_error(str(e), 2)
     c, world = trainer.config, trainer.world
-    say = print if world.main else (lambda *a, **k: None)  # one process speaks
+    say = world.print  # one process speaks
     if c.recipe:  # what it reproduces, and what it chose where the paper is silent
         from ..train.recipes import get_recipe
 

@@ -1,2 +1,4 @@
-"""Several processes (``torchrun``): the process group, gradient sums, rank-0 output and failures (``distributed``:
-``World``) and sharding the frozen base or the trained weights with FSDP2 (``fsdp``)."""
+"""Several processes (``torchrun``): who this process is, its rank-0 printing and the collectives training needs
+(``distributed``: ``World``, the one reader of torchrun's environment), and how the model is spread over the
+processes (``strategy``: ``parallelize`` returns the ``Parallel`` the trainer asks; replicated, or the base
+sharded with FSDP2 by ``fsdp``)."""

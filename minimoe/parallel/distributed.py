@@ -32,6 +32,15 @@ import torch.distributed as dist
 BUCKET_BYTES = 32 * 2**20  # gradients are summed in flat buckets of about this size
 
 
+def launched() -> tuple[int, int, int]:
+    """``(rank, size, local_rank)`` as torchrun's environment says (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``);
+    ``(0, 1, 0)`` without torchrun. The one place the environment is read."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return 0, 1, 0
+    return int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0"))
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the training processes."""
@@ -53,16 +62,20 @@ class World:
     def from_env(cls, device: str = "", timeout_s: float = 600.0) -> World:
         """The world torchrun describes, with its process group started (idempotent); ``World()`` without
         torchrun. ``device``: the ``--device`` asked for ("" = cuda if available); CUDA gets NCCL, CPU gloo."""
-        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, size, local_rank = launched()
         if size <= 1:
             return cls()
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = device.startswith("cuda") or (not device and torch.cuda.is_available())
         if not dist.is_initialized():
             if use_cuda:
                 torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
         return cls(rank, size, local_rank)
+
+    def print(self, *args, **kwargs) -> None:
+        """``print`` on the first process only: one process speaks for all."""
+        if self.main:
+            print(*args, **kwargs)
 
     def device(self, asked: str) -> str:
         """The device of this process: ``cuda:LOCAL_RANK`` when training on CUDA with several processes."""
@@ -174,8 +187,8 @@ def exit_with_error(message: str, code: int) -> int:
     """Report an error and end this process. With several processes (torchrun), the failing one names itself
     and leaves at once (``os._exit``: nothing waits on the others, which torchrun then stops within a
     fraction of a second), so no rank hangs until a collective times out."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
+    rank, world, _ = launched()
+    prefix = f"rank {rank}/{world}: " if world > 1 else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
     if world > 1:
         sys.stdout.flush()

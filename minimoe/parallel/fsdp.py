@@ -15,24 +15,13 @@ token count), only on the last micro-batch of a step (``set_requires_gradient_sy
 state is sharded with them. Checkpoints and the final export hold whole tensors: every process takes part
 in gathering them (``full``), the first writes; a resume scatters them back (``shard_like``). ESFT's trained
 experts are an adapter (replicated); only its frozen base is sharded. Its expert scoring runs before the
-sharding, on the CPU copy of the model: refused on CUDA (``check``).
+sharding, on the CPU copy of the model: refused on CUDA (``strategy.problem``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-def check(policy: str, world, device: str) -> str | None:
-    """Why ``--fsdp`` cannot run this way (None if it can)."""
-    if policy == "esft" and device.startswith("cuda"):
-        return ("--fsdp with --policy esft on CUDA: ESFT scores the experts on the whole model before it is "
-                "sharded, which --fsdp keeps in CPU memory (a GPU forward on CPU weights); train esft without "
-                "--fsdp, or on the CPU")
-    if not world.distributed:
-        return "--fsdp needs several processes: start it with torchrun --nproc_per_node N -m minimoe train"
-    return None
-
 
 def shard(model: nn.Module, world, device: str) -> None:
     """Move the adapters to ``device`` and shard everything else over the processes (layer by layer)."""

@@ -48,6 +48,7 @@ def top_p_selection(scores: torch.Tensor, top_p: float) -> list[int]:
 
 class ESFT(Policy):
     name = "esft"
+    setup_runs_model = True  # the experts are scored on training batches before anything trains
 
     @dataclass
     class Config:

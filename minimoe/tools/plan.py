@@ -68,7 +68,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -86,6 +85,7 @@ from ..model.config import PRESETS, ModelConfig
 from ..model.moe import SparseMoeBlock
 from ..model.reference import hub_config, shipped_shapes
 from ..model import shipped as shipped_models
+from ..parallel.distributed import launched
 from ..policies import Context, make_policy
 
 POLICY_NAMES = ("lora", "epng", "dmep", "esft", "full")
@@ -439,7 +439,7 @@ def plan_for(config, gpu_memory: str | None = None, as_json: bool = False) -> in
             memory = parse_memory(gpu_memory)
         result = plan(config.model or default_model(config.policy), config.policy, config.policy_options,
                       config.batch_size, config.max_len, config.dtype, "cuda" if device.startswith("cuda") else "cpu",
-                      config.gradient_checkpointing, int(os.environ.get("WORLD_SIZE", "1")), config.fsdp, memory)
+                      config.gradient_checkpointing, launched()[1], config.fsdp, memory)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from . import checkpoint as ckpt
 from ..model.config import PRESETS
 from ..model.shipped import shipped, shipped_name
+from ..parallel.distributed import launched
 from ..utils.options import add_arguments, checked, option
 from ..policies import POLICIES
 from .recipes import get_recipe, listing
@@ -174,7 +174,7 @@ def _read_toml(path: Path, fail) -> tuple[dict, dict]:
 
 def processes() -> int:
     """How many training processes torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launched()[1]
 
 
 def _resumed_batch_size(run, batch_size: int, saved_world: int, given: bool, fail) -> int:

@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from ..parallel import fsdp
+from ..parallel import strategy
 from ..adapters.adamw import AdamW
 from ..model.config import preset
 from ..data.dataset import Dataset, answer_only, load_pairs
 from ..adapters.lm import CausalLM, from_pretrained
 from ..model.hf import resolve
 from ..utils.options import check_choices, to_toml
-from ..policies import Context, Policy, make_policy
+from ..policies import POLICIES, Context, Policy, make_policy
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
 from ..model.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
@@ -90,7 +90,7 @@ def peak_memory_mb(device: str) -> float:
 
 def _finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every value of ``tensors`` (this process's shards) is finite: one reduction, one sync."""
-    local = [t.detach().to_local() if fsdp.is_sharded(t) else t.detach() for t in tensors]
+    local = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]  # a shard: its part
     local = [t for t in local if t.numel()]
     return not local or bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(local)])).all())
 
@@ -147,7 +147,7 @@ class Trainer:
             check_choices(c)
         except ValueError as e:
             raise TrainingError(str(e)) from None
-        if c.fsdp and (problem := fsdp.check(c.policy, self.world, self.device)):
+        if problem := strategy.problem(c, POLICIES[c.policy], self.world, self.device):
             raise TrainingError(problem)
         if c.dtype != "float32" and c.policy in ("full", "esft"):
             # AdamW updates of bf16 weights round most small steps away; these policies train base weights
@@ -182,8 +182,7 @@ class Trainer:
             pairs = answer_only(pairs, c.data)
         self.policy: Policy = make_policy(c.policy, c.policy_options)
         torch.manual_seed(c.seed)
-        # --fsdp: the whole base is read into CPU memory only; each process's shard goes to the device later
-        self.model, self.tok = load_model_and_tokenizer(c.model, "cpu" if c.fsdp else self.device, c.seed,
+        self.model, self.tok = load_model_and_tokenizer(c.model, strategy.load_device(c, self.device), c.seed,
                                                         self.run.base_dir, DTYPES[c.dtype])
         # a preset's random base, kept (tiny) until the run directory may be written
         self._preset_base = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -225,12 +224,7 @@ class Trainer:
         if saved is not None:
             ckpt.apply_layout(self.model, saved["info"]["layout"])
             self.policy.load_state_dict(saved["state"]["policy"])  # setup drew from the policy's generator
-        self.base_fingerprint = None  # the base's, taken while it is whole (for the adapter export)
-        if c.fsdp:
-            from ..adapters.io import fingerprint
-
-            self.base_fingerprint = fingerprint(self.model)
-            fsdp.shard(self.model, self.world, self.device)
+        self.parallel = strategy.parallelize(self.model, self.world, c, self.device)
         params = self.policy.trainable_parameters(self.model)
         if not params:
             raise TrainingError(f"policy {c.policy} left nothing to train")
@@ -316,7 +310,7 @@ class Trainer:
         if self._stop_requested:
             raise KeyboardInterrupt
         self._stop_requested = True
-        print("\nCtrl-C: finishing this step, then saving (press again to stop at once)", flush=True)
+        self.world.print("\nCtrl-C: finishing this step, then saving (press again to stop at once)", flush=True)
 
     def _watch_divergence(self, loss: float) -> None:
         """Stop when the loss has stayed above ``divergence_factor`` × the median of the last 20 losses that
@@ -363,8 +357,7 @@ class Trainer:
         targets = [int((b.labels[:, 1:] != -100).sum()) for b in batches]
         step_targets = self.world.sum(sum(targets), self.device)
         for micro, batch in enumerate(batches):
-            if c.fsdp:  # sharded trained weights: reduce-scatter their gradients once, in the last backward
-                fsdp.set_gradient_sync(model, micro == len(batches) - 1)
+            self.parallel.sync_gradients(model, micro == len(batches) - 1)  # sharded gradients: once a step
             weight = targets[micro] / max(1, step_targets)
             mask = batch.loss_mask if c.stats_tokens == "response" else batch.attention_mask
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
@@ -387,11 +380,11 @@ class Trainer:
             tokens += int(batch.attention_mask.sum())
         params = [p for g in opt.param_groups for p in g["params"]]
         # several processes: the gradient of the global batch (FSDP has reduce-scattered the sharded ones)
-        self.world.all_reduce_grads([p for p in params if not fsdp.is_sharded(p)])
+        self.world.all_reduce_grads(self.parallel.replicated(params))
         total, extra_total, tokens = self.world.sum_all([total, extra_total, tokens], self.device)
         # the norm is taken even without clipping: a finite loss can still give inf/NaN gradients, and
         # stepping on them would put NaN weights into the next checkpoint
-        grad_norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0
+        grad_norm = float(self.parallel.full(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0
                                                                    else math.inf)))
         if not math.isfinite(grad_norm):
             self._stop_non_finite(f"gradient norm ({grad_norm}) at step {self.step + 1}")
@@ -456,10 +449,10 @@ class Trainer:
             if self._in_step:  # data drawn, statistics counted, maybe a half-applied event: save nothing
                 last = self.run.locate_checkpoint()
                 kept = f"the last checkpoint ({last}) is kept" if last.exists() else "no checkpoint was written"
-                print(f"\ninterrupted inside step {self.step + 1}: nothing saved from it; {kept}")
+                self.world.print(f"\ninterrupted inside step {self.step + 1}: nothing saved from it; {kept}")
                 return {"interrupted": True, "step": ckpt.read_info(last)["step"] if last.exists() else 0}
             path = self.save()
-            print(f"\ninterrupted: saved step {self.step} to {path}; continue with --resume {self.run}")
+            self.world.print(f"\ninterrupted: saved step {self.step} to {path}; continue with --resume {self.run}")
             return {"interrupted": True, "step": self.step}
         finally:
             if handler is not None:
@@ -468,7 +461,7 @@ class Trainer:
         if self.step >= c.steps:  # the end of training (not a --stop-at): e.g. EPnG's importance probe
             for event in self.policy.end_events(self.model, self.step):
                 self._event(event)
-        trained = [p for g in self.optimizer.param_groups for p in g["params"] if not fsdp.is_sharded(p)]
+        trained = self.parallel.replicated([p for g in self.optimizer.param_groups for p in g["params"]])
         if not self.world.replicas_agree(trained):
             raise TrainingError("the trained parameters differ between processes: the run is not data-parallel "
                                 "(a bug, or different code or data on some process); nothing was saved")
@@ -484,6 +477,6 @@ class Trainer:
                    "processes": self.world.size, "global_batch": self.global_batch, "replicas_agree": True,
                    "peak_memory_mb": self.world.gather(peak_memory_mb(self.device)),  # per process, rank order
                    "events": self.run.count(EVENTS), "checkpoint": str(path)}
-        summary["export"] = str(self.run.export(self.model, self.base_fingerprint))
+        summary["export"] = str(self.run.export(self.model, self.parallel.base_fingerprint))
         self.run.write_summary(summary)
         return summary
