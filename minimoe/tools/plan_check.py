@@ -28,7 +28,7 @@ import resource
 import subprocess
 import sys
 
-from .bench.run import peak_rss
+from ..utils.memory import peak_rss
 
 
 def _rss() -> int:
@@ -86,7 +86,7 @@ def _worker(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         del out, loss
-    peak = peak_rss()  # (minimoe.tools.bench.run's: VmHWM, not getrusage)
+    peak = peak_rss()  # VmHWM, not getrusage (see minimoe.utils.memory)
     return {"measured": peak - baseline, "baseline": baseline}
 
 

@@ -34,6 +34,7 @@ from ..utils.options import check_choices, to_toml
 from ..policies import POLICIES, Context, Policy, make_policy
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
+from ..utils.memory import peak_memory_mb
 from ..model.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 from .config import DTYPES, TrainConfig, default_model, is_preset
 from ..parallel.distributed import World
@@ -77,15 +78,6 @@ def lr_schedule(optimizer, steps: int, warmup_ratio: float, kind: str = "cosine"
         return 1.0 if kind == "constant" else 0.5 * (1 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def peak_memory_mb(device: str) -> float:
-    """This process's peak memory: allocated by torch on a GPU, resident set size on the CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def _finite(tensors: list[torch.Tensor]) -> bool:

@@ -29,15 +29,7 @@ from pathlib import Path
 import torch
 
 from ...adapters.adamw import AdamW
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size, in bytes (Linux ``VmHWM``). Not ``getrusage``'s maxrss: that
-    survives ``exec`` and starts at the parent's size, so a measuring process started by a large one (a test
-    session holding models) would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024  # kB
+from ...utils.memory import peak_memory_mb
 
 
 
@@ -298,7 +290,7 @@ def event_worker(args, directory: Path) -> dict:
                 ranks_added=sum(d for _, _, d in record["grown"]), params_before=record["params_before"],
                 params_after=record["params_after"], experts_with_adapter=record["experts_with_adapter"],
                 experts=sum(len(r) for r in model.expert_lora_ranks().values()),
-                peak_mib=(torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss()) / 2**20)
+                peak_mib=peak_memory_mb(device))
 
 
 def print_event(r: dict, shape_name: str) -> None:

@@ -38,7 +38,8 @@ import torch
 
 from . import real as bench_real
 from ...adapters.adamw import AdamW
-from .real import EVENT_ROUTE, out_of_memory, peak_rss, run_worker, stage
+from ...utils.memory import peak_memory_mb
+from .real import EVENT_ROUTE, out_of_memory, run_worker, stage
 from ...model.reference import shipped_shapes
 from ...policies.dmep import lb_loss
 
@@ -215,10 +216,7 @@ def _worker(args) -> dict:
             fwd_bwd.append(t1 - t0)
             step.append(t2 - t0)
     tokens = args.batch * args.seq
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = peak_rss() / 2**20
+    peak = peak_memory_mb(device)
     return dict(route=args.worker, fwd_bwd_tok_s=tokens / statistics.median(fwd_bwd),
                 step_tok_s=tokens / statistics.median(step), peak_mib=peak,
                 trainable=sum(p.numel() for p in params), loss=float(out.loss))
