@@ -40,6 +40,7 @@ class Adapter(nn.Module):
     base_keys: ClassVar[tuple[str, ...]] = ("weight", "bias")  # its state-dict entries that are the base's
     required: ClassVar[tuple[str, ...]] = ()  # spec fields an adapter file must record
     mergeable: ClassVar[bool] = True  # whether merged_weight() exists (a routed mixture has no single weight)
+    saves_input: ClassVar[bool] = False  # whether its backward needs the wrapped linear's input (LoRA A's gradient)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -86,6 +87,11 @@ class Adapter(nn.Module):
             own[key].copy_(value)
 
     # --- base --------------------------------------------------------------------------------------
+    def saved_bytes(self, rows: int, elt: int) -> int:
+        """Activation bytes its own path keeps for the backward over ``rows`` tokens (``elt`` bytes per activation
+        element), beyond the input (``saves_input``): the memory plan's term for this kind (``minimoe plan``)."""
+        return 0
+
     def merged_weight(self) -> torch.Tensor:
         raise AdapterError(f"a {type(self).__name__} cannot be merged into its base weight")
 

@@ -54,6 +54,7 @@ class LoRALinear(Adapter):
     """``y = W x + b + s · B A x`` with W, b frozen; A ``(r, in)`` Kaiming, B ``(out, r)`` zero, s = α/r."""
 
     kind = "lora"
+    saves_input = True
     base_type = nn.Linear
     required = ("rank", "alpha")
 
@@ -86,6 +87,10 @@ class LoRALinear(Adapter):
 
     def num_adapter_parameters(self) -> int:
         return self.rank * (self.in_features + self.out_features)
+
+    def saved_bytes(self, rows: int, elt: int) -> int:
+        """A x, for B's gradient."""
+        return rows * self.rank * elt
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"

@@ -31,6 +31,7 @@ from ..model.routing import LoadBalancingLoss, RouterOutput, current_token_mask,
 class PrunableLoRAMoE(Adapter):
     kind = "lora_moe"
     base_type = nn.Linear
+    saves_input = True
     required = ("expert_ids", "top_k", "rank", "alpha", "renormalize", "lb_enabled")
     mergeable = False  # its router picks experts per token: there is no single weight to fold into
 
@@ -74,6 +75,13 @@ class PrunableLoRAMoE(Adapter):
 
     def num_adapter_parameters(self) -> int:
         return self.num_experts * (self.rank * (self.in_features + self.out_features) + self.in_features)
+
+    def saved_bytes(self, rows: int, elt: int) -> int:
+        """The router's fp32 probabilities and top-k (ids, weights, sort order), and per routed row (rows · k)
+        the gathered input, ``A x`` and ``B A x`` at ``elt`` bytes plus its int64 position."""
+        k, routed = self.top_k, rows * self.top_k
+        return (rows * (self.num_experts * 4 + k * 12)
+                + routed * (self.in_features + self.rank + self.out_features) * elt + routed * 8)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.expert_ids.tolist()}, "

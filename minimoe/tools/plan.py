@@ -76,8 +76,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapters.base import Adapter
 from ..adapters.expert_lora import ResizableLoRAExpert
-from ..adapters.lora import LoRALinear
 from ..adapters.lora_moe import PrunableLoRAMoE
 from ..adapters.selected import SelectedExperts
 from ..adapters.lm import CausalLM
@@ -204,18 +204,10 @@ def layer_activations(model, layer: nn.Module, N: int, a: int, grad_in: bool = T
     def linear_extra(module, rows: int, inputs_saved: set, key) -> int:
         """What an adapted or trained linear adds: its input (once per distinct input) and its adapter paths."""
         extra = 0
-        needs_input = _trains(module) or isinstance(module, (LoRALinear, PrunableLoRAMoE))
-        if needs_input and key not in inputs_saved:
+        if (_trains(module) or _saves_input(module)) and key not in inputs_saved:
             inputs_saved.add(key)
             extra += rows * module.in_features * a
-        if isinstance(module, LoRALinear):
-            extra += rows * module.rank * a
-        elif isinstance(module, PrunableLoRAMoE):
-            k, E_l = module.top_k, module.num_experts
-            R_l = rows * k
-            extra += rows * (E_l * 4 + k * 12) + R_l * (module.in_features + module.rank + module.out_features) * a
-            extra += R_l * 8
-        return extra
+        return extra + _adapter_bytes(module, rows, a)
 
     attn = layer.self_attn
     saved: set = set()
@@ -268,20 +260,18 @@ def _gate_up_inputs(mlp, N: int, H: int, a: int) -> int:
     """A dense SwiGLU's gate/up adapters and, when anything there needs it, their shared input (N·H)."""
 
     pair = (mlp.gate_proj, mlp.up_proj)
-    needs = any(_trains(m) or isinstance(m, (LoRALinear, PrunableLoRAMoE)) for m in pair)
-    return sum(_lora_only(m, N, a) for m in pair) + (N * H * a if needs else 0)
+    needs = any(_trains(m) or _saves_input(m) for m in pair)
+    return sum(_adapter_bytes(m, N, a) for m in pair) + (N * H * a if needs else 0)
 
 
-def _lora_only(module, N: int, a: int) -> int:
-    """An adapter on a linear whose input (the normed hidden state) another saved tensor already holds."""
+def _saves_input(module) -> bool:
+    """Whether an adapter on this linear needs its input for the backward (its kind says: ``saves_input``)."""
+    return isinstance(module, Adapter) and module.saves_input
 
-    if isinstance(module, LoRALinear):
-        return N * module.rank * a
-    if isinstance(module, PrunableLoRAMoE):
-        k, R_l = module.top_k, N * module.top_k
-        return N * (module.num_experts * 4 + k * 12) + R_l * (module.in_features + module.rank
-                                                               + module.out_features) * a + R_l * 8
-    return 0
+
+def _adapter_bytes(module, rows: int, a: int) -> int:
+    """What an adapter's own path saves beyond its input (its kind's ``saved_bytes``); 0 for a plain linear."""
+    return module.saved_bytes(rows, a) if isinstance(module, Adapter) else 0
 
 
 def activation_bytes(model, batch: int, length: int, a: int, checkpointing: bool) -> dict:
