@@ -23,6 +23,8 @@ from .trained import TrainedLinear
 from ..model.moe import SparseMoeBlock, StackedLinear
 
 EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# the order of the kinds' sections in adapter_summary (a kind not listed comes last)
+SUMMARY_ORDER = (ResizableLoRAExpert, PrunableLoRAMoE, LoRALinear, SelectedExperts, TrainedLinear)
 
 
 def _plain_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -206,43 +208,13 @@ class AdapterMixin:
 
     # --- description -------------------------------------------------------------------------
     def adapter_summary(self) -> str:
-        """A table of what is attached: per layer the adapted experts and their ranks, per LoRA-MoE
-        module the surviving experts, per LoRA linear its rank, per ESFT projection its selected experts;
+        """A table of what is attached: a section per adapter kind (each kind writes its own: ``summary``),
         parameters throughout."""
-        lines = []
-        experts = self.expert_lora_modules()
-        if experts:
-            first = next(iter(next(iter(experts.values())).values()))
-            targets = sorted({t for mods in experts.values() for t in mods}, key=EXPERT_TARGETS.index)
-            lines.append(f"expert LoRA on {', '.join(targets)} (initial rank {first.rank}, scaling {first.scaling:g})")
-            lines.append(f"{'layer':>5}  {'adapted':>8}  {'params':>10}  ranks per expert")
-            for i, mods in experts.items():
-                ranks = next(iter(mods.values())).ranks
-                params = sum(m.num_adapter_parameters() for m in mods.values())
-                lines.append(f"{i:>5}  {int((ranks > 0).sum()):>3}/{len(ranks):<4}  {params:>10,}  "
-                             f"{' '.join(str(r) for r in ranks.tolist())}")
-        moe = self.lora_moe_modules()
-        if moe:
-            m0 = next(iter(moe.values()))
-            lines.append(f"LoRA-MoE (rank {m0.rank}, scaling {m0.scaling:g}, renormalize={m0.renormalize})")
-            lines.append(f"{'module':<40}  {'experts':>7}  {'top_k':>5}  {'params':>10}  surviving (original ids)")
-            for name, m in moe.items():
-                lines.append(f"{name:<40}  {m.num_experts:>7}  {m.top_k:>5}  {m.num_adapter_parameters():>10,}  "
-                             f"{m.expert_ids.tolist()}")
-        plain = {n: m for n, m in self.named_modules() if isinstance(m, LoRALinear)}
-        if plain:
-            lines.append(f"{'LoRA linear':<40}  {'rank':>5}  {'params':>10}")
-            for name, m in plain.items():
-                lines.append(f"{name:<40}  {m.rank:>5}  {m.num_adapter_parameters():>10,}")
-        selected = {n: m for n, m in self.named_modules() if isinstance(m, SelectedExperts)}
-        if selected:
-            lines.append(f"{'ESFT: experts trained in full':<40}  {'params':>10}  selected experts")
-            for name, m in selected.items():
-                lines.append(f"{name:<40}  {m.num_adapter_parameters():>10,}  {m.selected.tolist()}")
-        full = {n: m for n, m in self.named_modules() if isinstance(m, TrainedLinear)}
-        if full:
-            lines.append(f"{'linears trained in full':<40}  {'params':>10}")
-            lines += [f"{name:<40}  {m.num_adapter_parameters():>10,}" for name, m in full.items()]
+        by_kind: dict[type, dict] = {}
+        for name, m in adapters_of(self).items():
+            by_kind.setdefault(type(m), {})[name] = m
+        kinds = sorted(by_kind, key=lambda k: SUMMARY_ORDER.index(k) if k in SUMMARY_ORDER else len(SUMMARY_ORDER))
+        lines = [line for kind in kinds for line in kind.summary(by_kind[kind])]
         if not lines:
             return "no adapters attached"
         total = self.num_adapter_parameters()

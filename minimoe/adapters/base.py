@@ -87,6 +87,13 @@ class Adapter(nn.Module):
             own[key].copy_(value)
 
     # --- base --------------------------------------------------------------------------------------
+    @classmethod
+    def summary(cls, named: dict[str, Adapter]) -> list[str]:
+        """This kind's section of ``model.adapter_summary()``: a header and a row per adapter (``named``: the
+        model's adapters of this kind, by module path, in module order)."""
+        return [f"{cls.__name__:<40}  {'params':>10}"] + [f"{n:<40}  {m.num_adapter_parameters():>10,}"
+                                                          for n, m in named.items()]
+
     def saved_bytes(self, rows: int, elt: int) -> int:
         """Activation bytes its own path keeps for the backward over ``rows`` tokens (``elt`` bytes per activation
         element), beyond the input (``saves_input``): the memory plan's term for this kind (``minimoe plan``)."""

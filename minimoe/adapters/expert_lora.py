@@ -180,6 +180,23 @@ class ResizableLoRAExpert(Adapter):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.lora_A, self.lora_B]
 
+    @classmethod
+    def summary(cls, named: dict[str, Adapter]) -> list[str]:
+        """One row per MoE layer (``layers.{i}.mlp.experts.{target}``): adapted experts, parameters, ranks."""
+        first = next(iter(named.values()))
+        targets = list(dict.fromkeys(n.rsplit(".", 1)[1] for n in named))
+        lines = [f"expert LoRA on {', '.join(targets)} (initial rank {first.rank}, scaling {first.scaling:g})",
+                 f"{'layer':>5}  {'adapted':>8}  {'params':>10}  ranks per expert"]
+        layers: dict[int, list] = {}
+        for name, m in named.items():
+            layers.setdefault(int(name.split(".")[1]), []).append(m)
+        for i, mods in layers.items():
+            ranks = mods[0].ranks
+            params = sum(m.num_adapter_parameters() for m in mods)
+            lines.append(f"{i:>5}  {int((ranks > 0).sum()):>3}/{len(ranks):<4}  {params:>10,}  "
+                         f"{' '.join(str(r) for r in ranks.tolist())}")
+        return lines
+
     def num_adapter_parameters(self) -> int:
         return sum(self._ranks) * (self.in_features + self.out_features)
 

@@ -88,6 +88,11 @@ class LoRALinear(Adapter):
     def num_adapter_parameters(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 
+    @classmethod
+    def summary(cls, named: dict[str, Adapter]) -> list[str]:
+        return [f"{'LoRA linear':<40}  {'rank':>5}  {'params':>10}",
+                *(f"{name:<40}  {m.rank:>5}  {m.num_adapter_parameters():>10,}" for name, m in named.items())]
+
     def saved_bytes(self, rows: int, elt: int) -> int:
         """A x, for B's gradient."""
         return rows * self.rank * elt

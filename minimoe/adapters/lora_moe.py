@@ -76,6 +76,14 @@ class PrunableLoRAMoE(Adapter):
     def num_adapter_parameters(self) -> int:
         return self.num_experts * (self.rank * (self.in_features + self.out_features) + self.in_features)
 
+    @classmethod
+    def summary(cls, named: dict[str, Adapter]) -> list[str]:
+        m0 = next(iter(named.values()))
+        return [f"LoRA-MoE (rank {m0.rank}, scaling {m0.scaling:g}, renormalize={m0.renormalize})",
+                f"{'module':<40}  {'experts':>7}  {'top_k':>5}  {'params':>10}  surviving (original ids)",
+                *(f"{name:<40}  {m.num_experts:>7}  {m.top_k:>5}  {m.num_adapter_parameters():>10,}  "
+                  f"{m.expert_ids.tolist()}" for name, m in named.items())]
+
     def saved_bytes(self, rows: int, elt: int) -> int:
         """The router's fp32 probabilities and top-k (ids, weights, sort order), and per routed row (rows · k)
         the gathered input, ``A x`` and ``B A x`` at ``elt`` bytes plus its int64 position."""

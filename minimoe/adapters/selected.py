@@ -49,6 +49,11 @@ class SelectedExperts(Adapter):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.trained]
 
+    @classmethod
+    def summary(cls, named: dict[str, Adapter]) -> list[str]:
+        return [f"{'ESFT: experts trained in full':<40}  {'params':>10}  selected experts",
+                *(f"{name:<40}  {m.num_adapter_parameters():>10,}  {m.selected.tolist()}" for name, m in named.items())]
+
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, " \
                f"selected={self.selected.tolist()}"

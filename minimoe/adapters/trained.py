@@ -46,6 +46,11 @@ class TrainedLinear(Adapter):
     def merged_weight(self) -> torch.Tensor:
         return self.trained.detach()
 
+    @classmethod
+    def summary(cls, named: dict[str, Adapter]) -> list[str]:
+        return [f"{'linears trained in full':<40}  {'params':>10}",
+                *(f"{name:<40}  {m.num_adapter_parameters():>10,}" for name, m in named.items())]
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, trained in full"
 

@@ -376,8 +376,8 @@ class Trainer:
         total, extra_total, tokens = self.world.sum_all([total, extra_total, tokens], self.device)
         # the norm is taken even without clipping: a finite loss can still give inf/NaN gradients, and
         # stepping on them would put NaN weights into the next checkpoint
-        grad_norm = float(self.parallel.full(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0
-                                                                   else math.inf)))
+        clip = c.max_grad_norm if c.max_grad_norm > 0 else math.inf
+        grad_norm = float(self.parallel.full(torch.nn.utils.clip_grad_norm_(params, clip)))
         if not math.isfinite(grad_norm):
             self._stop_non_finite(f"gradient norm ({grad_norm}) at step {self.step + 1}")
         lr = opt.param_groups[0]["lr"]
