@@ -122,3 +122,13 @@ def test_esft_can_train_the_shared_experts_too(tmp_path, capsys):
         assert torch.equal(tuned.layers[l].mlp.shared_expert_gate.weight, base.layers[l].mlp.shared_expert_gate.weight)
     rc, _ = _run(tmp_path, "o", "--policy", "esft", "--steps", "1", "--esft-sample-batches", "1", "--esft-shared")
     assert rc == 2 and "--esft-shared: this model has no shared experts" in capsys.readouterr().err
+
+
+def test_the_policies_that_train_base_weights_say_so_and_bf16_bases_are_refused_for_them():
+    from minimoe.policies import POLICIES
+    from minimoe.tools.plan import plan
+
+    assert sorted(n for n, cls in POLICIES.items() if cls.trains_base_weights) == ["esft", "full"]
+    with pytest.raises(ValueError, match="--dtype bfloat16 with --policy full: minimoe train refuses it"):
+        plan("tiny-olmoe", "full", {}, 2, 16, "bfloat16")
+    assert plan("tiny-olmoe", "lora", {}, 2, 16, "bfloat16").total > 0

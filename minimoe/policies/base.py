@@ -75,6 +75,7 @@ class Policy:
 
     needs_router = False  # whether training forwards return their routing, for the routing statistics
     setup_runs_model = False  # whether setup runs forwards on the whole model (ESFT scores the experts there)
+    trains_base_weights = False  # whether the base's own weights train (they need fp32: --dtype bfloat16 is refused)
     schedule = ("linear", 0.0)  # (lr schedule, warm-up ratio) of the paper: EPnG App. A.3, the Trainer defaults
 
     def __init__(self, config=None):

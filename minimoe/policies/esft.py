@@ -49,6 +49,7 @@ def top_p_selection(scores: torch.Tensor, top_p: float) -> list[int]:
 class ESFT(Policy):
     name = "esft"
     setup_runs_model = True  # the experts are scored on training batches before anything trains
+    trains_base_weights = True  # the selected experts' own weights
 
     @dataclass
     class Config:

@@ -39,6 +39,7 @@ class Full(Policy):
     """Full fine-tuning: every parameter trains."""
 
     name = "full"
+    trains_base_weights = True
 
     @dataclass
     class Config:

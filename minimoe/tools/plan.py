@@ -86,7 +86,7 @@ from ..model.moe import SparseMoeBlock
 from ..model.reference import hub_config, shipped_shapes
 from ..model import shipped as shipped_models
 from ..parallel.distributed import launched
-from ..policies import Context, make_policy
+from ..policies import POLICIES, Context, make_policy
 
 POLICY_NAMES = ("lora", "epng", "dmep", "esft", "full")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -149,7 +149,7 @@ def build(config: ModelConfig, policy: str, options: dict | None = None, dtype: 
     ``(model, policy object, trainable parameters)``. ESFT's selection needs training data; here every MoE
     layer selects ``esft_experts`` experts (default: ``ceil(top_p · E)``, what uniform routing selects, the
     most any routing can: skewed routing reaches top_p with fewer)."""
-    if dtype != "float32" and policy in ("full", "esft"):
+    if dtype != "float32" and POLICIES[policy].trains_base_weights:
         raise ValueError(f"--dtype {dtype} with --policy {policy}: minimoe train refuses it (the trained weights would "
                          "have no fp32 master copy); plan with --dtype float32")
     with torch.device("meta"):
@@ -447,7 +447,6 @@ def _print(result, as_json: bool) -> int:
 
 def main(argv=None) -> int:
     from ..utils.options import add_arguments, checked
-    from ..policies import POLICIES
 
     p = argparse.ArgumentParser(prog="minimoe plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..policies import POLICIES
+
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Hub data (OWNER/NAME:FILE or OWNER/NAME[:DIR]@SPLIT, see minimoe/sources.py)
@@ -84,7 +86,7 @@ EPNG_ROWS = {"epng": "EPnG (ours)", "lora": "LoRA (static)", "esft": "ESFT", "fu
 def _epng(model: str, method: str, domain: str) -> Recipe:
     hub, table = EPNG_MODELS[model]
     gsm, math_, mbpp, he = EPNG_REPORTED[(model, method)]
-    full = method in ("full", "esft")  # trained base weights stay fp32 (no bf16 master copies)
+    full = POLICIES[method].trains_base_weights  # trained base weights stay fp32 (no bf16 master copies)
     train = {"policy": method, "model": hub, "data": DATA[domain], "steps": 500, "batch_size": 8, "grad_accum": 4,
              "lr": 1e-4, "schedule": "linear", "warmup_ratio": 0.0, "max_len": 512, "seed": 0,
              "dtype": "float32" if full else "bfloat16", "gradient_checkpointing": True, "eval_limit": 0}

@@ -141,7 +141,7 @@ class Trainer:
             raise TrainingError(str(e)) from None
         if problem := strategy.problem(c, POLICIES[c.policy], self.world, self.device):
             raise TrainingError(problem)
-        if c.dtype != "float32" and c.policy in ("full", "esft"):
+        if c.dtype != "float32" and POLICIES[c.policy].trains_base_weights:
             # AdamW updates of bf16 weights round most small steps away; these policies train base weights
             raise TrainingError(f"--dtype {c.dtype} with --policy {c.policy}: the trained weights would be "
                                 "bf16 without fp32 master copies; use --dtype float32 (bf16 autocast runs on CUDA)")
