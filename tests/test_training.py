@@ -484,3 +484,10 @@ def test_a_failed_checkpoint_swap_keeps_the_previous_copy(tmp_path, monkeypatch)
     dst.rename(tmp_path / ".checkpoint.old")
     assert ckpt.locate(tmp_path) == tmp_path / ".checkpoint.old"
     assert ckpt.read_info(ckpt.locate(tmp_path)) == {"step": 1}
+
+
+def test_the_trainer_resolves_a_copy_of_its_config(tmp_path):
+    c = TrainConfig(policy="lora", out=str(tmp_path / "r"), epochs=1.0, batch_size=64, eval_limit=0)
+    trainer = Trainer(c, show_progress=False)
+    assert (c.model, c.steps) == ("", TrainConfig.steps)  # the caller's object is untouched
+    assert trainer.config.model == "tiny-olmoe" and trainer.config.steps == 8  # 512 tiny-arith examples / 64

@@ -274,8 +274,9 @@ def read_info(ckpt: Path) -> dict:
     return json.loads(file.read_text())
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
-    """Load weights, optimizer and scheduler (layout must already be applied); returns state.pt."""
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, state: dict | None = None) -> dict:
+    """Load weights, optimizer and scheduler (layout must already be applied) and set the saved RNG state;
+    returns state.pt (``state``: the one already read from it, so it is read once)."""
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -303,7 +304,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     saved = opt["optimizer"]
     load_optimizer_state(model, optimizer, flatten_chunk_state(saved, chunk_shapes) if chunk_shapes else saved)
     scheduler.load_state_dict(opt["scheduler"])
-    state = load_pickle(ckpt / "state.pt")
+    state = load_pickle(ckpt / "state.pt") if state is None else state
     set_rng_state(state["rng"])
     if legacy_counts:
         state["legacy_counts"] = legacy_counts

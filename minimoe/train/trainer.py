@@ -114,7 +114,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, show_progress: bool = True):
-        self.config = config
+        self.config = dataclasses.replace(config)  # its own copy: the caller's TrainConfig is never changed
         self.show_progress = show_progress
         self.step = 0
         self._check()
@@ -225,7 +225,7 @@ class Trainer:
         self.scheduler = lr_schedule(self.optimizer, c.steps, c.warmup_ratio, c.schedule)
 
     def _restore(self, saved: dict) -> None:
-        state = ckpt.load_checkpoint(saved["dir"], self.model, self.optimizer, self.scheduler)
+        state = ckpt.load_checkpoint(saved["dir"], self.model, self.optimizer, self.scheduler, saved["state"])
         self.stats.load_state_dict(ckpt.routing_stats_state(state))
         self.data.load_state_dict(state["data"])
         self.step = saved["info"]["step"]
