@@ -136,13 +136,13 @@ def test_benchmark_without_the_reference_libraries_reports_their_routes_skipped(
 def test_a_resume_that_loses_the_optimizer_state_fails_the_epng_check(monkeypatch):
     from minimoe.train.trainer import Trainer
 
-    real = Trainer._restore
+    real = Trainer.resume
 
     def forgetful(self, saved):
         real(self, saved)
         self.optimizer.state.clear()  # a resume bug: AdamW's moments and step counts not restored
 
-    monkeypatch.setattr(Trainer, "_restore", forgetful)
+    monkeypatch.setattr(Trainer, "resume", forgetful)
     rc, _, rows = _run(["--device", "cpu", "--only", "epng"])
     status, detail = rows["epng resume"]
     assert rc == 1 and status == "FAIL"

@@ -145,7 +145,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_optimizer_state(tmp_path)
     from minimoe.train.trainer import TrainConfig, Trainer, TrainingError
 
     trainer = Trainer(TrainConfig(policy="lora", model="tiny-olmoe", out=str(tmp_path / "r"), steps=4, batch_size=2,
-                                  eval_limit=0), show_progress=False)
+                                  eval_limit=0), show_progress=False).setup()
     trainer.train_step()
     trainer.save()
     before = (tmp_path / "r" / "checkpoint" / "optimizer.pt").read_bytes()

@@ -55,7 +55,7 @@ def test_epng_event_decays_the_statistics_by_lambda():
 def test_trainer_feeds_statistics_only_the_counted_tokens(tmp_path, stats_tokens):
     c = TrainConfig(policy="epng", model="tiny-olmoe", out=str(tmp_path / "m"), steps=2, batch_size=4, grad_accum=2,
                     stats_tokens=stats_tokens, eval_limit=0, policy_options={"warmup": 100})
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     drawn = []
     next_batch = trainer.data.next_batch
     trainer.data.next_batch = lambda n, part=(0, 1): drawn.append(next_batch(n, part)) or drawn[-1]
@@ -122,7 +122,7 @@ def test_bf16_base_trains_fp32_adapters(tmp_path, policy):
     c = train.resolve(["--policy", policy, "--model", "tiny-qwen3" if policy == "dmep" else "tiny-olmoe",
                        "--dtype", "bfloat16", "--steps", "4", "--batch-size", "4", "--eval-limit", "0",
                        "--out", str(tmp_path / policy), *extra])
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     assert base and all(p.dtype == torch.bfloat16 for p in base.values())
     trainable = [p for g in trainer.optimizer.param_groups for p in g["params"]]
@@ -143,20 +143,20 @@ def test_bf16_refused_where_base_weights_train(tmp_path, capsys):
 def test_dmep_prunes_at_the_end_of_the_first_epoch_by_default_or_when_drift_settles(tmp_path):
     c = TrainConfig(policy="dmep", model="tiny-qwen3", out=str(tmp_path / "e"), steps=40, batch_size=16,
                     data="tiny-arith", policy_options={"log_interval": 2})
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     assert trainer.steps_per_epoch == 32  # 512 tiny-arith examples / 16
     assert trainer.policy.prune_step == 32
     # drift below the threshold at a logging step prunes then, not at the epoch's end
     c = TrainConfig(policy="dmep", model="tiny-qwen3", out=str(tmp_path / "d"), steps=12, batch_size=4,
                     policy_options={"log_interval": 2, "drift_threshold": 10.0, "prune_step": 100})
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     while trainer.step < c.steps and trainer.policy.pruned_at is None:
         trainer.train_step()
     # the first drift exists at the second measurement (step 4); 10 > any L1 distance (at most 2)
     assert trainer.policy.pruned_at == 4
     c = TrainConfig(policy="dmep", model="tiny-qwen3", out=str(tmp_path / "n"), steps=8, batch_size=4,
                     policy_options={"log_interval": 2, "drift_threshold": 1e-9, "prune_step": 100})
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     for _ in range(8):
         trainer.train_step()
     assert trainer.policy.pruned_at is None  # drift never that small: no pruning before prune_step

@@ -103,7 +103,7 @@ def test_epng_importance_is_the_mean_full_softmax_and_decays():
 def test_dmep_lb_loss_survivors_and_exact_counts(tmp_path):
     c = TrainConfig(policy="dmep", model="tiny-qwen3", out=str(tmp_path / "d"), steps=8, batch_size=4,
                     policy_options={"prune_step": 5, "log_interval": 2, "tau": 0.12})
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     seen = []
     original = trainer.policy.extra_loss
     trainer.policy.extra_loss = lambda out, mask: seen.append((trainer.step, out.adapter_aux_loss)) or original(out, mask)
@@ -170,7 +170,7 @@ def test_routing_metrics_match_hand_computations():
 def test_dmep_logged_metrics_are_the_interval_counts(tmp_path):
     c = TrainConfig(policy="dmep", model="tiny-qwen3", out=str(tmp_path / "d"), steps=4, batch_size=2,
                     policy_options={"prune_step": 100, "log_interval": 2, "targets": ("v_proj",)})
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     trainer.train_step()
     trainer.train_step()
     name = "layers.0.self_attn.v_proj"
@@ -203,7 +203,7 @@ def test_esft_score_normalisations_by_hand():
 def test_esft_trains_only_selected_experts(tmp_path):
     c = TrainConfig(policy="esft", out=str(tmp_path / "e"), steps=3, batch_size=4, lr=1e-2,
                     policy_options={"sample_batches": 2, "top_p": 0.3})
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     policy = trainer.policy
     for layer, scores in policy.scores.items():
         assert policy.selection[layer] == top_p_selection(torch.tensor(scores), 0.3)
@@ -263,7 +263,7 @@ def test_resume_is_bit_identical(tmp_path, policy, options):
 
 def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
     c = TrainConfig(policy="lora", out=str(tmp_path / "i"), steps=6, batch_size=2)
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     real = trainer.train_step
 
     def step():
@@ -275,14 +275,14 @@ def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
     assert trainer.train() == {"interrupted": True, "step": 3}
     assert json.loads((tmp_path / "i/checkpoint/trainer.json").read_text())["step"] == 3
     resumed = Trainer(TrainConfig(policy="lora", steps=6, batch_size=2, resume=str(tmp_path / "i")),
-                      show_progress=False)
+                      show_progress=False).setup()
     assert resumed.step == 3 and resumed.train()["steps"] == 6
     assert [m["step"] for m in _lines(tmp_path / "i/metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_second_ctrl_c_inside_a_step_saves_nothing_of_it(tmp_path, monkeypatch, capsys):
     c = TrainConfig(policy="lora", out=str(tmp_path / "i"), steps=6, batch_size=2, save_every=2)
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     real_observe = trainer.policy.observe
 
     def observe(*a, **k):
@@ -307,7 +307,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
     assert rc == 0
     before = (out / "checkpoint/model.safetensors").read_bytes()
     c = TrainConfig(policy="lora", steps=8, batch_size=4, resume=str(out))
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     with torch.no_grad():
         trainer.model.layers[0].mlp.experts.gate_proj.lora_B_of(0).fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5.*the last good checkpoint is"):
@@ -319,7 +319,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
 def test_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tmp_path):
     rc, out = _run(tmp_path, "g", "--policy", "lora", "--steps", "4", "--save-every", "2", "--max-grad-norm", "0")
     assert rc == 0
-    trainer = Trainer(TrainConfig(policy="lora", steps=8, batch_size=4, resume=str(out)), show_progress=False)
+    trainer = Trainer(TrainConfig(policy="lora", steps=8, batch_size=4, resume=str(out)), show_progress=False).setup()
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     a = trainer.model.layers[0].mlp.experts.gate_proj.lora_A
     a.register_hook(lambda g: torch.full_like(g, float("inf")))  # the loss stays finite, the gradient does not
@@ -397,7 +397,7 @@ def test_toml_config_and_cli_precedence(tmp_path):
 def test_runs_end_with_a_loadable_fine_tune(tmp_path):
     rc, out = _run(tmp_path, "lora", "--policy", "lora", "--steps", "3", "--lr", "1e-2")
     assert rc == 0 and (out / "base/tokenizer.json").is_file()
-    trained = Trainer(TrainConfig(policy="lora", steps=3, batch_size=4, resume=str(out)), show_progress=False)
+    trained = Trainer(TrainConfig(policy="lora", steps=3, batch_size=4, resume=str(out)), show_progress=False).setup()
     model = minimoe.from_pretrained(out / "base").load_adapter(out / "adapter")
     ids = torch.randint(0, 257, (1, 9))
     with torch.no_grad():
@@ -411,7 +411,7 @@ def test_runs_end_with_a_loadable_fine_tune(tmp_path):
 def _grads_of_first_step(tmp_path, name, batch_size, grad_accum):
     c = TrainConfig(policy="lora", model="tiny-olmoe", out=str(tmp_path / name), steps=2, batch_size=batch_size,
                     grad_accum=grad_accum, eval_limit=0, max_grad_norm=0.0)
-    trainer = Trainer(c, show_progress=False)
+    trainer = Trainer(c, show_progress=False).setup()
     grads, calls, real = {}, [], trainer.policy.observe
 
     def observe(out, mask):
@@ -489,5 +489,7 @@ def test_a_failed_checkpoint_swap_keeps_the_previous_copy(tmp_path, monkeypatch)
 def test_the_trainer_resolves_a_copy_of_its_config(tmp_path):
     c = TrainConfig(policy="lora", out=str(tmp_path / "r"), epochs=1.0, batch_size=64, eval_limit=0)
     trainer = Trainer(c, show_progress=False)
+    assert not trainer.ready and not (tmp_path / "r").exists()  # construction reads and writes nothing
+    trainer.setup()
     assert (c.model, c.steps) == ("", TrainConfig.steps)  # the caller's object is untouched
     assert trainer.config.model == "tiny-olmoe" and trainer.config.steps == 8  # 512 tiny-arith examples / 64

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if config.resume and (done := RunDir(config.resume).finished(config.steps)):
         return exit_with_error(done, 2)  # summary.json and everything else untouched
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config).setup()
     except (TrainingError, RunDirError, ValueError, FileNotFoundError) as e:
         return exit_with_error(str(e), 2)
     c, world = trainer.config, trainer.world

@@ -103,27 +103,38 @@ def check_device(name: str) -> str:
 
 
 class Trainer:
-    """One run. Construction happens in an order that matters, one method per stage:
+    """One run, read top to bottom: ``Trainer(config)`` only keeps its own copy of the config (no I/O);
+    ``setup()`` makes everything the run needs, in an order that matters, one method per stage; ``train()``
+    runs the steps (setting up first if that was not done); ``save()`` checkpoints.
+
+    ``setup()``:
 
     1. ``_check`` — flags that cannot work are refused before anything is loaded;
-    2. ``_load`` — data, model, tokenizer and the policy object: bad input fails here, before anything on
-       disk changes;
+    2. ``_load`` — data, model, tokenizer and the policy object (and, resuming, the checkpoint's info and
+       state, read once): bad input fails here, before anything on disk changes;
     3. ``_setup`` — the policy attaches its adapters / chooses what trains; a resumed run rebuilds the saved
-       adapter layout on top; the optimizer and schedule are built over the result;
-    4. ``_restore`` (resume) or ``_start`` (new run: only now is the run directory cleared and written).
+       adapter layout on top; the model is spread over the processes; the optimizer and schedule are built;
+    4. ``resume`` (from the state read in 2) or ``_start`` (a new run: only now is the run directory cleared
+       and written).
     """
 
     def __init__(self, config: TrainConfig, show_progress: bool = True):
         self.config = dataclasses.replace(config)  # its own copy: the caller's TrainConfig is never changed
         self.show_progress = show_progress
         self.step = 0
+        self.ready = False
+
+    def setup(self) -> Trainer:
+        """Everything the run needs (see the class docstring); returns the trainer."""
         self._check()
         saved = self._load()
         self._setup(saved)
         if saved is not None:
-            self._restore(saved)
+            self.resume(saved)
         else:
             self._start()
+        self.ready = True
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -224,7 +235,9 @@ class Trainer:
                                fused=self.device.startswith("cuda") or None)
         self.scheduler = lr_schedule(self.optimizer, c.steps, c.warmup_ratio, c.schedule)
 
-    def _restore(self, saved: dict) -> None:
+    def resume(self, saved: dict) -> None:
+        """Weights, optimizer, schedule, statistics, data position and RNG from the checkpoint ``_load`` read;
+        the logs cut back to its step; a new ``--steps`` stretches the schedule from here."""
         state = ckpt.load_checkpoint(saved["dir"], self.model, self.optimizer, self.scheduler, saved["state"])
         self.stats.load_state_dict(ckpt.routing_stats_state(state))
         self.data.load_state_dict(state["data"])
@@ -398,8 +411,11 @@ class Trainer:
                 **self.policy.metrics()}
 
     def train(self) -> dict:
+        """Run the steps up to ``--steps`` (or ``--stop-at``), checkpointing as asked; returns the summary."""
         from tqdm.auto import tqdm
 
+        if not self.ready:
+            self.setup()
         c = self.config
         start, t0, tokens = self.step, time.perf_counter(), 0
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.show_progress or not self.run.writer,
