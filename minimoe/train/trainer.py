@@ -123,6 +123,7 @@ class Trainer:
         self.show_progress = show_progress
         self.step = 0
         self.ready = False
+        self._trainable: int | None = None  # trainable parameters, recounted after each event
 
     def setup(self) -> Trainer:
         """Everything the run needs (see the class docstring); returns the trainer."""
@@ -404,11 +405,13 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         self.step += 1
         self.stats.sync()  # several processes: every rank decides on the same, reduced, statistics
-        for event in self.policy.after_step(self.step, model, opt):
+        events = list(self.policy.after_step(self.step, model, opt))
+        for event in events:
             self._event(event)
+        if events or self._trainable is None:  # the count changes only with an event (prune, grow, slice)
+            self._trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "policy_loss": extra_total, "trainable": sum(p.numel() for g in opt.param_groups for p in g["params"]),
-                **self.policy.metrics()}
+                "policy_loss": extra_total, "trainable": self._trainable, **self.policy.metrics()}
 
     def train(self) -> dict:
         """Run the steps up to ``--steps`` (or ``--stop-at``), checkpointing as asked; returns the summary."""
