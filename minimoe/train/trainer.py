@@ -216,7 +216,7 @@ class Trainer:
         if info["policy"] != c.policy:
             raise TrainingError(f"--resume {self.run}: the run used policy {info['policy']}, not {c.policy}")
         state = ckpt.load_pickle(found / "state.pt")
-        self.policy.load_state_dict(state["policy"])  # before setup: e.g. ESFT's saved selection
+        self.policy.load_state_dict(state["policy"])  # before setup, once: e.g. ESFT's saved selection, DMEP's prune
         return {"dir": found, "info": info, "state": state}
 
     def _setup(self, saved: dict | None) -> None:
@@ -224,10 +224,12 @@ class Trainer:
         self.stats = RoutingStats(self.world.all_reduce if self.world.distributed else None)
         ctx = Context(self.data, c.batch_size, self.steps_per_epoch, c.steps, self.device, c.seed, self._say,
                       self.stats, part=self.part, all_reduce=self.world.all_reduce, stats_tokens=c.stats_tokens)
+        saved_draws = self.policy.generator.get_state()  # (resuming: the saved run's, loaded by _load)
         self.policy.setup(self.model, ctx)
         if saved is not None:
             ckpt.apply_layout(self.model, saved["info"]["layout"])
-            self.policy.load_state_dict(saved["state"]["policy"])  # setup drew from the policy's generator
+            # setup drew initial adapters that the saved layout and weights replace: its draws do not count
+            self.policy.generator.set_state(saved_draws)
         self.parallel = strategy.parallelize(self.model, self.world, c, self.device)
         params = self.policy.trainable_parameters(self.model)
         if not params:
