@@ -128,6 +128,7 @@ class ResizableLoRAExpert(Adapter):
     skip_pruned_fraction: float = 0.5  # from this fraction of rank-0 experts on, their rows skip
 
     kind = "expert_lora"
+    saves_input = True
     base_type = StackedLinear
     base_keys = ("weight",)
     required = ("rank", "alpha", "ranks")
@@ -179,6 +180,14 @@ class ResizableLoRAExpert(Adapter):
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.lora_A, self.lora_B]
+
+    def saved_bytes(self, rows: int, elt: int) -> int:
+        """Over ``rows`` routed rows: ``A x`` at the packed rank r_pad, and the packed A and B in fp32."""
+        top = int(self.ranks.max())
+        r_pad = max(8, -(-top // 8) * 8) if top else 0
+        if not r_pad:
+            return 0
+        return rows * r_pad * elt + self.num_experts * r_pad * (self.in_features + self.out_features) * 4
 
     @classmethod
     def summary(cls, named: dict[str, Adapter]) -> list[str]:

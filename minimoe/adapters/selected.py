@@ -23,6 +23,7 @@ class SelectedExperts(Adapter):
     base_type = StackedLinear
     base_keys = ("weight",)
     required = ("selected",)
+    saves_input = True
 
     def __init__(self, base: StackedLinear, selected: list[int]):
         super().__init__()
@@ -48,6 +49,10 @@ class SelectedExperts(Adapter):
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.trained]
+
+    def saved_bytes(self, rows: int, elt: int) -> int:
+        """The stacked weight its forward assembles (the frozen and the trained experts), kept for the backward."""
+        return self.num_experts * self.out_features * self.in_features * self.weight.element_size()
 
     @classmethod
     def summary(cls, named: dict[str, Adapter]) -> list[str]:

@@ -77,9 +77,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import Adapter
-from ..adapters.expert_lora import ResizableLoRAExpert
 from ..adapters.lora_moe import PrunableLoRAMoE
-from ..adapters.selected import SelectedExperts
 from ..adapters.lm import CausalLM
 from ..model.config import PRESETS, ModelConfig
 from ..model.moe import SparseMoeBlock
@@ -224,25 +222,15 @@ def layer_activations(model, layer: nn.Module, N: int, a: int, grad_in: bool = T
         total += N * (E * 4 + K * 8 + K * a) * routed  # router
         total += R * (H * a * routed + 8) + 3 * R * I * a  # sort order, weighted output; gate, up, SiLU outputs
         pair = (mlp.experts.gate_proj, mlp.experts.up_proj)
-        if any(_trains(m) or isinstance(m, (ResizableLoRAExpert, SelectedExperts)) for m in pair):
+        if any(_trains(m) or _saves_input(m) for m in pair):
             total += R * H * a  # the gathered tokens xs, for the weight or LoRA-A gradients
         if _trains(mlp.gate):
             total += N * H * a
         for name in ("gate_proj", "up_proj", "down_proj"):
             proj = getattr(mlp.experts, name)
-            if isinstance(proj, ResizableLoRAExpert):
-                ranks = proj.ranks
-                r_pad = max(8, -(-int(ranks.max()) // 8) * 8) if int(ranks.max()) else 0
-                if r_pad:
-                    total += R * r_pad * a + E * r_pad * (proj.in_features + proj.out_features) * 4
-                if name == "down_proj":
-                    total += R * proj.in_features * a  # its input, for the LoRA A gradient
-            elif isinstance(proj, SelectedExperts):
-                total += proj.num_experts * proj.out_features * proj.in_features * proj.weight.element_size()
-                if name == "down_proj":
-                    total += R * proj.in_features * a
-            elif _trains(proj) and name == "down_proj":
-                total += R * I * a  # gate/up inputs are the dispatched xs, already counted
+            total += _adapter_bytes(proj, R, a)  # expert LoRA's packed rows, ESFT's assembled weight
+            if name == "down_proj" and (_trains(proj) or _saves_input(proj)):
+                total += R * proj.in_features * a  # its input (gate/up's are the dispatched xs, counted above)
         shared_trains = mlp.shared_expert is not None and any(p.requires_grad for p in mlp.shared_expert.parameters())
         if mlp.shared_expert is not None and (grad_in or shared_trains):
             S = c.shared_expert_intermediate_size
