@@ -248,3 +248,16 @@ def test_unwritable_outputs_are_one_line_errors_and_the_last_checkpoint_stays(st
     assert f"error: cannot write {run / 'checkpoint'}: No space left on device" in err and "Traceback" not in err
     assert (run / "checkpoint" / "model.safetensors").read_bytes() == before  # the last checkpoint stays
     assert not list(run.glob(".checkpoint.tmp-*"))
+
+
+def test_output_that_is_not_a_terminal_gets_plain_progress_lines_not_bar_frames(tmp_path, capsys):
+    argv = ["--policy", "lora", "--model", "tiny-olmoe", "--steps", "12", "--batch-size", "2", "--eval-limit", "0",
+            "--out", str(tmp_path / "r")]
+    assert train.main(argv) == 0  # capsys: neither stream is a terminal, as in a cluster's log file
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["10/12", "12/12"]  # every 10 steps, and the last
+    assert "loss" in lines[0] and "tokens/s" in lines[0] and "\r" not in out + err
+    assert train.main([*argv[:-2], "--out", str(tmp_path / "s"), "--log-every", "4"]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")] == \
+        ["4/12", "8/12", "12/12"]

@@ -92,7 +92,8 @@ class TrainConfig:
                                            "steps in a row (median of the last 20 losses that were not; 0: never)", low=0.0)
     divergence_patience: int = option(10, "steps in a row the loss must stay diverged before the run stops", low=1)
     stop_at: int = option(0, "stop and checkpoint after this step of the schedule (continue later with --resume)", low=0)
-    log_every: int = option(1, "progress-bar refresh interval in steps", low=1)
+    log_every: int = option(0, "progress every N steps: the bar's refresh on a terminal, else a plain line (logs "
+                               "and files get no bar frames); default: 1 on a terminal, 10 otherwise", low=0)
     gradient_checkpointing: bool = option(False, "activation checkpointing")
     fsdp: bool = option(False, "several processes: shard the base over them with FSDP2 (the adapters stay whole "
                                "on every process; full fine-tuning shards its trained weights and their state)")

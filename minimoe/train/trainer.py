@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -423,8 +424,12 @@ class Trainer:
             self.setup()
         c = self.config
         start, t0, tokens = self.step, time.perf_counter(), 0
-        bar = tqdm(total=c.steps, initial=self.step, disable=not self.show_progress or not self.run.writer,
-                   dynamic_ncols=True, desc=f"{c.policy}")
+        # a bar on a terminal; into a log file (a cluster's, a pipe) a plain line every log_every steps instead
+        terminal = sys.stderr.isatty()
+        every = c.log_every or (1 if terminal else 10)
+        lines = self.show_progress and self.run.writer and not terminal
+        bar = tqdm(total=c.steps, initial=self.step, dynamic_ncols=True, desc=f"{c.policy}",
+                   disable=not (self.show_progress and self.run.writer and terminal))
         record = {}
         self._stop_requested, self._in_step = False, False
         self._loss_history, self._diverged_steps = [], 0
@@ -448,7 +453,10 @@ class Trainer:
                 self.run.append(METRICS, record)
                 self._watch_divergence(record["loss"])
                 bar.update(1)
-                if self.step % c.log_every == 0:
+                if self.step % every == 0 or (lines and self.step == end):
+                    if lines:
+                        print(f"step {self.step}/{c.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                              f"{record['tokens_per_s']:,.0f} tokens/s  trainable {record['trainable']:,}", flush=True)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", trainable=f"{record['trainable']:,}")
                 if c.save_every and self.step % c.save_every == 0 and self.step < end:
