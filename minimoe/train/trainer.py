@@ -33,6 +33,8 @@ from ..adapters.lm import CausalLM, from_pretrained
 from ..model.hf import resolve
 from ..utils.options import check_choices, to_toml
 from ..policies import POLICIES, Context, Policy, make_policy
+from .lock import RunLock, RunLockError
+from .schedule import lr_schedule
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
 from ..utils.memory import peak_memory_mb
@@ -62,23 +64,6 @@ def load_model_and_tokenizer(name: str, device: str, seed: int, base_dir: Path |
             model.config = model.config.replace(name_or_path=str(base_dir))
         return model, tok
     return from_pretrained(name, dtype=dtype, device=device), load_tokenizer(name)
-
-
-def lr_schedule(optimizer, steps: int, warmup_ratio: float, kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``round(warmup_ratio · steps)`` steps, then ``kind``: ``linear`` decay to 0 at
-    ``steps`` (the transformers Trainer's default, EPnG App. A.3), ``cosine`` decay to 0 (DMEP §IV), or
-    ``constant``."""
-    warm = max(1, int(round(warmup_ratio * steps))) if warmup_ratio > 0 else 0
-
-    def factor(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        done = min(1.0, (s - warm) / max(1, steps - warm))
-        if kind == "linear":
-            return 1.0 - done
-        return 1.0 if kind == "constant" else 0.5 * (1 + math.cos(math.pi * done))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _finite(tensors: list[torch.Tensor]) -> bool:
@@ -127,16 +112,27 @@ class Trainer:
         self._trainable: int | None = None  # trainable parameters, recounted after each event
 
     def setup(self) -> Trainer:
-        """Everything the run needs (see the class docstring); returns the trainer."""
-        self._check()
-        saved = self._load()
-        self._setup(saved)
-        if saved is not None:
-            self.resume(saved)
-        else:
-            self._start()
+        """Everything the run needs (see the class docstring); returns the trainer. The run directory's lock is
+        taken here and held until ``train()`` ends (given back at once if setup fails)."""
+        self.lock = None
+        try:
+            self._check()
+            saved = self._load()
+            self._setup(saved)
+            if saved is not None:
+                self.resume(saved)
+            else:
+                self._start()
+        except BaseException:
+            self.release()
+            raise
         self.ready = True
         return self
+
+    def release(self) -> None:
+        """Give up the run directory's lock (the end of ``train()`` does)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
 
     @property
     def run_dir(self) -> Path:
@@ -159,21 +155,33 @@ class Trainer:
             raise TrainingError(f"--dtype {c.dtype} with --policy {c.policy}: the trained weights would be "
                                 "bf16 without fp32 master copies; use --dtype float32 (bf16 autocast runs on CUDA)")
         self.run = RunDir(c.resume or c.out or f"runs/{c.policy}", writer=self.world.main)
-        if not c.resume:
-            # the writer looks (before it writes anything) and tells the others: a process that looked later
-            # might find the files the writer has started to write
-            problem = None
-            if self.run.writer:
-                try:
+        # the writer looks (before it writes anything) and tells the others: a process that looked later
+        # might find the files the writer has started to write
+        self.lock = RunLock(self.run.path) if self.run.writer else None
+        problem = None
+        if self.run.writer:
+            try:
+                self.lock.check()  # another live run holds it: refused, naming it (--overwrite included)
+                if not c.resume:
                     self.run.check_new(c.overwrite)
-                except RunDirError as e:
-                    problem = str(e)
-            if self.world.any(problem is not None, self.device):
-                raise TrainingError(problem or f"run directory {self.run} exists and is not empty (see rank 0)")
+            except (RunLockError, RunDirError) as e:
+                problem = str(e)
+        if self.world.any(problem is not None, self.device):
+            raise TrainingError(problem or f"run directory {self.run} cannot be used (see rank 0)")
         try:
             self.run.check_writable()  # before the model is loaded: a read-only or impossible path costs nothing
         except RunDirError as e:
             raise TrainingError(str(e)) from None
+        note = None
+        if self.lock is not None:  # held from here to the end of train() (released if setup fails)
+            try:
+                note = self.lock.acquire()
+            except (RunLockError, OSError) as e:
+                problem = str(e) if isinstance(e, RunLockError) else f"cannot write {self.lock.path}: {e.strerror}"
+        if self.world.any(problem is not None, self.device):
+            raise TrainingError(problem or f"run directory {self.run} cannot be locked (see rank 0)")
+        if note:
+            self._say(note)
 
     def _load(self) -> dict | None:
         """Data, model, tokenizer, policy (and, resuming, the saved checkpoint's info and state)."""
@@ -417,11 +425,18 @@ class Trainer:
                 "policy_loss": extra_total, "trainable": self._trainable, **self.policy.metrics()}
 
     def train(self) -> dict:
-        """Run the steps up to ``--steps`` (or ``--stop-at``), checkpointing as asked; returns the summary."""
-        from tqdm.auto import tqdm
-
+        """Run the steps up to ``--steps`` (or ``--stop-at``), checkpointing as asked; returns the summary. The
+        run directory's lock is given up when it returns or fails."""
         if not self.ready:
             self.setup()
+        try:
+            return self._train()
+        finally:
+            self.release()
+
+    def _train(self) -> dict:
+        from tqdm.auto import tqdm
+
         c = self.config
         start, t0, tokens = self.step, time.perf_counter(), 0
         # a bar on a terminal; into a log file (a cluster's, a pipe) a plain line every log_every steps instead
