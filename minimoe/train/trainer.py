@@ -27,18 +27,16 @@ import torch
 from . import checkpoint as ckpt
 from ..parallel import strategy
 from ..adapters.adamw import AdamW
-from ..model.config import preset
 from ..data.dataset import Dataset, answer_only, load_pairs
-from ..adapters.lm import CausalLM, from_pretrained
 from ..model.hf import resolve
 from ..utils.options import check_choices, to_toml
 from ..policies import POLICIES, Context, Policy, make_policy
+from .base_model import load_model_and_tokenizer
 from .lock import RunLock, RunLockError
 from .schedule import lr_schedule
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
 from ..utils.memory import peak_memory_mb
-from ..model.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 from .config import DTYPES, TrainConfig, default_model, is_preset
 from ..parallel.distributed import World
 
@@ -47,23 +45,6 @@ __all__ = ["TrainConfig", "Trainer", "TrainingError", "lr_schedule", "load_model
 
 class TrainingError(RuntimeError):
     """The run cannot continue (bad arguments, non-finite loss, existing run directory)."""
-
-
-def load_model_and_tokenizer(name: str, device: str, seed: int, base_dir: Path | None = None,
-                             dtype: torch.dtype = torch.float32) -> tuple[CausalLM, Tokenizer]:
-    """A checkpoint directory or Hub id, or a tiny preset with random weights and a byte tokenizer.
-    A preset model is named after ``base_dir``, where the run writes it (``RunDir.write_preset_base``) so
-    exports and eval have a base on disk."""
-    if is_preset(name):
-        tok = byte_tokenizer()
-        vocab = -(-tok.vocab_size // 16) * 16
-        config = preset(name, vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        torch.manual_seed(seed)
-        model = CausalLM(config).to(device=device, dtype=dtype)
-        if base_dir is not None:
-            model.config = model.config.replace(name_or_path=str(base_dir))
-        return model, tok
-    return from_pretrained(name, dtype=dtype, device=device), load_tokenizer(name)
 
 
 def _finite(tensors: list[torch.Tensor]) -> bool:
