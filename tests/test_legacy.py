@@ -61,6 +61,8 @@ def test_an_old_checkpoint_before_the_prune_keeps_its_hard_counts(tmp_path):
     old = [json.loads(line) for line in (LEGACY / "dmep-adapter-events.jsonl").read_text().splitlines()]
     new = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     prune_old, prune_new = ([e for e in events if e["event"] == "dmep_prune"][0] for events in (old, new))
+    # compared exactly: counts of whole top-k choices, which another CPU's ~1e-8 noise (CROSS_CPU) flips only for
+    # a token whose k-th and (k+1)-th experts lie that close (none here, on Intel and AMD EPYC CPUs so far)
     assert prune_new["counts"] == prune_old["counts"] and prune_new["survivors"] == prune_old["survivors"]
     assert any(len(s) < 4 for s in prune_old["survivors"].values())  # the counts decided something
     _assert_close(_adapter_tensors(run / "adapter"), _adapter_tensors(LEGACY / "dmep-adapter"), **CROSS_CPU)
@@ -78,7 +80,7 @@ def test_an_old_adapter_loads_and_saves_back_the_same_tensors(tmp_path, kind):
     model.load_adapter(directory)  # the base fingerprint still matches
     minimoe.save_adapter(model, tmp_path / "again")
     _, old = read_adapter(directory)
-    _, new = read_adapter(tmp_path / "again")
+    _, new = read_adapter(tmp_path / "again")  # loaded and written back, no arithmetic: bit for bit on any CPU
     old = {k: v for k, v in old.items() if not k.endswith(".counts")}
     assert new.keys() == old.keys()
     for k in old:

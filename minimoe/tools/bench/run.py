@@ -173,8 +173,8 @@ def _setup(route: str, directory: Path, device: str, dtype: torch.dtype):
 
 
 def _reference_routes():
-    """The transformers/PEFT routes (``reference``), imported only when one runs: training and evaluation never
-    import transformers (the ``bench`` extra installs it)."""
+    """The transformers/PEFT routes (``reference``), loaded only when one runs, so training and evaluation never
+    load the reference libraries (the ``bench`` extra installs them)."""
     from . import reference
 
     return reference
