@@ -62,7 +62,8 @@ def test_an_old_checkpoint_before_the_prune_keeps_its_hard_counts(tmp_path):
     new = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     prune_old, prune_new = ([e for e in events if e["event"] == "dmep_prune"][0] for events in (old, new))
     # compared exactly: counts of whole top-k choices, which another CPU's ~1e-8 noise (CROSS_CPU) flips only for
-    # a token whose k-th and (k+1)-th experts lie that close (none on the CPU that wrote the fixture, nor on an AMD EPYC)
+    # a token whose k-th and (k+1)-th experts lie that close (none on the CPU that wrote the fixture, nor on an
+    # AMD EPYC)
     assert prune_new["counts"] == prune_old["counts"] and prune_new["survivors"] == prune_old["survivors"]
     assert any(len(s) < 4 for s in prune_old["survivors"].values())  # the counts decided something
     _assert_close(_adapter_tensors(run / "adapter"), _adapter_tensors(LEGACY / "dmep-adapter"), **CROSS_CPU)
