@@ -272,7 +272,7 @@ def test_interrupt_saves_and_resume_continues(tmp_path, monkeypatch):
         return real()
 
     monkeypatch.setattr(trainer, "train_step", step)
-    assert trainer.train() == {"interrupted": True, "step": 3}
+    assert trainer.train() == {"interrupted": True, "step": 3, "exit_code": 130}
     assert json.loads((tmp_path / "i/checkpoint/trainer.json").read_text())["step"] == 3
     resumed = Trainer(TrainConfig(policy="lora", steps=6, batch_size=2, resume=str(tmp_path / "i")),
                       show_progress=False).setup()
@@ -291,7 +291,7 @@ def test_a_second_ctrl_c_inside_a_step_saves_nothing_of_it(tmp_path, monkeypatch
         return real_observe(*a, **k)
 
     monkeypatch.setattr(trainer.policy, "observe", observe)
-    assert trainer.train() == {"interrupted": True, "step": 4}
+    assert trainer.train() == {"interrupted": True, "step": 4, "exit_code": 130}
     assert "interrupted inside step 5: nothing saved from it" in capsys.readouterr().out
     assert json.loads((tmp_path / "i/checkpoint/trainer.json").read_text())["step"] == 4
     # resuming from the kept checkpoint gives exactly the uninterrupted run

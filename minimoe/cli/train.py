@@ -98,8 +98,8 @@ def main(argv=None) -> int:
         say(f"tiny-arith test exact match: {'' if before is None else f'{before:.3f} -> '}{after:.3f}")
     if summary.get("events") and trainer.model.num_adapter_parameters():
         say("after training:\n" + trainer.model.adapter_summary())
-    if summary.get("interrupted"):
-        return world.finish(130)
+    if summary.get("interrupted"):  # checkpointed on request: 75 preempted (resume it), 130 Ctrl-C (stopping.py)
+        return world.finish(summary["exit_code"])
     tps = summary["tokens_per_s"]
     say(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
         f"{summary['trainable_parameters']:,} trainable parameters, "

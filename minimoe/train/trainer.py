@@ -14,11 +14,10 @@ Every file goes through the run directory (``run_dir.RunDir``): what it is asked
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from ..policies import POLICIES, Context, Policy, make_policy
 from .base_model import load_model_and_tokenizer
 from .lock import RunLock, RunLockError
 from .schedule import lr_schedule
+from .stopping import INTERRUPTED, PREEMPTED, DivergenceWatch, StopRequests
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
 from ..utils.memory import peak_memory_mb
@@ -91,6 +91,7 @@ class Trainer:
         self.step = 0
         self.ready = False
         self._trainable: int | None = None  # trainable parameters, recounted after each event
+        self._saved_step: int | None = None  # the step of the last checkpoint this session wrote
 
     def setup(self) -> Trainer:
         """Everything the run needs (see the class docstring); returns the trainer. The run directory's lock is
@@ -300,40 +301,25 @@ class Trainer:
                 "world_size": self.world.size, "global_batch": self.global_batch,
                 "data": self.data.state_dict(), "trainable": self.model.num_parameters(trainable_only=True)}
         state = {"policy": self.policy.state_dict(), "stats": self.stats.state_dict(), "data": self.data.state_dict()}
-        return self.run.save_checkpoint(self.model, self.optimizer, self.scheduler, info, state)
-
-    def _on_sigint(self, signum, frame) -> None:
-        """First Ctrl-C: finish the current step, save, stop. Second: stop at once (saving nothing of
-        the step in progress)."""
-        if self._stop_requested:
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        self.world.print("\nCtrl-C: finishing this step, then saving (press again to stop at once)", flush=True)
+        stops = getattr(self, "stops", None)
+        with stops.saving() if stops is not None else contextlib.nullcontext():  # signals wait for it
+            path = self.run.save_checkpoint(self.model, self.optimizer, self.scheduler, info, state)
+        self._saved_step = self.step
+        return path
 
     def _watch_divergence(self, loss: float) -> None:
-        """Stop when the loss has stayed above ``divergence_factor`` × the median of the last 20 losses that
-        were not (and 0.5 above it) for ``divergence_patience`` steps: the weights are not saved, the last
-        good checkpoint stays. Every process sees the same (global) loss, so all decide alike."""
+        """Stop when the loss has diverged (``stopping.DivergenceWatch``): the weights are not saved, the last
+        good checkpoint stays."""
         c = self.config
-        if c.divergence_factor <= 0 or not math.isfinite(loss):
+        median = self._divergence.diverged(loss)
+        if median is None:
             return
-        history = self._loss_history
-        if history:
-            median = sorted(history)[len(history) // 2]
-            if loss > c.divergence_factor * median and loss > median + 0.5:
-                self._diverged_steps += 1
-                if self._diverged_steps >= c.divergence_patience:
-                    last = self.run.checkpoint_dir
-                    kept = (f"the last checkpoint, from before the loss rose, is {last}" if last.exists()
-                            else "no checkpoint was written")
-                    raise TrainingError(
-                        f"the loss diverged: {loss:.4g} at step {self.step}, above {c.divergence_factor:g} x its "
-                        f"running median {median:.4g} for {self._diverged_steps} steps; stopping without saving "
-                        f"({kept}). Try a lower --lr or --max-grad-norm, or --divergence-factor 0 to train on.")
-                return
-        self._diverged_steps = 0
-        history.append(loss)
-        del history[:-20]
+        last = self.run.checkpoint_dir
+        kept = f"the last checkpoint, from before the loss rose, is {last}" if last.exists() else "no checkpoint was written"
+        raise TrainingError(
+            f"the loss diverged: {loss:.4g} at step {self.step}, above {c.divergence_factor:g} x its running median "
+            f"{median:.4g} for {self._divergence.streak} steps; stopping without saving ({kept}). Try a lower --lr "
+            "or --max-grad-norm, or --divergence-factor 0 to train on.")
 
     def _stop_non_finite(self, what: str) -> None:
         """Stop before the optimizer steps on it: the weights, and the last checkpoint, stay good."""
@@ -410,10 +396,20 @@ class Trainer:
         run directory's lock is given up when it returns or fails."""
         if not self.ready:
             self.setup()
-        try:
-            return self._train()
+        try:  # Ctrl-C, SIGTERM, SIGUSR1: finish the step, checkpoint, stop (stopping.py)
+            with StopRequests(lambda line: self.world.print(line, flush=True)) as self.stops:
+                return self._train()
         finally:
             self.release()
+
+    def _stop_on_request(self, bar, preempted: bool) -> dict:
+        """A stop asked for (on any process): checkpoint this step on every process, then stop."""
+        bar.close()
+        path = self.save() if self._saved_step != self.step else self.run.checkpoint_dir
+        code = PREEMPTED if preempted else INTERRUPTED
+        self.world.print(f"\n{'preempted' if preempted else 'interrupted'}: saved step {self.step} to {path}; "
+                         f"continue with --resume {self.run} (exit status {code})", flush=True)
+        return {"interrupted": True, "step": self.step, "exit_code": code}
 
     def _train(self) -> dict:
         from tqdm.auto import tqdm
@@ -427,17 +423,17 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, dynamic_ncols=True, desc=f"{c.policy}",
                    disable=not (self.show_progress and self.run.writer and terminal))
         record = {}
-        self._stop_requested, self._in_step = False, False
-        self._loss_history, self._diverged_steps = [], 0
-        handler = None
-        if threading.current_thread() is threading.main_thread():
-            handler = signal.signal(signal.SIGINT, self._on_sigint)
+        self._divergence = DivergenceWatch(c.divergence_factor, c.divergence_patience)
+        self._in_step = False
         try:
             end = min(c.steps, c.stop_at) if c.stop_at else c.steps
             while self.step < end:
-                # several processes: a stop asked for on any of them stops all, at the same step boundary
-                if self.world.any(self._stop_requested, self.device):
-                    raise KeyboardInterrupt
+                # a stop asked for on any process stops all at the same step boundary (and is a preemption if
+                # any of them was preempted)
+                asked, preempted = self.world.sum_all([int(self.stops.requested), int(self.stops.preempted)],
+                                                      self.device)
+                if asked:
+                    return self._stop_on_request(bar, preempted > 0)
                 t = time.perf_counter()
                 self._in_step = True
                 record = self.train_step()
@@ -456,24 +452,20 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", trainable=f"{record['trainable']:,}")
                 if c.save_every and self.step % c.save_every == 0 and self.step < end:
-                    if self._diverged_steps:  # the loss is above its running median: keep the last checkpoint
+                    if self._divergence.streak:  # the loss is above its running median: keep the last checkpoint
                         self._say(f"step {self.step}: not checkpointed while the loss is {record['loss']:.4g}, "
-                                  f"above its running median for {self._diverged_steps} step(s)")
+                                  f"above its running median for {self._divergence.streak} step(s)")
                     else:
                         self.save()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C pressed again: at once
             bar.close()
             if self._in_step:  # data drawn, statistics counted, maybe a half-applied event: save nothing
                 last = self.run.locate_checkpoint()
                 kept = f"the last checkpoint ({last}) is kept" if last.exists() else "no checkpoint was written"
                 self.world.print(f"\ninterrupted inside step {self.step + 1}: nothing saved from it; {kept}")
-                return {"interrupted": True, "step": ckpt.read_info(last)["step"] if last.exists() else 0}
-            path = self.save()
-            self.world.print(f"\ninterrupted: saved step {self.step} to {path}; continue with --resume {self.run}")
-            return {"interrupted": True, "step": self.step}
-        finally:
-            if handler is not None:
-                signal.signal(signal.SIGINT, handler)
+                return {"interrupted": True, "step": ckpt.read_info(last)["step"] if last.exists() else 0,
+                        "exit_code": INTERRUPTED}
+            return self._stop_on_request(bar, self.stops.preempted)
         bar.close()
         if self.step >= c.steps:  # the end of training (not a --stop-at): e.g. EPnG's importance probe
             for event in self.policy.end_events(self.model, self.step):
@@ -494,6 +486,7 @@ class Trainer:
                    "processes": self.world.size, "global_batch": self.global_batch, "replicas_agree": True,
                    "peak_memory_mb": self.world.gather(peak_memory_mb(self.device)),  # per process, rank order
                    "events": self.run.count(EVENTS), "checkpoint": str(path)}
-        summary["export"] = str(self.run.export(self.model, self.parallel.base_fingerprint))
-        self.run.write_summary(summary)
+        with self.stops.saving():  # the run is complete once these are written: a signal now waits for them
+            summary["export"] = str(self.run.export(self.model, self.parallel.base_fingerprint))
+            self.run.write_summary(summary)
         return summary
