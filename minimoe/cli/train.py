@@ -19,6 +19,7 @@ import sys
 import traceback
 
 from ..parallel.distributed import exit_with_error, lost_peer
+from ..parallel.watchdog import lost_peers_message
 from ..train.config import TrainConfig, build_parser, resolve as resolve_config
 from ..train.run_dir import RunDir, RunDirError
 from ..train.trainer import Trainer, TrainingError
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
         say(f"recipe {recipe.name}: {recipe.paper} (the paper: {recipe.reported}); {recipe.notes}")
     say(f"{trainer.policy.describe()}")
     batch = (f"{c.batch_size} x {c.grad_accum} accumulation x {world.size} processes = {trainer.global_batch} "
-             "sequences" if world.distributed else f"{c.batch_size * c.grad_accum} sequences")
+             f"sequences (--dist-timeout {c.dist_timeout:g} s)" if world.distributed
+             else f"{c.batch_size * c.grad_accum} sequences")
     say(f"model {c.model} ({trainer.model.config.model_type}, {trainer.model.num_parameters():,} parameters) | "
         f"data {c.data} ({len(trainer.data)} examples, {trainer.steps_per_epoch} steps/epoch) | "
         f"{c.steps} steps x {batch}, lr {c.lr}, {trainer.device} | "
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         if not world.distributed:
             raise
         if lost_peer(e):
-            return exit_with_error("another process stopped (its error is above); stopping too", 1)
+            return exit_with_error(lost_peers_message(), 1, lost_peer=True)
         traceback.print_exc()
         return exit_with_error(f"{type(e).__name__}: {e}", 1)
     if score and not summary.get("interrupted"):

@@ -14,9 +14,9 @@ with the backward pass — small for adapter gradients; with ``--fsdp`` fully fi
 and FSDP reduce-scatters their gradients (``fsdp.py``).
 
 Failures: a process that fails reports and leaves at once (``exit_with_error``); on one machine its peers'
-collectives fail within a fraction of a second (gloo: connection reset; torchrun also stops them). Across
-machines, the others may wait until torchrun's agents or the process group's timeout (``--dist-timeout``
-is not a flag yet: 600 s) end them.
+collectives fail within a fraction of a second (gloo: connection reset; torchrun also stops them) and they
+say which rank is gone and how. A process that stops answering (stopped, hung) is named by the others'
+watchdogs once they have waited ``--dist-timeout`` seconds in a collective (``watchdog.py``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from . import watchdog
 
 BUCKET_BYTES = 32 * 2**20  # gradients are summed in flat buckets of about this size
 
@@ -59,9 +62,10 @@ class World:
         return self.size > 1
 
     @classmethod
-    def from_env(cls, device: str = "", timeout_s: float = 600.0) -> World:
-        """The world torchrun describes, with its process group started (idempotent); ``World()`` without
-        torchrun. ``device``: the ``--device`` asked for ("" = cuda if available); CUDA gets NCCL, CPU gloo."""
+    def from_env(cls, device: str = "", timeout_s: float = watchdog.DEFAULT_TIMEOUT_S) -> World:
+        """The world torchrun describes, with its process group and watchdog started (idempotent); ``World()``
+        without torchrun. ``device``: the ``--device`` asked for ("" = cuda if available); CUDA gets NCCL, CPU
+        gloo. ``timeout_s``: ``--dist-timeout`` (the watchdog's; the process group's is a little longer)."""
         rank, size, local_rank = launched()
         if size <= 1:
             return cls()
@@ -69,7 +73,10 @@ class World:
         if not dist.is_initialized():
             if use_cuda:
                 torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            group_timeout = datetime.timedelta(seconds=timeout_s + 30)
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=group_timeout)
+        if watchdog.current() is None:
+            watchdog.start(rank, size, timeout_s)
         return cls(rank, size, local_rank)
 
     def print(self, *args, **kwargs) -> None:
@@ -89,21 +96,25 @@ class World:
         if not self.distributed:
             return value
         t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return type(value)(t.item()) if isinstance(value, int) else t.item()
+        with _waiting():
+            dist.all_reduce(t)
+            return type(value)(t.item()) if isinstance(value, int) else t.item()
 
     def sum_all(self, values: list[float], device: str = "cpu") -> list[float]:
         """Each number summed over all processes (one collective; ints stay ints)."""
         if not self.distributed:
             return values
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return [type(v)(x) for v, x in zip(values, t.tolist(), strict=True)]
+        with _waiting():
+            dist.all_reduce(t)
+            totals = t.tolist()
+        return [type(v)(x) for v, x in zip(values, totals, strict=True)]
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over all processes, in place (returned)."""
         if self.distributed:
-            dist.all_reduce(t)
+            with _waiting():
+                dist.all_reduce(t)
         return t
 
     def any(self, flag: bool, device: str = "cpu") -> bool:
@@ -115,7 +126,8 @@ class World:
         if not self.distributed:
             return [value]
         out = [None] * self.size
-        dist.all_gather_object(out, value)
+        with _waiting():
+            dist.all_gather_object(out, value)
         return out
 
     def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
@@ -127,7 +139,8 @@ class World:
         # process must bucket the same tensors, so the pattern is agreed first (zeros where one is missing)
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
                            device=params[0].device if params else "cpu")
-        dist.all_reduce(has)
+        with _waiting():
+            dist.all_reduce(has)
         for p, n in zip(params, has.tolist(), strict=True):
             if n and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -155,7 +168,8 @@ class World:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            with _waiting():
+                dist.barrier()
 
     def finish(self, code: int) -> int:
         """End this process's part: one process returns ``code``; several meet at a barrier, then each leaves
@@ -170,29 +184,35 @@ class World:
         os._exit(code)
 
 
+def _waiting():
+    """Around a collective: the watchdog's clock runs while the main thread waits in it."""
+    dog = watchdog.current()
+    return dog.waiting() if dog is not None else nullcontext()
+
+
 def _reduce_bucket(grads: list[torch.Tensor]) -> None:
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
     for same in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in same])
-        dist.all_reduce(flat)
+        with _waiting():
+            dist.all_reduce(flat)
         offset = 0
         for g in same:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
 
-def exit_with_error(message: str, code: int) -> int:
+def exit_with_error(message: str, code: int, lost_peer: bool = False) -> int:
     """Report an error and end this process. With several processes (torchrun), the failing one names itself
-    and leaves at once (``os._exit``: nothing waits on the others, which torchrun then stops within a
-    fraction of a second), so no rank hangs until a collective times out."""
+    and leaves at once (``watchdog.leave``: nothing waits on the others, which torchrun then stops within a
+    fraction of a second), so no rank hangs until a collective times out. ``lost_peer``: this process only
+    lost another (see ``watchdog.lost_peers_message``)."""
     rank, world, _ = launched()
-    prefix = f"rank {rank}/{world}: " if world > 1 else ""
-    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
     if world > 1:
-        sys.stdout.flush()
-        os._exit(code)
+        watchdog.leave(message, code, rank, world, lost_peer)
+    print(f"error: {message}", file=sys.stderr, flush=True)
     return code
 
 

@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from ..model.config import PRESETS
 from ..model.shipped import shipped, shipped_name
 from ..parallel.distributed import launched
+from ..parallel.watchdog import DEFAULT_TIMEOUT_S
 from ..utils.options import add_arguments, checked, option
 from ..policies import POLICIES
 from .recipes import get_recipe, listing
@@ -97,6 +98,9 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "activation checkpointing")
     fsdp: bool = option(False, "several processes: shard the base over them with FSDP2 (the adapters stay whole "
                                "on every process; full fine-tuning shards its trained weights and their state)")
+    dist_timeout: float = option(DEFAULT_TIMEOUT_S, "several processes: seconds a process waits inside one "
+                                                    "collective before every process stops, naming the ranks it "
+                                                    "waits for (stopped, hung or gone)", low=1.0)
     device: str = option("", "cpu, cuda or cuda:N (default: cuda if available)")
     dtype: str = option("float32", "dtype of the frozen base weights: bfloat16 halves their memory (lora, epng, dmep "
                                    "only; adapters and their optimizer state stay fp32)", choices=tuple(DTYPES))

@@ -124,7 +124,7 @@ class Trainer:
     # --- construction ------------------------------------------------------------------------------
     def _check(self) -> None:
         c = self.config
-        self.world = World.from_env(c.device)  # torchrun: this process's rank; else rank 0 of 1
+        self.world = World.from_env(c.device, c.dist_timeout)  # torchrun: this process's rank; else rank 0 of 1
         self.device = check_device(self.world.device(c.resolved_device()))
         try:
             check_choices(c)
