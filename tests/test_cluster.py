@@ -111,3 +111,19 @@ def test_a_killed_rank_is_named_by_the_survivor_and_by_torchrun(tmp_path):
     assert time.monotonic() - t < 30
     assert f"rank 0/2: error: rank 1 (pid {killed} on this host) has ended without reporting an error" in err
     assert root_cause_rank(err) == 1, err[-3000:]  # not the survivor
+
+
+@pytest.mark.parametrize("fault, said", [
+    ("data", "rank 1's data differ from rank 0's: 200 examples against 300 (--data "),
+    ("config", "rank 1's configuration differs from rank 0's: lr 0.5 against 0.001"),
+])
+def test_a_rank_with_other_data_or_flags_is_refused_at_start(tmp_path, fault, said):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "response": f" {i + 1}"}) + "\n" for i in range(300)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_failing_rank.py"), *RUN, "--steps", "4", "--lr", "0.001", "--data", str(data),
+           "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "MINIMOE_TEST_FAULT": fault})
+    assert proc.returncode != 0 and f"rank 0/2: error: {said}" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
+from . import agreement, checkpoint as ckpt
 from ..parallel import strategy
 from ..adapters.adamw import AdamW
 from ..data.dataset import Dataset, answer_only, load_pairs
@@ -192,6 +192,9 @@ class Trainer:
             self._say(f"{c.data}: {empty} of {len(pairs)} examples have an empty response (only the "
                       "end-of-sequence token is trained on them)")
         self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)
+        if self.world.distributed:  # the same data, base and configuration on every process (agreement.py)
+            if problems := agreement.disagreements(self.world.gather(agreement.fingerprints(self.data, self.model, c))):
+                raise TrainingError("; ".join(problems) if self.world.main else "the processes disagree (see rank 0)")
         self.part = (self.world.rank, self.world.size)  # this process's part of every global batch
         self.global_batch = c.batch_size * c.grad_accum * self.world.size
         self.steps_per_epoch = max(1, math.ceil(len(self.data) / self.global_batch))
