@@ -227,27 +227,14 @@ def test_toml_values_are_checked_and_a_run_writes_a_config_that_repeats_it(tmp_p
         {k: v for k, v in vars(first).items() if k != "policy_options"}
 
 
-def test_unwritable_outputs_are_one_line_errors_and_the_last_checkpoint_stays(stopped_run, tmp_path, capsys,
-                                                                              monkeypatch):
-    """8. Disk full and read-only directories gave raw tracebacks (SafetensorError, OSError)."""
+def test_an_unwritable_run_directory_is_a_one_line_error(tmp_path, capsys):
+    """8. Disk full and read-only directories gave raw tracebacks (SafetensorError, OSError). A failed write of a
+    checkpoint or an export, with the last checkpoint kept: test_write_errors.py (real failures, not mocked)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     assert train.main(["--policy", "lora", *TINY, "--steps", "1", "--out", str(blocker / "run")]) == 2
     err = capsys.readouterr().err
     assert f"error: cannot write {blocker / 'run'}: Not a directory" in err and "Traceback" not in err
-    run = _copy(stopped_run, tmp_path)
-    before = (run / "checkpoint" / "model.safetensors").read_bytes()
-    from minimoe.train import checkpoint as ckpt
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
-    assert train.main(["--resume", str(run)]) == 1
-    err = capsys.readouterr().err
-    assert f"error: cannot write {run / 'checkpoint'}: No space left on device" in err and "Traceback" not in err
-    assert (run / "checkpoint" / "model.safetensors").read_bytes() == before  # the last checkpoint stays
-    assert not list(run.glob(".checkpoint.tmp-*"))
 
 
 def test_output_that_is_not_a_terminal_gets_plain_progress_lines_not_bar_frames(tmp_path, capsys):

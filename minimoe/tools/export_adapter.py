@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..adapters.base import AdapterError
 from ..adapters.io import adapter_base_model
-from ..utils.files import check_destination
+from ..utils.files import Unwritable, check_destination, check_writable, write_failure
 from ..adapters.export import export_merged, export_peft, merged_state_dict, peft_tensors
 
 __all__ = ["export_merged", "export_peft", "main", "merged_state_dict", "peft_tensors"]
@@ -36,10 +37,21 @@ def main(argv=None) -> int:
         p.error("--model is required without --adapter")
     try:
         check_destination(args.out, args.overwrite, flag="--overwrite")  # before loading anything
+        check_writable(Path(args.out).parent)  # a read-only or impossible destination costs nothing either
         model = from_pretrained(args.model or adapter_base_model(args.adapter), dtype=args.dtype)
         if args.adapter:
             model.load_adapter(args.adapter, check_base=not args.no_check_base)
-        path = (export_peft if args.peft else export_merged)(model, args.out, overwrite=args.overwrite)
+        try:
+            path = (export_peft if args.peft else export_merged)(model, args.out, overwrite=args.overwrite)
+        except Exception as e:  # a full disk, a file-size limit: the OS's reason, whichever writer met it
+            if isinstance(e, FileExistsError) or (reason := write_failure(e)) is None:
+                raise
+            # written aside and renamed (files.atomic_dir): an existing OUT is as it was, no temporary is left
+            print(f"error: cannot write {args.out}: {reason}", file=sys.stderr)
+            return 1
+    except Unwritable as e:  # found before anything was loaded
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except FileExistsError:
         print(f"error: {args.out} already exists; pass --overwrite to replace it (nothing was written)",
               file=sys.stderr)

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..adapters.base import Adapter, adapters_of, replace_module
-from ..utils.files import atomic_dir, previous_copy
+from ..utils.files import atomic_dir, previous_copy, save_torch
 from ..parallel.fsdp import full, shard_like
 
 CHECKPOINT = "checkpoint"
@@ -254,8 +254,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, info: dict, stat
     optimizer_saved = optimizer_state(model, optimizer) if optimizer_saved is None else optimizer_saved
     with atomic_dir(final, overwrite=True) as tmp:
         save_file(weights, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer_saved, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
+        # through a Python file: a full disk raises its OSError, not torch's "unexpected pos" (files.save_torch)
+        save_torch({"optimizer": optimizer_saved, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_torch({**state, "rng": rng_state()}, tmp / "state.pt")
         (tmp / "trainer.json").write_text(json.dumps({**info, "layout": adapter_layout(model)}, indent=1))
     return final
 

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from ..utils.files import atomic_dir, write_text_atomic
+from ..utils.files import atomic_dir, write_failure, write_text_atomic
 
 ARGS, METRICS, EVENTS, SUMMARY = "args.json", "metrics.jsonl", "events.jsonl", "summary.json"
 LOGS = (METRICS, EVENTS)
@@ -35,20 +35,19 @@ class RunDirError(RuntimeError):
 
 @contextlib.contextmanager
 def writing(path: Path):
-    """Turn a failed write (read-only or missing directory, full disk: ``OSError``, safetensors' and torch's
-    own errors) into one ``RunDirError`` naming ``path``; what was saved before stays (writes are atomic)."""
+    """Turn a failed write under ``path`` into one ``RunDirError``, ``cannot write PATH: reason``, the reason in
+    the operating system's words (``files.write_failure``: a read-only or missing directory, a full disk, a
+    file-size limit, whichever writer met it: Python, safetensors or torch). What was saved before stays: files
+    and directories are replaced atomically. Anything else (a bug) passes through as it is."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
-        writer_error = isinstance(e, OSError) or any(s in str(e) for s in ("StreamWriter", "write", "No space"))
-        if isinstance(e, RunDirError) or not writer_error:
-            raise
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1][:200]
-        raise RunDirError(f"cannot write {path}: {reason}") from None
+    except RunDirError:
+        raise
     except Exception as e:
-        if type(e).__name__ != "SafetensorError":
+        reason = write_failure(e)
+        if reason is None:
             raise
-        raise RunDirError(f"cannot write {path}: {str(e)[:200]}") from None
+        raise RunDirError(f"cannot write {path}: {reason}") from None
 
 
 class RunDir:

@@ -1,13 +1,19 @@
 """Atomic directory writes: build into a hidden temporary sibling, then rename into place.
 
 A reader never sees a half-written directory under the final name: a crash leaves at most a
-``.NAME.tmp-*`` directory next to it. An existing destination is replaced only when asked.
+``.NAME.tmp-*`` directory next to it, and a write that fails (a full disk, a file-size limit) removes its
+temporary directory and leaves the previous copy as it was. An existing destination is replaced only when asked.
+
+``write_failure`` finds the operating system's reason in what each writer raises (Python's ``OSError``,
+safetensors' ``SafetensorError``, torch's ``RuntimeError``), for a command to say ``cannot write PATH: reason``;
+``save_torch`` writes ``torch.save`` files so that a failed write raises the ``OSError`` itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,8 +75,8 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, flag: str = "ove
     dst = check_destination(dst, overwrite, flag)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
         yield tmp
         mode = 0o666 & ~_umask()
         for f in tmp.rglob("*"):
@@ -112,6 +118,72 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class _KeepsWriteError:
+    """A binary file for ``torch.save`` that remembers the ``OSError`` of a failed ``write``: torch's writer
+    swallows it and then fails on its own (``[enforce fail at inline_container.cc] . unexpected pos N vs M``)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):  # flush, seek, tell: the file's own
+        return getattr(self.f, name)
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, written through a Python file so that a full disk or a file-size limit raises
+    the ``OSError`` that says so. Given a path, torch writes the file itself and reports any failed write as
+    ``RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 948160 vs 948080``: no path, no
+    reason. (The file is the same apart from the archive's top folder name, which ``torch.load`` ignores.)"""
+    import torch
+
+    with open(path, "wb") as f:  # buffered: torch's writer assumes every write is whole
+        sink = _KeepsWriteError(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None
+
+
+# how a writer's message carries the OS error number: Rust's io::Error (safetensors) "... (os error 28)", or
+# its debug form "IoError(Os { code: 28, kind: StorageFull, message: ... })"
+_OS_ERROR = re.compile(r"\bos error (\d+)|\bOs \{ code: (\d+)")
+# torch's messages when its own file writer fails (a path given to torch.save; the legacy format's "write(): fd")
+_TORCH_WRITER = ("PytorchStreamWriter", "inline_container.cc", "file write failed", "basic_ios", "write(): fd")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, in the operating system's words (``No space left on device``, ``File too large``,
+    ``Permission denied``), from the exception a writer raised; None when ``error`` is not a failed write (a
+    bug: let it through). safetensors carries the OS error's number in its message; torch's own writer often
+    carries none, and then its message is the reason given (nothing is guessed)."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error).strip()
+    if type(error).__name__ == "SafetensorError":
+        found = _OS_ERROR.search(text)
+        if found:
+            return os.strerror(int(found[1] or found[2]))
+        return text.split("I/O error:", 1)[1].strip()[:200] if "I/O error:" in text else None
+    if isinstance(error, RuntimeError) and any(s in text for s in _TORCH_WRITER):
+        seen, cause = set(), error.__cause__ or error.__context__
+        while cause is not None and id(cause) not in seen:  # the OSError torch's writer was handling, if any
+            if isinstance(cause, OSError):
+                return write_failure(cause)
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        return f"torch's writer failed ({text.splitlines()[-1][:200] if text else type(error).__name__})"
+    return None
 
 
 def _umask() -> int:
