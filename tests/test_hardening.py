@@ -95,7 +95,8 @@ def test_a_longer_schedule_on_resume_is_announced_and_empty_events_are_not_logge
     run = _copy(stopped_run, tmp_path)
     assert train.main(["--resume", str(run), "--steps", "6"]) == 0
     out = capsys.readouterr().out
-    assert "--steps 6 (the run was planned for 4): the schedule is stretched to 6 steps; the learning rate" in out
+    assert "--steps 6 (was 4): the learning rate goes from 5e-05 to 6.67e-05 at step 3, then follows the linear " \
+           "schedule of a 6-step run with peak 0.0001" in out
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     schedule = [e for e in events if e["event"] == "schedule"]
     assert len(schedule) == 1 and schedule[0]["step"] == 2 and schedule[0]["steps"] == 6

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,13 @@ SCHEDULES = ("linear", "cosine", "constant")
 # the last step; ESFT's per-layer normalisation was saved with every run already)
 LEGACY_ARGS = {"schedule": "cosine", "epochs": 0.0}
 LEGACY_OPTIONS = {"dmep": {"lb_reduce": "sum"}, "epng": {"final_event": True}}
+# What a resume may change: each applies from the resumed step (the schedule's four continue from it on the new
+# schedule: schedule.rebase). Any other field or policy option given with another value than the run's is
+# refused, naming it: it would be ignored (the saved state wins) or train another run than this one (its data,
+# base, adapters, order). --out and --overwrite do not go with --resume.
+RESUME_MAY_CHANGE = ("steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size",
+                     "grad_accum", "save_every", "stop_at", "log_every", "eval_limit", "divergence_factor",
+                     "divergence_patience", "gradient_checkpointing", "fsdp", "dist_timeout", "device", "dtype")
 
 
 @dataclass
@@ -228,6 +236,10 @@ def resolve(argv=None, description: str | None = None, embedded: bool = True) ->
                          **saved.pop("policy_options", {})}
         for key in ("resume", "overwrite", "out", "stop_at"):
             saved.pop(key, None)
+        run_args, run_options = dict(saved), dict(saved_options)
+        if stray := [f"--{k}" for k in ("out", "overwrite") if args.get(k) or train.get(k)]:
+            p.error(f"--resume {resume}: {' and '.join(stray)} do not go with --resume (the run continues in its "
+                    "own directory)")
         train = {**saved, **train}
         options = {saved["policy"]: {**saved_options, **options.get(saved["policy"], {})},
                    **{k: v for k, v in options.items() if k != saved["policy"]}}
@@ -279,4 +291,25 @@ def resolve(argv=None, description: str | None = None, embedded: bool = True) ->
     except ValueError as e:
         source = f" (--config {args['config']} or the flags)" if args.get("config") else ""
         p.error(f"{e}{source}")
-    return TrainConfig(**train, policy_options=chosen)
+    config = TrainConfig(**train, policy_options=chosen)
+    if resume:
+        refuse_resume_changes(resume, config, run_args, run_options, p.error)
+    return config
+
+
+def refuse_resume_changes(run: str, config: TrainConfig, saved: dict, saved_options: dict, fail) -> None:
+    """Refuse (``fail``) a resume whose flags change what it may not (``RESUME_MAY_CHANGE``), naming each."""
+    asked = json.loads(json.dumps(dataclasses.asdict(config)))  # as saved: tuples are lists
+    options = asked.pop("policy_options")
+    changed = [f"--{k.replace('_', '-')} {asked[k]!r} (the run's: {saved[k]!r})" for k in asked
+               if k in saved and k not in RESUME_MAY_CHANGE and k != "resume" and asked[k] != saved[k]]
+    # the options as the policy resolves them (the run saved those it was given; the rest are the defaults)
+    cls = POLICIES[config.policy].Config
+    theirs = json.loads(json.dumps(dataclasses.asdict(cls(**checked(cls, saved_options, "")))))
+    mine = json.loads(json.dumps(dataclasses.asdict(cls(**options))))
+    changed += [f"--{config.policy}-{k.replace('_', '-')} {v!r} (the run's: {theirs[k]!r})"
+                for k, v in mine.items() if v != theirs[k]]
+    if changed:
+        fail(f"--resume {run}: a resumed run cannot change {', '.join(changed)}: they make another run (its "
+             f"data, base, adapters or order); start one with --out, or resume without them. A resume may change "
+             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)}")

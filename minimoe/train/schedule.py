@@ -23,3 +23,29 @@ def lr_schedule(optimizer, steps: int, warmup_ratio: float, kind: str = "cosine"
         return 1.0 if kind == "constant" else 0.5 * (1 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+SCHEDULE_ARGS = ("steps", "lr", "schedule", "warmup_ratio")  # what a resumed run's schedule is made of
+
+
+def rebase(optimizer, scheduler, saved: dict, config) -> dict | None:
+    """On resume, the schedule asked for now replaces the saved run's: ``scheduler`` was built from ``config``
+    (``--steps``, ``--schedule``, ``--warmup-ratio``) and loaded with the checkpoint's peak rates, which a new
+    ``--lr`` scales (each parameter group keeps its ratio to it). The learning rate continues at the current
+    step of the new schedule. Returns the ``schedule`` event (what changed, the rate before and after), or None
+    when the schedule is the saved one."""
+    changed = {k: [saved[k], getattr(config, k)] for k in SCHEDULE_ARGS if k in saved and saved[k] != getattr(config, k)}
+    if "lr" in changed and saved.get("lr"):
+        scheduler.base_lrs = [base * config.lr / saved["lr"] for base in scheduler.base_lrs]
+    elif "lr" in changed:
+        scheduler.base_lrs = [config.lr for _ in scheduler.base_lrs]
+    before = optimizer.param_groups[0]["lr"]
+    for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * f(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    if not changed:
+        return None
+    return {"event": "schedule", "step": scheduler.last_epoch, "changed": changed,
+            "steps_planned": saved.get("steps"), "steps": config.steps,
+            "lr_before": before, "lr_after": optimizer.param_groups[0]["lr"]}

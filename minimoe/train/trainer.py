@@ -32,12 +32,12 @@ from ..utils.options import check_choices, to_toml
 from ..policies import POLICIES, Context, Policy, make_policy
 from .base_model import load_model_and_tokenizer
 from .lock import RunLock, RunLockError
-from .schedule import lr_schedule
+from .schedule import lr_schedule, rebase
 from .stopping import INTERRUPTED, PREEMPTED, DivergenceWatch, StopRequests
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
 from ..utils.memory import peak_memory_mb
-from .config import DTYPES, TrainConfig, default_model, is_preset
+from .config import DTYPES, LEGACY_ARGS, TrainConfig, default_model, is_preset
 from ..parallel.distributed import World
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "lr_schedule", "load_model_and_tokenizer"]
@@ -241,20 +241,17 @@ class Trainer:
         self.step = saved["info"]["step"]
         for stale in self.run.remove_temporaries():
             self._say(f"removed {stale}: left by a write that was interrupted")
-        # the saved lr was computed under the saved --steps; a new --steps stretches the schedule from here
-        before = [g["lr"] for g in self.optimizer.param_groups]
-        for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                  self.scheduler.lr_lambdas, strict=True):
-            group["lr"] = base * f(self.scheduler.last_epoch)
-        planned, events = saved["info"]["args"]["steps"], []
-        if planned != self.config.steps:
-            after = self.optimizer.param_groups[0]["lr"]
-            self._say(f"--steps {self.config.steps} (the run was planned for {planned}): the schedule is stretched "
-                      f"to {self.config.steps} steps; the learning rate goes from {before[0]:.3g} to {after:.3g} "
-                      f"at step {self.step + 1}, then follows the {self.config.schedule} schedule of a "
-                      f"{self.config.steps}-step run")
-            events.append({"event": "schedule", "step": self.step, "steps_planned": planned,
-                           "steps": self.config.steps, "lr_before": before[0], "lr_after": after})
+        # what the flags of this resume change: the schedule (--steps, --lr, --schedule, --warmup-ratio) continues
+        # from this step as asked; weight decay applies from the next step (config.RESUME_MAY_CHANGE)
+        planned = {**LEGACY_ARGS, **saved["info"]["args"]}
+        events = [e for e in [rebase(self.optimizer, self.scheduler, planned, self.config)] if e]
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.config.weight_decay
+        for e in events:
+            what = ", ".join(f"--{k.replace('_', '-')} {new} (was {old})" for k, (old, new) in e["changed"].items())
+            self._say(f"{what}: the learning rate goes from {e['lr_before']:.3g} to {e['lr_after']:.3g} at step "
+                      f"{self.step + 1}, then follows the {self.config.schedule} schedule of a {self.config.steps}-step "
+                      f"run with peak {self.config.lr:g}")
         try:
             for note in self.run.truncate_logs(self.step):
                 self._say(note)
