@@ -127,3 +127,34 @@ def test_a_rank_with_other_data_or_flags_is_refused_at_start(tmp_path, fault, sa
                           env={**os.environ, "MINIMOE_TEST_FAULT": fault})
     assert proc.returncode != 0 and f"rank 0/2: error: {said}" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
+
+
+def test_the_slurm_example_checkpoints_requeues_and_resumes(tmp_path):
+    """examples/slurm.sbatch as SLURM runs it: SIGUSR1 to the batch script (--signal=B:USR1@300) → the run
+    checkpoints, the script requeues the job (a stand-in scontrol records it); the requeued job resumes and
+    finishes, bit for bit the run of a job never signalled, which requeues nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "42", "NPROC": "2", "PYTHONPATH": str(ROOT),
+           "TRAIN_ARGS": " ".join([*RUN, "--data", "tiny-arith", "--steps", "150"])}
+    job = lambda run: subprocess.Popen(["bash", str(ROOT / "examples" / "slurm.sbatch")], cwd=tmp_path,
+                                       env={**env, "RUN": str(run)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    first = job(run)
+    _wait_for_steps(run, 3, first)
+    first.send_signal(signal.SIGUSR1)
+    out, err = first.communicate(timeout=120)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n", err[-3000:]
+    step = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    assert 3 <= step < 150 and f"preempted: saved step {step}" in out and not (run / "summary.json").exists()
+    requeued = job(run)
+    out, err = requeued.communicate(timeout=240)
+    assert requeued.returncode == 0 and f"(resumed at step {step})" in out, err[-3000:]
+    never = job(whole)
+    assert never.communicate(timeout=240) and never.returncode == 0
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"  # only the signalled job requeued
+    _same_run(run, whole)

@@ -67,11 +67,12 @@ class StopRequests:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now
-            if signum == signal.SIGINT:
-                self.say("\nCtrl-C: finishing this step, then saving (press again to stop at once)")
-            else:
-                self.say(f"\n{signal_name(signum)}: finishing this step, then saving a checkpoint "
-                         f"(exit status {PREEMPTED}: resume the run)")
+            try:  # (a handler that prints while the main thread prints: Python refuses the reentrant write)
+                self.say("\nCtrl-C: finishing this step, then saving (press again to stop at once)"
+                         if signum == signal.SIGINT else f"\n{signal_name(signum)}: finishing this step, then "
+                         f"saving a checkpoint (exit status {PREEMPTED}: resume the run)")
+            except RuntimeError:
+                pass
             return
         if signum in PREEMPTION and self.signum == signal.SIGINT:
             self.signum = signum  # a preemption after a Ctrl-C: the exit status says "resume"
