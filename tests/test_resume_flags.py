@@ -62,6 +62,7 @@ def test_a_resume_without_flags_changes_nothing(runs, tmp_path):
     (["--data", "README.md"], "--data 'README.md' (the run's: 'tiny-arith')"),
     (["--seed", "3"], "--seed 3 (the run's: 0)"),
     (["--lora-rank", "4"], "--lora-rank 4 (the run's: 8)"),
+    (["--policy", "epng"], "--policy 'epng' (the run's: 'lora')"),
     (["--out", "elsewhere"], "--out do not go with --resume"),
     (["--overwrite"], "--overwrite do not go with --resume"),
 ])

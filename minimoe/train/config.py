@@ -237,6 +237,9 @@ def resolve(argv=None, description: str | None = None, embedded: bool = True) ->
         for key in ("resume", "overwrite", "out", "stop_at"):
             saved.pop(key, None)
         run_args, run_options = dict(saved), dict(saved_options)
+        if (asked := args.get("policy") or train.get("policy")) and asked != saved["policy"]:
+            p.error(f"--resume {resume}: a resumed run cannot change --policy {asked!r} (the run's: "
+                    f"{saved['policy']!r}); start another run with --out")
         if stray := [f"--{k}" for k in ("out", "overwrite") if args.get(k) or train.get(k)]:
             p.error(f"--resume {resume}: {' and '.join(stray)} do not go with --resume (the run continues in its "
                     "own directory)")
@@ -303,12 +306,13 @@ def refuse_resume_changes(run: str, config: TrainConfig, saved: dict, saved_opti
     options = asked.pop("policy_options")
     changed = [f"--{k.replace('_', '-')} {asked[k]!r} (the run's: {saved[k]!r})" for k in asked
                if k in saved and k not in RESUME_MAY_CHANGE and k != "resume" and asked[k] != saved[k]]
-    # the options as the policy resolves them (the run saved those it was given; the rest are the defaults)
-    cls = POLICIES[config.policy].Config
-    theirs = json.loads(json.dumps(dataclasses.asdict(cls(**checked(cls, saved_options, "")))))
-    mine = json.loads(json.dumps(dataclasses.asdict(cls(**options))))
-    changed += [f"--{config.policy}-{k.replace('_', '-')} {v!r} (the run's: {theirs[k]!r})"
-                for k, v in mine.items() if v != theirs[k]]
+    if config.policy == saved.get("policy"):  # (another policy is refused above; its options do not compare)
+        # the options as the policy resolves them (the run saved those it was given; the rest are the defaults)
+        cls = POLICIES[config.policy].Config
+        theirs = json.loads(json.dumps(dataclasses.asdict(cls(**checked(cls, saved_options, "")))))
+        mine = json.loads(json.dumps(dataclasses.asdict(cls(**options))))
+        changed += [f"--{config.policy}-{k.replace('_', '-')} {v!r} (the run's: {theirs[k]!r})"
+                    for k, v in mine.items() if v != theirs[k]]
     if changed:
         fail(f"--resume {run}: a resumed run cannot change {', '.join(changed)}: they make another run (its "
              f"data, base, adapters or order); start one with --out, or resume without them. A resume may change "

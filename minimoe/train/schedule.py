@@ -34,7 +34,8 @@ def rebase(optimizer, scheduler, saved: dict, config) -> dict | None:
     ``--lr`` scales (each parameter group keeps its ratio to it). The learning rate continues at the current
     step of the new schedule. Returns the ``schedule`` event (what changed, the rate before and after), or None
     when the schedule is the saved one."""
-    changed = {k: [saved[k], getattr(config, k)] for k in SCHEDULE_ARGS if k in saved and saved[k] != getattr(config, k)}
+    changed = {k: [saved[k], getattr(config, k)] for k in SCHEDULE_ARGS
+               if k in saved and saved[k] != getattr(config, k)}
     if "lr" in changed and saved.get("lr"):
         scheduler.base_lrs = [base * config.lr / saved["lr"] for base in scheduler.base_lrs]
     elif "lr" in changed:

@@ -250,8 +250,8 @@ class Trainer:
         for e in events:
             what = ", ".join(f"--{k.replace('_', '-')} {new} (was {old})" for k, (old, new) in e["changed"].items())
             self._say(f"{what}: the learning rate goes from {e['lr_before']:.3g} to {e['lr_after']:.3g} at step "
-                      f"{self.step + 1}, then follows the {self.config.schedule} schedule of a {self.config.steps}-step "
-                      f"run with peak {self.config.lr:g}")
+                      f"{self.step + 1}, then follows the {self.config.schedule} schedule of a "
+                      f"{self.config.steps}-step run with peak {self.config.lr:g}")
         try:
             for note in self.run.truncate_logs(self.step):
                 self._say(note)
@@ -315,7 +315,8 @@ class Trainer:
         if median is None:
             return
         last = self.run.checkpoint_dir
-        kept = f"the last checkpoint, from before the loss rose, is {last}" if last.exists() else "no checkpoint was written"
+        kept = (f"the last checkpoint, from before the loss rose, is {last}" if last.exists()
+                else "no checkpoint was written")
         raise TrainingError(
             f"the loss diverged: {loss:.4g} at step {self.step}, above {c.divergence_factor:g} x its running median "
             f"{median:.4g} for {self._divergence.streak} steps; stopping without saving ({kept}). Try a lower --lr "
