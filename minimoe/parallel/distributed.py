@@ -154,6 +154,9 @@ class World:
                 bucket, size = [], 0
         if bucket:
             _reduce_bucket(bucket)
+        if grads and grads[0].is_cuda:  # NCCL returns before the sums are done: wait here, where the watchdog looks
+            with _waiting():
+                torch.cuda.synchronize(grads[0].device)
 
     def replicas_agree(self, params: list[torch.Tensor]) -> bool:
         """Whether every process holds bit-identical ``params`` (a hash of their bytes, gathered)."""
