@@ -74,7 +74,8 @@ class Watchdog:
         self.period = max(0.2, min(5.0, timeout_s / 5))
         self.entered = 0  # collectives entered by the main thread
         self._waiting_since: float | None = None  # the main thread is inside a collective since
-        self._beats: dict[int, tuple[int, float]] = {}  # rank: (last heartbeat seen, when it last changed)
+        # rank: (last heartbeat seen, when it last changed); none seen yet counts from now
+        self._beats = {r: (-1, time.monotonic()) for r in range(size) if r != rank}
         self._lock = threading.Lock()  # the store client is used by both threads
         self.host = socket.gethostname()
         self._set(f"peer/{rank}", json.dumps({"host": self.host, "pid": os.getpid()}))
@@ -129,14 +130,15 @@ class Watchdog:
                 self._stalled(time.monotonic() - since)
 
     def _see_beats(self) -> None:
-        now = time.monotonic()
-        for r in range(self.size):
-            if r == self.rank:
-                continue
-            value = self._read(f"beat/{r}")
-            beat = int(value) if value is not None else -1
-            last = self._beats.get(r)
-            if last is None or last[0] != beat:
+        """Note when each peer's heartbeat last changed (two round trips to the store, whatever the size)."""
+        now, keys = time.monotonic(), [f"minimoe/beat/{r}" for r in range(self.size) if r != self.rank]
+        with self._lock:
+            if not self.store.check(keys):  # a peer that never started its watchdog: the others, one by one
+                keys = [k for k in keys if self.store.check([k])]
+            beats = [int(v) for v in self.store.multi_get(keys)] if keys else []
+        for key, beat in zip(keys, beats, strict=True):
+            r = int(key.rsplit("/", 1)[1])
+            if self._beats[r][0] != beat:
                 self._beats[r] = (beat, now)
 
     def _stalled(self, waited: float) -> None:
@@ -176,7 +178,7 @@ class Watchdog:
                 phrases.append(f"rank {r}: unknown (the store cannot be read)")
                 continue
             where = f"pid {peer.get('pid')} on {'this host' if peer.get('host') == self.host else peer.get('host')}"
-            beat, changed = self._beats.get(r, (None, now))
+            changed = self._beats[r][1]
             quiet = now - changed
             if error:
                 e = json.loads(error)
