@@ -26,6 +26,7 @@ import torch
 
 from ..model.tokenizer import Tokenizer
 from .mc_rows import LETTERS, RowError, is_mc, mc_prompt, mc_row
+from .packing import length_grouped, pack, position_ids
 from .sources import DataError, read_records
 
 FORMATS = {
@@ -164,13 +165,19 @@ def prompt_text(tok: Tokenizer, prompt) -> str:
 def encode_pair(tok: Tokenizer, prompt, response: str, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (prompt masked with -100). Over-long examples lose the start of the prompt
     first, then the end of the response, so at least half of ``max_len`` stays response."""
+    return _encode(tok, prompt, response, max_len)[:2]
+
+
+def _encode(tok: Tokenizer, prompt, response: str, max_len: int) -> tuple[list[int], list[int], bool]:
+    """``encode_pair``, and whether the example was longer than ``max_len``."""
     p = tok.encode(prompt_text(tok, prompt))
     r = tok.encode(response, add_special_tokens=False)
     if tok.eos_token_id is not None:
         r = r + [tok.eos_token_id]
-    r = r[:max_len - min(len(p), max_len // 2)] if len(p) + len(r) > max_len else r
+    long = len(p) + len(r) > max_len
+    r = r[:max_len - min(len(p), max_len // 2)] if long else r
     p = p[max(0, len(p) + len(r) - max_len):]
-    return p + r, [-100] * len(p) + r
+    return p + r, [-100] * len(p) + r, long
 
 
 @dataclass
@@ -178,6 +185,7 @@ class Batch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), -100 on prompt and padding
+    position_ids: torch.Tensor | None = None  # (B, T), packed rows only: 0 at each example's start
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -185,42 +193,42 @@ class Batch:
         return (self.labels != -100).long()
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        pos = self.position_ids.to(device) if self.position_ids is not None else None
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), pos)
 
 
 class Dataset:
-    """Tokenised examples and a resumable, seeded order: each epoch is a fresh permutation."""
+    """Tokenised examples (or packed rows: ``packing.py``) and a resumable, seeded order: each epoch is a fresh
+    permutation, length-grouped in global batches of ``group`` rows when ``group`` > 0."""
 
-    def __init__(self, examples: list[tuple[list[int], list[int]]], pad_id: int, seed: int = 0):
+    def __init__(self, examples: list[tuple], pad_id: int, seed: int = 0, group: int = 0, truncated: int = 0):
         if not examples:
             raise DataError("the dataset is empty")
-        self.examples, self.pad_id, self.seed = examples, pad_id, seed
+        self.examples, self.pad_id, self.seed, self.group = examples, pad_id, seed, group
+        self.truncated = truncated  # examples longer than max_len, cut to it
+        self.packed = len(examples[0]) == 3
         self.epoch, self.index = 0, 0
         self._order = self._permutation(0)
 
     @classmethod
-    def build(cls, pairs, tok: Tokenizer, max_len: int = 256, packing: bool = False, seed: int = 0) -> "Dataset":
-        examples = [encode_pair(tok, p, r, max_len) for p, r in pairs]
+    def build(cls, pairs, tok: Tokenizer, max_len: int = 256, packing: bool = False, seed: int = 0,
+              group: int = 0) -> "Dataset":
+        """``packing``: whole examples in rows of ``max_len`` (``packing.pack``); ``group``: length-grouped
+        global batches of that many rows (``--group-by-length``: batch size × processes)."""
+        encoded = [_encode(tok, p, r, max_len) for p, r in pairs]
+        examples, truncated = [(ids, labels) for ids, labels, _ in encoded], sum(long for *_, long in encoded)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        if packing:  # greedy concatenation into max_len rows (attention crosses example boundaries)
-            rng = random.Random(seed)
-            rng.shuffle(examples)
-            packed, ids, labels = [], [], []
-            for e_ids, e_labels in examples:
-                if ids and len(ids) + len(e_ids) > max_len:
-                    packed.append((ids, labels))
-                    ids, labels = [], []
-                ids, labels = ids + e_ids, labels + e_labels
-            packed.append((ids, labels))
-            examples = packed
-        return cls(examples, pad, seed)
+        return cls(pack(examples, max_len, seed) if packing else examples, pad, seed, group, truncated)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
+        order = torch.randperm(len(self.examples), generator=g).tolist()
+        if self.group:
+            order = length_grouped(order, [len(e[0]) for e in self.examples], self.group, g)
+        return order
 
     def next_batch(self, batch_size: int, part: tuple[int, int] = (0, 1)) -> Batch:
         """The next ``batch_size`` examples in order (crossing into the next epoch when needed), right-padded.
@@ -237,23 +245,25 @@ class Dataset:
                 self._order = self._permutation(self.epoch)
             rows.append(self.examples[self._order[self.index]])
             self.index += 1
-        width = max(len(ids) for ids, _ in rows)
+        width = max(len(row[0]) for row in rows)
         rows = rows[rank * batch_size:(rank + 1) * batch_size]
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (r_ids, r_labels) in enumerate(rows):
+        for i, (r_ids, r_labels, *_) in enumerate(rows):
             ids[i, :len(r_ids)] = torch.tensor(r_ids)
             mask[i, :len(r_ids)] = 1
             labels[i, :len(r_labels)] = torch.tensor(r_labels)
-        return Batch(ids, mask, labels)
+        return Batch(ids, mask, labels, position_ids(rows, width) if self.packed else None)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "size": len(self.examples)}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "size": len(self.examples),
+                "group": self.group}
 
     def load_state_dict(self, state: dict) -> None:
         if state["size"] != len(self.examples) or state["seed"] != self.seed:
             raise DataError(f"resume: the data has {len(self.examples)} examples (seed {self.seed}) but the "
                             f"checkpoint was taken on {state['size']} (seed {state['seed']})")
+        # (a resume with another global batch under --group-by-length regroups the rest of the epoch)
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._permutation(self.epoch)

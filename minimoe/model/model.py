@@ -68,12 +68,25 @@ class AttentionMask:
     is_causal: bool
 
     @classmethod
-    def build(cls, attention_mask: torch.Tensor | None, T: int, past: int, device) -> "AttentionMask":
+    def build(cls, attention_mask: torch.Tensor | None, T: int, past: int, device,
+              position_ids: torch.Tensor | None = None) -> "AttentionMask":
         """Causal attention over real tokens. ``attention_mask (B, past + T)``: 1 = real, 0 = padding.
 
         A padding query may attend to itself, so no row is fully masked (SDPA would return NaN there,
         and NaN in a cached padding key would poison later queries through ``0 · NaN``).
+
+        Packed rows (``position_ids (B, T)`` that restart at 0 inside a row, without a cache: the padding-free
+        convention of transformers' ``DataCollatorWithFlattening``): each segment is its own document, so
+        attention is block-diagonal causal and a token sees only its own example.
         """
+        if past == 0 and position_ids is not None and T > 1 and bool((position_ids[:, 1:] == 0).any()):
+            doc = (position_ids == 0).long().cumsum(-1)  # (B, T): the example each token belongs to
+            same = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            real = (attention_mask.bool()[:, None, :] if attention_mask is not None
+                    else torch.ones(1, 1, T, dtype=torch.bool, device=device))
+            eye = torch.eye(T, dtype=torch.bool, device=device)
+            return cls(((causal & same & real) | eye)[:, None], False)
         if attention_mask is None or bool(attention_mask.all()):
             if past == 0:
                 return cls(None, T > 1)
@@ -254,7 +267,8 @@ class Transformer(nn.Module):
             attention_mask: ``(B, past + T)``, 1 for real tokens and 0 for padding (left or right).
             labels: ``(B, T)``; position t is scored against label t+1; -100 is ignored.
             position_ids: ``(B, T)``; default from the attention mask (cumsum - 1), else
-                ``past + arange(T)``.
+                ``past + arange(T)``. Restarting at 0 inside a row (packed examples), each segment is attended
+                to as its own document (``AttentionMask.build``).
             kv_cache: a ``generate.KVCache`` to read and extend.
             output_router: return per-MoE-layer routing in ``out.router``.
             logits_to_keep: if > 0, compute logits for the last n positions only.
@@ -268,7 +282,7 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = AttentionMask.build(attention_mask, T, past, input_ids.device)
+        mask = AttentionMask.build(attention_mask, T, past, input_ids.device, position_ids)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
 

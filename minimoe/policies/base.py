@@ -55,7 +55,9 @@ class Context:
             for _ in range(batches):
                 batch = self.next_batch()  # several processes: each measures its part of the global batch
                 mask = batch.loss_mask if self.stats_tokens == "response" else batch.attention_mask
-                stats.observe(model(batch.input_ids, attention_mask=batch.attention_mask, output_router=True), mask)
+                out = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                            output_router=True)
+                stats.observe(out, mask)
             stats.sync()
         finally:
             data.load_state_dict(saved)

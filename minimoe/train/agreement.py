@@ -18,12 +18,13 @@ from ..adapters.io import fingerprint
 
 
 def data_fingerprint(data) -> str:
-    """A hash of the tokenised examples (token ids and labels, in order) of a ``Dataset``."""
+    """A hash of the tokenised examples (token ids and labels, and packed rows' starts, in order) of a
+    ``Dataset``."""
     h = hashlib.sha256()
-    for ids, labels in data.examples:
-        h.update(np.asarray(ids, dtype=np.int64).tobytes())
-        h.update(b"|")
-        h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    for row in data.examples:  # (ids, labels) or, packed, (ids, labels, starts)
+        for part in row:
+            h.update(np.asarray(part, dtype=np.int64).tobytes())
+            h.update(b"|")
         h.update(b";")
     return h.hexdigest()[:16]
 

@@ -90,7 +90,11 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)", low=0.0)
     max_len: int = option(256, "tokens per example (longer ones are truncated; DMEP §IV: 256)", low=2)
-    packing: bool = option(False, "pack examples into max_len rows")
+    packing: bool = option(False, "pack whole examples into rows of --max-len tokens; each attends only to "
+                                  "itself (positions restart per example), so losses and routing are those of "
+                                  "the examples alone, without the padding (a step holds more examples)")
+    group_by_length: bool = option(False, "draw each batch's examples from length-sorted chunks: the same number "
+                                          "of examples per batch, with little padding")
     stats_tokens: str = option("all", "tokens counted by routing statistics (and DMEP's LB loss): all real tokens "
                                       "(padding masked; EPnG Eq. 6, DMEP Eqs. 8-9) or response (prompt masked too)",
                                choices=("all", "response"))

@@ -191,7 +191,11 @@ class Trainer:
         if empty:
             self._say(f"{c.data}: {empty} of {len(pairs)} examples have an empty response (only the "
                       "end-of-sequence token is trained on them)")
-        self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed)
+        self.data = Dataset.build(pairs, self.tok, c.max_len, c.packing, c.seed,
+                                  group=c.batch_size * self.world.size if c.group_by_length else 0)
+        if self.data.truncated:
+            self._say(f"{c.data}: {self.data.truncated} of {len(pairs)} examples are longer than --max-len "
+                      f"{c.max_len} and were cut to it")
         if self.world.distributed:  # the same data, base and configuration on every process (agreement.py)
             if problems := agreement.disagreements(self.world.gather(agreement.fingerprints(self.data, self.model, c))):
                 raise TrainingError("; ".join(problems) if self.world.main else "the processes disagree (see rank 0)")
@@ -347,7 +351,8 @@ class Trainer:
             mask = batch.loss_mask if c.stats_tokens == "response" else batch.attention_mask
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
                 out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                            output_router=self.policy.needs_router, token_mask=mask)
+                            position_ids=batch.position_ids, output_router=self.policy.needs_router,
+                            token_mask=mask)
             # (a micro-batch with no target tokens, e.g. all prompt, contributes nothing, not a NaN mean)
             objective = out.loss * weight if targets[micro] else out.logits.sum() * 0.0
             extra = self.policy.extra_loss(out, mask)  # e.g. DMEP's LB loss: a mean per micro-batch
