@@ -266,3 +266,12 @@ def test_the_parallel_seam_speaks_once_and_asks_the_policy_not_its_name(capsys, 
     assert "needs several processes" in strategy.problem(fsdp_on, POLICIES["lora"], World(), "cpu")
     assert strategy.load_device(fsdp_on, "cuda:0") == "cpu"
     assert strategy.load_device(SimpleNamespace(fsdp=False), "cuda:0") == "cuda:0"
+
+
+@pytest.mark.parametrize("mode", [["--packing"], ["--group-by-length"]])
+def test_packed_and_length_grouped_training_on_two_processes_is_that_of_one(tmp_path, mode):
+    args = [*POLICIES["epng"], *COMMON, *mode]
+    two = torchrun(2, [*args, "--batch-size", "4", "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert train.main([*args, "--batch-size", "8", "--out", str(tmp_path / "one")]) == 0
+    _same_training(tmp_path / "two", tmp_path / "one")

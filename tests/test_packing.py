@@ -151,4 +151,6 @@ def test_packed_and_length_grouped_runs_resume_bit_for_bit(long_tailed, tmp_path
                        for m in map(json.loads, (tmp_path / r / "metrics.jsonl").read_text().splitlines())]
     assert strip("whole") == strip("half")
     assert (tmp_path / "whole/events.jsonl").read_text() == (tmp_path / "half/events.jsonl").read_text()
+    summary = json.loads((tmp_path / "whole/summary.json").read_text())
+    assert summary["startup_s"] > 0 and summary["train_s"] > 0  # start-up reported apart from training
     shutil.rmtree(tmp_path / "half")

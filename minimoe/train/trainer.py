@@ -96,7 +96,7 @@ class Trainer:
     def setup(self) -> Trainer:
         """Everything the run needs (see the class docstring); returns the trainer. The run directory's lock is
         taken here and held until ``train()`` ends (given back at once if setup fails)."""
-        self.lock = None
+        self.lock, started = None, time.perf_counter()
         try:
             self._check()
             saved = self._load()
@@ -108,7 +108,7 @@ class Trainer:
         except BaseException:
             self.release()
             raise
-        self.ready = True
+        self.ready, self.startup_s = True, time.perf_counter() - started  # loading, tokenising, the policy's setup
         return self
 
     def release(self) -> None:
@@ -489,6 +489,7 @@ class Trainer:
                    "total_parameters": self.model.num_parameters(),
                    # tokens of every process (the metrics' tokens are already summed over them)
                    "tokens_per_s": tokens / elapsed if elapsed > 0 and self.step > start else None,
+                   "startup_s": self.startup_s, "train_s": elapsed,
                    "processes": self.world.size, "global_batch": self.global_batch, "replicas_agree": True,
                    "peak_memory_mb": self.world.gather(peak_memory_mb(self.device)),  # per process, rank order
                    "events": self.run.count(EVENTS), "checkpoint": str(path)}
