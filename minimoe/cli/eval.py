@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch, or questions per "
+                   "log-likelihood batch (--mc-mode loglik: their options are scored together) (default 8)")
     for task in TASKS.values():
         task.add_arguments(p)  # mc: --mc-mode
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program (default 10)")

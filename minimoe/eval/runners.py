@@ -20,13 +20,14 @@ import torch
 
 from ..data.sources import select
 from ..data.dataset import prompt_text
+from ..model.generate import KVCache
 from ..parallel.distributed import World
 from .progress import Progress
 from .tasks import CODE_STOPS, GENERATE, OPTION_LOGLIK, PERPLEXITY, Task, get_task, read_rows
 from .tasks import TASKS as _REGISTRY
 
 __all__ = ["CODE_STOPS", "Decoding", "clean_code", "generate_all", "grade", "mc_loglik", "option_loglik",
-           "perplexity", "read_rows", "run_task", "task_prompt", "task_rows", "write_results"]
+           "options_loglik", "perplexity", "read_rows", "run_task", "task_prompt", "task_rows", "write_results"]
 
 
 def __getattr__(name: str):
@@ -80,33 +81,44 @@ def task_prompt(task: str | Task, row: dict, tok) -> str:
     return _task(task).prompt(row, tok)
 
 
+def _batches(lengths: list[int], size: int) -> list[list[int]]:
+    """The indices ``0..len(lengths)-1`` cut into batches of ``size`` after sorting them by length, longest
+    first (ties in index order): a batch holds items of about one length, so it pads little, and the longest
+    batch runs first, so one that does not fit in memory fails at once. The order depends only on the
+    lengths, so every process cuts the same batches (a process's share is a set of whole batches)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start:start + size] for start in range(0, len(order), max(1, size))]
+
+
 @torch.no_grad()
 def generate_all(model, tok, prompts: list[str], dec: Decoding, progress: bool = True,
                  world: World = World()) -> list[list[str]]:
     """``dec.n`` completions per prompt, batched with left padding and a KV cache.
 
-    The jobs (prompt, sample) are cut into batches of ``dec.batch_size`` in order and batch b samples from its
-    own generator (seed ``dec.seed``, b), so a completion depends only on its batch: with several processes
-    (``world``), process r generates batches r, r + N, ... and every process gets all completions back,
-    exactly those one process would generate."""
+    The jobs (prompt, sample) are sorted by the prompt's length in tokens (longest first) and cut into
+    batches of ``dec.batch_size``, so a batch pads little (:func:`_batches`); the completions come back in the
+    prompts' order. Batch b samples from its own generator (seed ``dec.seed``, b), so a completion depends
+    only on its batch: with several processes (``world``), process r generates batches r, r + N, ... and every
+    process gets all completions back, exactly those one process would generate."""
     from tqdm.auto import tqdm
 
     device = model.device
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(dec.n)]
+    lengths = [len(tok.encode(p)) for p in prompts]
+    batches = _batches([lengths[i] for i, _ in jobs], dec.batch_size)
     mine: list[tuple[int, str]] = []  # (job, completion)
-    starts = list(range(0, len(jobs), dec.batch_size))
-    for b in tqdm(range(len(starts)), disable=not progress or not world.main, desc="generate"):
+    for b in tqdm(range(len(batches)), disable=not progress or not world.main, desc="generate"):
         if b % world.size != world.rank:
             continue
-        chunk = [(job, jobs[job][1]) for job in range(starts[b], min(len(jobs), starts[b] + dec.batch_size))]
+        chunk = batches[b]
         g = torch.Generator(device=device).manual_seed(dec.seed * 1_000_003 + b)
-        batch = tok.batch([p for _, p in chunk], padding_side="left")
+        batch = tok.batch([jobs[job][1] for job in chunk], padding_side="left")
         ids = batch["input_ids"].to(device)
         new = model.generate(ids, attention_mask=batch["attention_mask"].to(device),
                              max_new_tokens=dec.max_new_tokens, do_sample=dec.temperature > 0,
                              temperature=dec.temperature or 1.0, top_p=dec.top_p, eos_token_id=tok.eos_token_ids,
                              pad_token_id=tok.pad_token_id, generator=g)
-        for (job, _), row in zip(chunk, new[:, ids.shape[1]:].tolist()):
+        for job, row in zip(chunk, new[:, ids.shape[1]:].tolist()):
             row = [t for t in row if t not in tok.eos_token_ids and t != tok.pad_token_id]
             mine.append((job, tok.decode(row)))
     out: list[list[str]] = [[] for _ in prompts]
@@ -208,7 +220,7 @@ def run_task(task: str | Task, model, tok, rows: list[dict], dec: Decoding, ks=(
     if task.scoring == PERPLEXITY:
         return perplexity(model, tok, rows, world=world)
     if task.scoring == OPTION_LOGLIK:
-        summary, records = mc_loglik(model, tok, rows, world=world)
+        summary, records = mc_loglik(model, tok, rows, world=world, batch_size=dec.batch_size)
         return {**summary, **task.grading_info()}, records
     if task.scoring != GENERATE:
         raise ValueError(f"task {task.name}: unknown scoring {task.scoring!r}")
@@ -235,7 +247,8 @@ def _first_turns(model, tok, prompts: list[str], dec: Decoding, world: World, pr
 
 @torch.no_grad()
 def option_loglik(model, tok, context: str, option: str) -> float:
-    """Sum of log-probabilities of ``option``'s tokens after ``context``."""
+    """Sum of log-probabilities of ``option``'s tokens after ``context``, one forward for the one option: the
+    reference :func:`options_loglik` is held to (tests), and what ``minimoe eval`` computed before batching."""
     ctx, opt = tok.encode(context), tok.encode(option, add_special_tokens=False)
     ids = torch.tensor([ctx + opt], device=model.device)
     logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
@@ -243,25 +256,83 @@ def option_loglik(model, tok, context: str, option: str) -> float:
     return float(logp[len(ctx) - 1:].gather(-1, targets[len(ctx) - 1:, None]).sum())
 
 
-def mc_loglik(model, tok, rows: list[dict], world: World = World()) -> tuple[dict, list[dict]]:
+@torch.no_grad()
+def options_loglik(model, tok, questions: list[tuple[str, list[str]]]) -> list[list[float]]:
+    """Per question ``(context, options)``, the sum of log-probabilities of each option's tokens after the
+    context: :func:`option_loglik` of every option, in two forwards for all of them.
+
+    The tokens are those of :func:`option_loglik` (the context encoded with the special tokens, each option on
+    its own), so only the padding and the batching differ: the sums agree within float rounding (fp32: a few
+    1e-7 of the sum measured; tests hold them to 1e-5 absolute plus 1e-6 relative). A question's options all continue
+    the same context, which is much longer than an option (an ARC question is tens of tokens, an option a few),
+    so the context is run once: the contexts, left-padded, go through the model into a KV cache, whose last
+    position predicts every option's first token; the cache's rows are repeated for each question's options,
+    which then run together, right-padded after their context (positions come from the attention mask, so
+    both paddings give every real token the position it has alone). That is a context's tokens once instead
+    of once per option, and the vocabulary projection only where an option token is predicted.
+
+    Shape legend: Q questions, N options of all questions, C context width (left-padded), O option width
+    (right-padded), V vocabulary.
+    """
+    device, config = model.device, model.config
+    if not questions:
+        return []
+    ctx = tok.batch([context for context, _ in questions], padding_side="left")  # (Q, C)
+    if ctx["attention_mask"].sum(-1).min() == 0:
+        raise ValueError("a multiple-choice context of no tokens: there is nothing to predict its options from")
+    opt = tok.batch([o for _, options in questions for o in options], padding_side="right",
+                    add_special_tokens=False)  # (N, O)
+    owner = torch.tensor([q for q, (_, options) in enumerate(questions) for _ in options], device=device)  # (N,)
+    ctx_ids, ctx_mask = ctx["input_ids"].to(device), ctx["attention_mask"].to(device)
+    opt_ids, opt_mask = opt["input_ids"].to(device), opt["attention_mask"].to(device).bool()
+    (Q, C), (N, O) = ctx_ids.shape, opt_ids.shape
+    cache = KVCache(config, Q, C, model.dtype, device)
+    first = model(ctx_ids, attention_mask=ctx_mask, kv_cache=cache, logits_to_keep=1).logits[:, -1]  # (Q, V)
+    logits = first[owner, None]  # (N, 1, V): predicts option token 0
+    if O > 1:  # the options but their last token (which predicts nothing), after their own context's cache
+        rows = KVCache(config, N, C + O - 1, model.dtype, device)
+        for layer in range(config.num_hidden_layers):
+            rows.k[layer][:, :, :C] = cache.k[layer][owner]
+            rows.v[layer][:, :, :C] = cache.v[layer][owner]
+        rows.length = C
+        mask = torch.cat([ctx_mask[owner], opt_mask[:, :-1].long()], -1)  # (N, C + O - 1)
+        later = model(opt_ids[:, :-1], attention_mask=mask, kv_cache=rows).logits  # (N, O - 1, V): tokens 1..O-1
+        logits = torch.cat([logits, later], 1)  # (N, O, V): logits[n, j] predicts option n's token j
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, opt_ids[..., None])[..., 0]  # (N, O)
+    sums = torch.where(opt_mask, logp, 0.0).sum(-1).tolist()  # (N,)
+    out, start = [], 0
+    for _, options in questions:
+        out.append(sums[start:start + len(options)])
+        start += len(options)
+    return out
+
+
+def mc_loglik(model, tok, rows: list[dict], world: World = World(), batch_size: int = 8) -> tuple[dict, list[dict]]:
     """Pick the option with the highest log-likelihood (``accuracy``) and with the highest log-likelihood
     per byte of the option (``accuracy_norm``, lm-eval's acc_norm: long options are not penalised).
-    Several processes (``world``): each scores rows i with i % N == rank; all get every record. A record
-    carries the prompt the options were scored after and the correct option (``reference``)."""
+    A record carries the prompt the options were scored after and the correct option (``reference``).
+
+    The questions are scored ``batch_size`` at a time, all options of a batch's questions together
+    (:func:`options_loglik`), in batches of about one context length (:func:`_batches`). Several processes
+    (``world``): process r scores batches r, r + N, ... (whole batches, as :func:`generate_all` shares them),
+    so a question is scored in the batch it has in one process and every process gets the one-process
+    records, bit for bit where the arithmetic is (the same device and thread count)."""
+    contexts = [prompt_text(tok, row["question"]) for row in rows]
+    batches = _batches([len(tok.encode(c)) for c in contexts], batch_size)
     records = []
-    for i, row in enumerate(rows):
-        if i % world.size != world.rank:
+    for b, batch in enumerate(batches):
+        if b % world.size != world.rank:
             continue
-        context = prompt_text(tok, row["question"])
-        options = [" " + str(c) for c in row["choices"]]
-        scores = [option_loglik(model, tok, context, o) for o in options]
-        normed = [s / max(1, len(o.encode())) for s, o in zip(scores, options, strict=True)]
-        pick = max(range(len(scores)), key=scores.__getitem__)
-        pick_norm = max(range(len(normed)), key=normed.__getitem__)
-        want = row["answer"] if isinstance(row["answer"], int) else "ABCDEFGHIJ".index(row["answer"])
-        records.append({"index": i, "scores": scores, "choice": pick, "correct": pick == want,
-                        "choice_norm": pick_norm, "correct_norm": pick_norm == want, "prompt": context,
-                        "reference": f"{'ABCDEFGHIJ'[want]}. {row['choices'][want]}"})
+        options = {i: [" " + str(c) for c in rows[i]["choices"]] for i in batch}
+        for i, scores in zip(batch, options_loglik(model, tok, [(contexts[i], options[i]) for i in batch])):
+            row = rows[i]
+            normed = [s / max(1, len(o.encode())) for s, o in zip(scores, options[i], strict=True)]
+            pick = max(range(len(scores)), key=scores.__getitem__)
+            pick_norm = max(range(len(normed)), key=normed.__getitem__)
+            want = row["answer"] if isinstance(row["answer"], int) else "ABCDEFGHIJ".index(row["answer"])
+            records.append({"index": i, "scores": scores, "choice": pick, "correct": pick == want,
+                            "choice_norm": pick_norm, "correct_norm": pick_norm == want, "prompt": contexts[i],
+                            "reference": f"{'ABCDEFGHIJ'[want]}. {row['choices'][want]}"})
     records = sorted((r for part in world.gather(records) for r in part), key=lambda r: r["index"])
     correct, correct_norm = sum(r["correct"] for r in records), sum(r["correct_norm"] for r in records)
     return {"problems": len(rows), "accuracy": correct / len(rows), "accuracy_norm": correct_norm / len(rows)}, records
