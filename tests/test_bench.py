@@ -164,3 +164,22 @@ def test_the_epng_event_is_timed_against_the_steps_between_events(tmp_path, caps
     assert (r["experts"], r["pruned"], r["grown"]) == (16, 3, 3) and r["params_after"] <= r["params_before"]
     assert r["event_s"] > 0 and r["step_s"] > 0 and r["event_pct"] > 0 and r["first_step_after_s"] > 0
     assert "event / (50 steps between events)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_one_epoch_of_real_lengths_runs_every_mode_next_to_transformers(capsys):
+    from minimoe.tools.bench.lengths import longtail
+
+    pairs = longtail(512)
+    assert pairs == longtail(512)  # seeded
+    words = sorted(len(r.split()) for _, r in pairs)
+    assert words[len(words) // 2] < 40 < words[-1] // 3  # long-tailed: most short, a few long
+    assert bench.main(["--data", "longtail", "--rows", "48", "--batch", "8", "--max-len", "256", "--threads", "1",
+                       "--reference-experts", "grouped_mm"]) == 0
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| minimoe") or line.startswith("| transformers")}
+    assert list(rows) == ["minimoe, padded", "minimoe, group-by-length", "minimoe, packing",
+                          "transformers+PEFT (grouped_mm experts), padded"]
+    # every example once: the same target tokens padded, grouped and in transformers (steps: 48 / 8)
+    assert rows["minimoe, padded"][1:3] == rows["minimoe, group-by-length"][1:3] == \
+        rows["transformers+PEFT (grouped_mm experts), padded"][1:3] and rows["minimoe, padded"][1] == "6"

@@ -4,6 +4,7 @@
     minimoe bench --device cuda --shape olmoe-layer   # bf16 on CUDA
     minimoe bench --shape olmoe-1b-7b  # the full OLMoE-1B-7B, bf16, batch 1 x 256: a 24 GB CPU machine
     minimoe bench --shape wide --event # what one EPnG prune/grow event costs next to 50 steps
+    minimoe bench --data longtail      # one epoch of long-tailed data: padded, grouped, packed (lengths.py)
 
 Every route runs in its own subprocess (so peak RSS is its own) on the same weights and the same
 batch: the parent saves one random checkpoint in the Hub layout and each worker loads it.
@@ -253,9 +254,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the random checkpoint is written (default: the system's temporary directory)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    lengths = p.add_argument_group("real lengths (lengths.py)", "instead of the routes: one epoch of a data file, "
+                                   "padded, --group-by-length and --packing, next to transformers+PEFT padded")
+    lengths.add_argument("--data", help="a data file (the formats of minimoe train), or 'longtail': a built-in "
+                                        "long-tailed file")
+    lengths.add_argument("--model", default="tiny-moe", help="with --data: the model (default: the shipped tiny-moe)")
+    lengths.add_argument("--max-len", type=int, default=512, help="with --data: tokens per example (default: 512)")
+    lengths.add_argument("--rows", type=int, default=2048, help="with --data longtail: its rows (default: 2048)")
+    lengths.add_argument("--reference-experts", nargs="*", default=["eager"],
+                         help="with --data: the transformers experts implementations to run (default: eager)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.data and (args.event or args.routes):
+        p.error("--data measures one epoch of a file instead of the routes: give --data, or --routes/--event")
+    if args.data and args.batch is None:
+        args.batch = 16
     if args.event and args.routes:
         p.error("--event measures the EPnG event instead of the routes: give --event or --routes, not both")
     for key, value in {**DEFAULTS, **SHAPE_DEFAULTS.get(args.shape, {})}.items():
@@ -318,6 +332,10 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result))
         return 0
 
+    if args.data:  # one epoch of a file of real lengths (lengths.py)
+        from . import lengths
+
+        return lengths.run(args)
     routes = [EVENT_ROUTE] if args.event else args.routes
     if not args.event and not _have_reference():
         print("transformers/peft not installed: their routes are skipped (pip install 'minimoe[bench]')")
