@@ -277,12 +277,13 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        given = position_ids  # (only positions the caller gives can mark packed examples)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = AttentionMask.build(attention_mask, T, past, input_ids.device, position_ids)
+        mask = AttentionMask.build(attention_mask, T, past, input_ids.device, given)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
 
