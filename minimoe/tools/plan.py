@@ -44,6 +44,8 @@ R = N·K routed rows, V vocabulary; per decoder layer, summed over layers):
     ESFT         per trained projection: its layer's merged weight E·out·in (kept by the grouped matmul)
     head         N·(4H + 4) + N·V·(a + 4)           (final norm; the returned logits and the fp32 log-softmax)
     backward     + 2·N·V·4                          (the log-softmax's and the logits' gradients)
+    mask         B·T²                               (the boolean attention mask of padded or packed rows: with
+                                                     --packing every row is T = --max-len long)
 
 Autograd records nothing before the first tensor that needs a gradient: layers before the first trained
 parameter save nothing, and the first one saves only what lies downstream of its adapters (with expert
@@ -263,7 +265,8 @@ def _adapter_bytes(module, rows: int, a: int) -> int:
 
 
 def activation_bytes(model, batch: int, length: int, a: int, checkpointing: bool) -> dict:
-    """``{"layers": ..., "head": ..., "backward": ...}`` in bytes for one micro-batch (see the formula)."""
+    """``{"layers": ..., "head": ..., "backward": ..., "mask": ...}`` in bytes for one micro-batch (see the
+    formula)."""
     c = model.config
     N = batch * length
     per_layer, grad_in = [], model.embed_tokens.weight.requires_grad
@@ -281,7 +284,8 @@ def activation_bytes(model, batch: int, length: int, a: int, checkpointing: bool
     head = N * (4 * c.hidden_size + 4) + N * c.vocab_size * (a + 4)
     if model.lm_head.weight.requires_grad:
         head += N * c.hidden_size * a
-    return {"layers": layers, "head": head, "backward": 2 * N * c.vocab_size * 4}
+    # padded or packed rows (--packing: full rows of --max-len) attend through one boolean mask (B, 1, T, T)
+    return {"layers": layers, "head": head, "backward": 2 * N * c.vocab_size * 4, "mask": batch * length * length}
 
 
 @dataclass
