@@ -78,13 +78,25 @@ def _imports_of(tree: ast.AST) -> list[str]:
     return names
 
 
-def test_only_the_benchmarks_reference_routes_import_transformers_and_only_inside_functions():
+def test_no_module_of_the_package_imports_the_reference_libraries_and_the_routes_only_inside_functions():
     importers = {f.relative_to(PACKAGE).as_posix() for f in PACKAGE.rglob("*.py")
                  if any(n.split(".")[0] in REFERENCE_LIBRARIES for n in _imports_of(ast.parse(f.read_text())))}
-    assert importers == {"tools/bench/reference.py"}
-    module = ast.parse((PACKAGE / "tools" / "bench" / "reference.py").read_text())
+    assert importers == set()
+    routes = ROOT / "benchmarks" / "reference_routes.py"  # outside the package, found by tools/bench/reference.py
+    module = ast.parse(routes.read_text())
+    assert {n.split(".")[0] for n in _imports_of(module)} >= {"transformers", "peft"}
     top_level = [n for n in module.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not any(n.split(".")[0] in REFERENCE_LIBRARIES for n in _imports_of(ast.Module(top_level, [])))
+    from minimoe.tools.bench import reference
+
+    assert reference.routes_file() == routes and reference.unavailable() is None  # a clone with the bench extra
+
+
+def test_without_the_routes_file_the_transformers_routes_are_unavailable_and_say_where_it_is(tmp_path, monkeypatch):
+    from minimoe.tools.bench import reference
+
+    monkeypatch.setenv(reference.ENV, str(tmp_path / "none.py"))  # as a wheel install, with no clone beside it
+    assert "benchmarks/reference_routes.py of a clone" in reference.unavailable()
 
 
 @pytest.mark.slow
@@ -124,7 +136,7 @@ def test_a_missing_shipped_model_is_an_error_naming_it_never_a_random_model(tmp_
 
 
 @pytest.mark.slow
-def test_the_wheel_holds_the_shipped_weights_the_reference_routes_and_the_command(tmp_path):
+def test_the_wheel_holds_the_shipped_weights_the_routes_finder_and_the_command_but_not_the_routes(tmp_path):
     source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info/ next to the sources
     shutil.copytree(PACKAGE, source / "minimoe", ignore=shutil.ignore_patterns("__pycache__"))
     for file in ("pyproject.toml", "README.md"):
@@ -140,4 +152,4 @@ def test_the_wheel_holds_the_shipped_weights_the_reference_routes_and_the_comman
             "minimoe/model/shapes/allenai--OLMoE-1B-7B-0125.json"} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "minimoe = minimoe.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert not any(n.startswith(("tests/", "weights/")) for n in names)
+    assert not any(n.startswith(("tests/", "weights/", "benchmarks/")) for n in names)

@@ -129,7 +129,7 @@ def _first_difference(a, b, exact: bool, where: str = "") -> str | None:
 # --- 5. benchmark ---------------------------------------------------------------------------------------
 def benchmark(device: str, quick: bool) -> Result:
     """minimoe.tools.bench.run's expert-LoRA routes: tokens/s per route and minimoe's ratio to each PEFT route."""
-    from .bench import run as bench
+    from .bench import reference, run as bench
 
     # the real OLMoE layer shape only on a GPU (a CPU needs minutes per step there); otherwise bench's
     # defaults (batch 4 x 256, median of 5 steps after 2, bf16 on CUDA) or, --quick, 3 steps of 2 x 64
@@ -154,7 +154,7 @@ def benchmark(device: str, quick: bool) -> Result:
         elif route in report["failed"]:
             parts.append(f"{label} FAILED")
         else:
-            parts.append(f"{label} skipped (transformers/peft not installed)")
+            parts.append(f"{label} skipped ({reference.unavailable()})")
     ours = speed.get(BENCH_ROUTES["minimoe"])
     for label in ("PEFT grouped_mm", "PEFT eager"):
         if ours and BENCH_ROUTES[label] in speed:

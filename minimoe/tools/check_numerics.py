@@ -4,7 +4,7 @@ Each check builds tiny models on the CPU in fp32 (the reference), copies them to
 and compares. Weights are drawn as in the project's parity tests (norms ~1 ± 0.2, the rest 0.15·N(0, 1)):
 with a real checkpoint's 0.02 init every logit is ~0 and nothing would be compared. Every check returns a
 ``Result``; the tolerances sit next to the comparisons that use them. transformers is never imported
-here: the reference model comes from the benchmark's reference routes (``minimoe.tools.bench.reference``).
+here: the reference model comes from the benchmark's reference routes (``minimoe.tools.bench.reference`` finds them).
 """
 
 from __future__ import annotations
@@ -141,11 +141,11 @@ def parity(family: str, device: str, quick: bool) -> Result:
 
 def transformers_parity(family: str, device: str, quick: bool) -> Result:
     """minimoe against transformers' model of the same weights on the same device (fp32 tight, bf16 relative)."""
-    from .bench import run as bench
+    from .bench import reference
 
-    if not bench._have_reference():
-        return Result("SKIP", "transformers/peft not importable (pip install 'minimoe[bench]')")
-    routes = bench._reference_routes()
+    if why := reference.unavailable():
+        return Result("SKIP", why)
+    routes = reference.load()
     cpu = tiny(family)
     ids = ids_for(cpu)
     parts, ok = [], True

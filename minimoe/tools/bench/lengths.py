@@ -64,7 +64,7 @@ def run(args) -> int:
     from ...adapters.lm import from_pretrained
     from ...model.shipped import shipped
     from ...model.tokenizer import load_tokenizer
-    from .run import _have_reference, _reference_routes
+    from . import reference
 
     torch.set_num_threads(args.threads)
     directory = shipped(args.model) if args.model in ("tiny-moe", "tiny-dense") else args.model
@@ -80,14 +80,14 @@ def run(args) -> int:
         model.add_expert_lora(rank=8, alpha=16, generator=torch.Generator().manual_seed(0))
         seconds, targets = _train(model.train(), model.adapter_parameters(), batches, args.device, True)
         results.append((f"minimoe, {mode}", len(batches), seconds, targets))
-    if _have_reference():
+    if not (why := reference.unavailable()):
         batches = _epoch(Dataset.build(pairs, tok, args.max_len, seed=0), args.batch)
         for impl in args.reference_experts:
-            model, params = _reference_routes().setup("peft-lora", impl, directory, args.device, dtype)
+            model, params = reference.load().setup("peft-lora", impl, directory, args.device, dtype)
             seconds, targets = _train(model, params, batches, args.device, False)
             results.append((f"transformers+PEFT ({impl} experts), padded", len(batches), seconds, targets))
     else:
-        print("transformers/peft not installed: their route is skipped (pip install 'minimoe[bench]')")
+        print(f"transformers route skipped: {why}")
     lengths = sorted(len(p) + len(r) for p, r in pairs)
     print(f"\n{args.data}: {len(pairs)} examples (characters: median {lengths[len(lengths) // 2]}, max "
           f"{lengths[-1]}), one epoch, batch {args.batch}, --max-len {args.max_len}, {args.model}, LoRA r=8 on "

@@ -1,28 +1,42 @@
-"""The transformers (+ PEFT) routes of ``minimoe bench``: the reference side of the benchmark.
+"""Where ``minimoe bench`` and the self-check find the transformers (+ PEFT) routes they compare with.
 
-The only module of minimoe that imports transformers and peft (the ``bench`` extra), and only inside its
-functions: the benchmark's worker imports it when it runs a transformers route, the self-check and the tests
-when they compare against transformers. Nothing that trains or evaluates imports it.
+The routes are ``benchmarks/reference_routes.py`` of a clone of the repository (or the file
+``MINIMOE_REFERENCE_ROUTES`` names): transformers and peft are references for the tests and benchmarks, and the
+package never imports them. This module finds that file and loads it when a transformers route runs; where it
+cannot (a wheel has no clone beside it; the ``bench`` extra is not installed) the routes are skipped and
+``unavailable`` says why.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from functools import cache
 from pathlib import Path
 
-import torch
+ENV = "MINIMOE_REFERENCE_ROUTES"
+CLONE_FILE = Path(__file__).resolve().parents[3] / "benchmarks" / "reference_routes.py"
 
 
-def setup(setup_name: str, implementation: str, directory: Path, device: str, dtype: torch.dtype):
-    """Load the checkpoint in transformers with ``implementation`` experts; ``peft-lora`` adds PEFT LoRA.
-    Returns (model in train mode, trainable parameters)."""
-    from transformers import AutoModelForCausalLM
+def routes_file() -> Path:
+    return Path(os.environ.get(ENV) or CLONE_FILE)
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
-    model.set_experts_implementation(implementation)
-    if setup_name == "peft-lora":
-        from peft import LoraConfig, get_peft_model
 
-        # what a PEFT user writes for LoRA on gate+up; PEFT rewrites it to gate_up_proj at rank 16
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=["gate_proj", "up_proj"]))
-    return model.train(), [p for p in model.parameters() if p.requires_grad]
+def unavailable() -> str | None:
+    """Why the transformers routes cannot run here, or None when they can."""
+    if not routes_file().is_file():
+        return (f"the transformers routes are benchmarks/reference_routes.py of a clone of the repository "
+                f"(not in the wheel): run from a clone, or set {ENV} to that file")
+    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'minimoe[bench]')"
+    return None
+
+
+@cache
+def load():
+    """The routes module (``setup(setup_name, implementation, directory, device, dtype)``)."""
+    spec = importlib.util.spec_from_file_location("minimoe_reference_routes", routes_file())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

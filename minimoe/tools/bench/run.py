@@ -12,9 +12,9 @@ One step = forward with loss, backward, AdamW step over what the route trains; "
 part before the optimizer. Routes: full fine-tuning, LoRA on the experts' gate+up (minimoe, and
 transformers + PEFT), minimoe with heterogeneous per-expert ranks next to uniform r_max, and a
 LoRA-MoE (DMEP) step before and after pruning half its experts.
-transformers and peft are needed only for their routes, whose code is ``reference.py`` beside this module,
-imported only when such a route runs (the ``bench`` extra: ``pip install 'minimoe[bench]'``); without them
-those routes are skipped.
+transformers and peft are needed only for their routes, whose code is ``benchmarks/reference_routes.py`` of a
+clone of the repository (found by ``reference.py``), loaded only when such a route runs (the ``bench`` extra:
+``pip install 'minimoe[bench]'``); without them, or from a wheel, those routes are skipped.
 
 A route whose worker runs out of memory (killed by the OOM killer, or an allocation error) is a result: its row
 says "out of memory" and how large the worker had grown; only other failures make the exit status non-zero.
@@ -26,7 +26,6 @@ directory; not a tmpfs, whose files take memory).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import real as bench_real
+from . import real as bench_real, reference
 from ...adapters.adamw import AdamW
 from ...utils.memory import peak_memory_mb
 from .real import EVENT_ROUTE, out_of_memory, run_worker, stage
@@ -170,15 +169,7 @@ def _setup(route: str, directory: Path, device: str, dtype: torch.dtype):
                 model.prune_lora_moe({name: [0, 2, 4, 6] for name in model.lora_moe_modules()})
         params = model.adapter_parameters() if setup != "full" else list(model.parameters())
         return model.train(), params
-    return _reference_routes().setup(setup, impl, directory, device, dtype)
-
-
-def _reference_routes():
-    """The transformers/PEFT routes (``reference``), loaded only when one runs, so training and evaluation never
-    load the reference libraries (the ``bench`` extra installs them)."""
-    from . import reference
-
-    return reference
+    return reference.load().setup(setup, impl, directory, device, dtype)
 
 
 def _worker(args) -> dict:
@@ -221,11 +212,6 @@ def _worker(args) -> dict:
     return dict(route=args.worker, fwd_bwd_tok_s=tokens / statistics.median(fwd_bwd),
                 step_tok_s=tokens / statistics.median(step), peak_mib=peak,
                 trainable=sum(p.numel() for p in params), loss=float(out.loss))
-
-
-def _have_reference() -> bool:
-    """Whether the transformers routes can run: the ``bench`` extra (transformers, peft) installed."""
-    return all(importlib.util.find_spec(m) is not None for m in ("transformers", "peft"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -337,8 +323,8 @@ def main(argv=None) -> int:
 
         return lengths.run(args)
     routes = [EVENT_ROUTE] if args.event else args.routes
-    if not args.event and not _have_reference():
-        print("transformers/peft not installed: their routes are skipped (pip install 'minimoe[bench]')")
+    if not args.event and (why := reference.unavailable()):
+        print(f"transformers routes skipped: {why}")
         routes = [r for r in routes if ROUTES[r][0] == "minimoe"]
 
     shapes = SHAPES[args.shape]
