@@ -61,12 +61,14 @@ class Parallel:
         return fsdp.full(t)
 
 
-def parallelize(model: nn.Module, world: World, config, device: str) -> Parallel:
-    """Spread ``model`` (its adapters attached) over the processes as ``config.fsdp`` asks; see ``Parallel``."""
+def parallelize(model: nn.Module, world: World, config, device: str, base_fingerprint: str | None = None
+                ) -> Parallel:
+    """Spread ``model`` (its adapters attached) over the processes as ``config.fsdp`` asks; see ``Parallel``.
+    ``base_fingerprint``: the base's, if already taken (the start's agreement check takes it)."""
     if not config.fsdp:
         return Parallel(world)
     from ..adapters.io import fingerprint
 
-    whole = fingerprint(model)
+    whole = base_fingerprint or fingerprint(model)
     fsdp.shard(model, world, device)
     return Parallel(world, sharded=True, base_fingerprint=whole)

@@ -35,6 +35,8 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
+from ..utils.processes import alive, state
+
 DEFAULT_TIMEOUT_S = 1800.0  # generous: a first step that compiles, a slow checkpoint on a shared filesystem
 LINGER_S = 2.0  # a survivor's wait before it leaves (``leave``): torchrun looks every 0.1 s by default
 _current: Watchdog | None = None
@@ -43,28 +45,6 @@ _current: Watchdog | None = None
 def current() -> Watchdog | None:
     """The watchdog of this process (None in one process, or before the process group started)."""
     return _current
-
-
-def _state(pid: int) -> str | None:
-    """The state letter of process ``pid`` of this host (``R``, ``S``, ``D``, ``T`` stopped, ``Z`` zombie...);
-    None if there is no such process, ``?`` if it cannot be read."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return "?"
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "?"
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host still runs (a zombie, dead but not yet reaped by its launcher, does
-    not)."""
-    return _state(pid) not in (None, "Z")
 
 
 class Watchdog:
@@ -158,7 +138,7 @@ class Watchdog:
         pids = []
         for r in range(self.size):
             peer = json.loads(self._read(f"peer/{r}") or "{}") if r != self.rank else {}
-            if peer.get("host") == self.host and peer.get("pid") and _state(int(peer["pid"])) == "T":
+            if peer.get("host") == self.host and peer.get("pid") and state(int(peer["pid"])) == "T":
                 pids.append(int(peer["pid"]))
         return pids
 
@@ -183,7 +163,7 @@ class Watchdog:
             if error:
                 e = json.loads(error)
                 phrases.append(f"rank {r} stopped with exit status {e['exit_status']}: {e['message']}")
-            elif peer.get("host") == self.host and peer.get("pid") and not _alive(int(peer["pid"])):
+            elif peer.get("host") == self.host and peer.get("pid") and not alive(int(peer["pid"])):
                 phrases.append(f"rank {r} ({where}) has ended without reporting an error (killed by a signal, e.g. "
                                "SIGKILL or the out-of-memory killer, or it crashed)")
             elif quiet > 3 * self.period:

@@ -53,3 +53,12 @@ def disagreements(gathered: list[dict]) -> list[str]:
             lines.append(f"rank {rank}'s base model differs from rank 0's (--model {first['config']['model']}: "
                          "another checkpoint on that machine?)")
     return lines
+
+
+def check(world, data, model, config) -> tuple[str | None, list[str]]:
+    """With several processes: this process's base fingerprint (taken while the base is whole) and how the
+    processes disagree (empty: they agree). One process: nothing to check, ``(None, [])``."""
+    if not world.distributed:
+        return None, []
+    mine = fingerprints(data, model, config)
+    return mine["base"], disagreements(world.gather(mine))

@@ -22,21 +22,13 @@ import threading
 import time
 from pathlib import Path
 
+from ..utils.processes import alive
+
 LEASE_S = 60.0
 
 
 class RunLockError(RuntimeError):
     """The run directory is locked by a live run."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
 
 
 class RunLock:
@@ -56,7 +48,7 @@ class RunLock:
     def live(self, holder: dict) -> bool:
         """Whether ``holder`` still runs (see the module docstring). This process's own lock is not in its way."""
         if holder.get("host") == socket.gethostname():
-            return holder.get("pid") != os.getpid() and _alive(int(holder.get("pid", -1)))
+            return holder.get("pid") != os.getpid() and alive(int(holder.get("pid", -1)))
         return time.time() - float(holder.get("heartbeat", 0)) < self.lease_s
 
     def describe(self, holder: dict) -> str:

@@ -14,7 +14,6 @@ Every file goes through the run directory (``run_dir.RunDir``): what it is asked
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -92,6 +91,8 @@ class Trainer:
         self.ready = False
         self._trainable: int | None = None  # trainable parameters, recounted after each event
         self._saved_step: int | None = None  # the step of the last checkpoint this session wrote
+        # Ctrl-C, SIGTERM, SIGUSR1 while train() runs: finish the step, checkpoint, stop (stopping.py)
+        self.stops = StopRequests(lambda line: self.world.print(line, flush=True))
 
     def setup(self) -> Trainer:
         """Everything the run needs (see the class docstring); returns the trainer. The run directory's lock is
@@ -196,9 +197,10 @@ class Trainer:
         if self.data.truncated:
             self._say(f"{c.data}: {self.data.truncated} of {len(pairs)} examples are longer than --max-len "
                       f"{c.max_len} and were cut to it")
-        if self.world.distributed:  # the same data, base and configuration on every process (agreement.py)
-            if problems := agreement.disagreements(self.world.gather(agreement.fingerprints(self.data, self.model, c))):
-                raise TrainingError("; ".join(problems) if self.world.main else "the processes disagree (see rank 0)")
+        # several processes: the same data, base and configuration on each (the base's fingerprint, FSDP reuses)
+        self._base_fingerprint, problems = agreement.check(self.world, self.data, self.model, c)
+        if problems:
+            raise TrainingError("; ".join(problems) if self.world.main else "the processes disagree (see rank 0)")
         self.part = (self.world.rank, self.world.size)  # this process's part of every global batch
         self.global_batch = c.batch_size * c.grad_accum * self.world.size
         self.steps_per_epoch = max(1, math.ceil(len(self.data) / self.global_batch))
@@ -228,7 +230,7 @@ class Trainer:
             ckpt.apply_layout(self.model, saved["info"]["layout"])
             # setup drew initial adapters that the saved layout and weights replace: its draws do not count
             self.policy.generator.set_state(saved_draws)
-        self.parallel = strategy.parallelize(self.model, self.world, c, self.device)
+        self.parallel = strategy.parallelize(self.model, self.world, c, self.device, self._base_fingerprint)
         params = self.policy.trainable_parameters(self.model)
         if not params:
             raise TrainingError(f"policy {c.policy} left nothing to train")
@@ -305,8 +307,7 @@ class Trainer:
                 "world_size": self.world.size, "global_batch": self.global_batch,
                 "data": self.data.state_dict(), "trainable": self.model.num_parameters(trainable_only=True)}
         state = {"policy": self.policy.state_dict(), "stats": self.stats.state_dict(), "data": self.data.state_dict()}
-        stops = getattr(self, "stops", None)
-        with stops.saving() if stops is not None else contextlib.nullcontext():  # signals wait for it
+        with self.stops.saving():  # a signal waits for the checkpoint
             path = self.run.save_checkpoint(self.model, self.optimizer, self.scheduler, info, state)
         self._saved_step = self.step
         return path
@@ -402,8 +403,8 @@ class Trainer:
         run directory's lock is given up when it returns or fails."""
         if not self.ready:
             self.setup()
-        try:  # Ctrl-C, SIGTERM, SIGUSR1: finish the step, checkpoint, stop (stopping.py)
-            with StopRequests(lambda line: self.world.print(line, flush=True)) as self.stops:
+        try:
+            with self.stops:
                 return self._train()
         finally:
             self.release()
