@@ -61,7 +61,6 @@ class Watchdog:
         self._set(f"peer/{rank}", json.dumps({"host": self.host, "pid": os.getpid()}))
         self._set(f"beat/{rank}", "0")
         self._set(f"entered/{rank}", "0")
-        self._stop = threading.Event()
         threading.Thread(target=self._run, name="minimoe-watchdog", daemon=True).start()
 
     # --- the store ------------------------------------------------------------------------------------
@@ -97,7 +96,8 @@ class Watchdog:
     # --- the thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
         beat = 0
-        while not self._stop.wait(self.period):
+        while True:  # a daemon thread: it ends with the process
+            time.sleep(self.period)
             try:
                 beat += 1
                 self._set(f"beat/{self.rank}", str(beat))
@@ -173,9 +173,6 @@ class Watchdog:
                 phrases.append(f"rank {r} ({where}) is alive but has not reached this collective (its training "
                                "is stuck: a hung disk or GPU?)")
         return phrases
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 def start(rank: int, size: int, timeout_s: float) -> Watchdog:
