@@ -7,7 +7,6 @@ from torch import nn
 import minimoe
 from minimoe import optim
 from minimoe.adapters.lora_moe import PrunableLoRAMoE
-from minimoe.model.routing import collecting_routes, routing_token_mask
 from minimoe.policies.stats import RoutingStats
 
 # factory, state tensors shaped like the parameter (moments), bytes of scalar state per parameter
@@ -53,33 +52,38 @@ def test_forward_is_the_dmep_formula(renormalize, impl):
 
 
 def test_hard_counts_use_real_tokens_in_training_forwards_only():
-    m = _module()
-    x = torch.randn(2, 5, 16)
+    torch.manual_seed(0)
+    model = minimoe.CausalLM(minimoe.preset("tiny-qwen3"))
+    model.add_lora_moe(num_experts=8, top_k=2, rank=2, targets=("q_proj",))
+    name = "layers.0.self_attn.q_proj"
+    m = model.get_submodule(name)
+    inputs = []
+    m.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach()))
+    ids = torch.randint(0, 256, (2, 5))
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     stats = RoutingStats()
 
     def forward():
-        with routing_token_mask(mask), collecting_routes() as collector:
-            m(x)
-        for _, route in collector.routes:  # what the model returns as out.adapter_router
-            stats.update("m", route.probs, route.experts, mask, route.weights)
+        stats.observe(model(ids, attention_mask=torch.ones_like(mask), token_mask=mask, output_router=True), mask)
 
-    m.train()
+    model.train()
     forward()
-    _, _, chosen = m.route(x.reshape(-1, 16))
+    _, _, chosen = m.route(inputs[-1].reshape(-1, m.in_features))
     expected = torch.zeros(8)
     for n, real in enumerate(mask.reshape(-1).tolist()):
         if real:
             expected[chosen[n]] += 1
-    counts = stats.counts["m"]
+    counts = stats.counts[name]
     assert counts.dtype == torch.float32 and torch.equal(counts, expected)
     assert counts.sum() == 7 * 2
-    m.eval()
+    assert m.balancing.tokens == 7  # the load-balancing pool counts the same tokens
+    model.eval()
     forward()
     with torch.no_grad():
-        m.train()
+        model.train()
         forward()
-    assert torch.equal(stats.counts["m"], expected)  # neither eval nor no_grad forwards count
+    assert torch.equal(stats.counts[name], expected)  # neither eval nor no_grad forwards count
+    assert len(inputs) == 3
 
 
 def test_counts_not_doubled_by_activation_checkpoint_recomputation():
@@ -103,8 +107,8 @@ def test_load_balancing_loss_equals_hand_computation():
     x = torch.randn(12, 16)
     mask = torch.ones(12)
     mask[[2, 7]] = 0
-    with routing_token_mask(mask):
-        m(x)
+    m.token_mask = mask
+    m(x)
     probs = torch.softmax(x @ m.router.weight.T, -1)
     idx = probs.topk(2, -1).indices
     real = mask.bool()

@@ -103,6 +103,8 @@ class _Packing:
     adapted: torch.Tensor | None
     pruned: torch.Tensor | None
     dense: bool  # every packed expert has rank r_pad: the flat rows are the padded buffer
+    grid: torch.Tensor  # empty [groups, r_pad, 0]: the two sizes as a shape, which torch.compile traces as
+    # symbolic sizes after they change once (as Python ints, every new padded rank would be a new graph)
 
     @property
     def skip(self) -> bool:
@@ -216,7 +218,7 @@ class ResizableLoRAExpert(Adapter):
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         y = grouped_linear(x, self.weight, groups)
-        if not any(self._ranks):
+        if not self._adapted:
             return y
         return y + self.lora_delta(x, groups).to(y.dtype)
 
@@ -225,9 +227,9 @@ class ResizableLoRAExpert(Adapter):
         dtype = _compute_dtype(x, self.weight)
         if not use_grouped_mm(x, self.weight, groups.implementation):
             return self._delta_loop(x.to(dtype), groups, dtype)
-        plan = self._plan()
-        if not plan.experts:
+        if not self._adapted:
             return x.new_zeros(x.shape[0], self.out_features, dtype=dtype)
+        plan = self._plan()
         a_pad, bt_pad = self._packed(plan, dtype)
         x = x.to(dtype)
         if not plan.skip:  # every expert packed (pruned ones as zero rows): no gather/scatter
@@ -290,13 +292,15 @@ class ResizableLoRAExpert(Adapter):
             adapted = torch.tensor(experts, device=device) if skip else None
             pruned_key = torch.tensor([r == 0 for r in ranks], dtype=torch.uint8, device=device) if skip else None
             dense = all(ranks[e] == r_pad for e in packed)  # the rows are the padded buffer already
-            self._packing = _Packing(key, experts, len(packed), slots.to(device), r_pad, adapted, pruned_key, dense)
+            grid = torch.empty(len(packed), r_pad, 0, device=device)
+            self._packing = _Packing(key, experts, len(packed), slots.to(device), r_pad, adapted, pruned_key, dense,
+                                     grid)
         return self._packing
 
     def _packed(self, plan: _Packing, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``A_pad [G, r_pad, in]`` and ``Bᵀ_pad [G, r_pad, out]`` from ``lora_A`` / ``lora_B`` (differentiable),
         G = ``plan.groups`` (all E experts, or only the adapted ones on the skip path)."""
-        G, r_pad = plan.groups, plan.r_pad
+        G, r_pad = plan.grid.shape[0], plan.grid.shape[1]
         a, bt = self.lora_A, self.lora_B.t()  # (Σr, in), (Σr, out)
         if plan.dense:  # every packed expert at rank r_pad: no copy for A (Bᵀ: one small transpose copy)
             a_pad, bt_pad = a, bt.contiguous()
@@ -314,8 +318,7 @@ class ResizableLoRAExpert(Adapter):
         index = torch.tensor(index, dtype=torch.long)
         self.lora_A = optim.reindex_param(optimizer, self.lora_A, index, 0, fill=new_a, group=group)
         self.lora_B = optim.reindex_param(optimizer, self.lora_B, index, 1, group=group)
-        self._ranks = list(ranks)
-        self._packing = None
+        self._set_layout(ranks)
 
     def _rows(self, expert: int) -> list[int]:
         start = self._start(expert)
@@ -380,11 +383,18 @@ class ResizableLoRAExpert(Adapter):
         """Recreate the factors for ``ranks`` (values zero; load a state dict afterwards)."""
         if len(ranks) != self.num_experts:
             raise ValueError(f"layout has {len(ranks)} experts, the layer has {self.num_experts}")
-        self._ranks = [int(r) for r in ranks]
+        self._set_layout(ranks)
         device, n = self.weight.device, sum(self._ranks)  # the meta device too: storage comes with to_empty
         self.lora_A = mark_rows(nn.Parameter(torch.zeros(n, self.in_features, device=device)), 0)
         self.lora_B = mark_rows(nn.Parameter(torch.zeros(self.out_features, n, device=device)), 1)
+
+    def _set_layout(self, ranks: list[int]) -> None:
+        """The ranks, host metadata: the forward reads only ``_adapted`` and the packing built from them, so that
+        ``torch.compile`` guards on a bool and the packing's few ints, not on every expert's rank."""
+        self._ranks = [int(r) for r in ranks]
+        self._adapted = any(self._ranks)
         self._packing = None
+        self._plan()  # now, not in the first (maybe compiled) forward after a resize
 
     def _check_experts(self, experts) -> list[int]:
         experts = [int(e) for e in experts]

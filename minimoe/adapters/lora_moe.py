@@ -8,7 +8,7 @@ module, K top-k, r rank; ``lora_A [E, r, in]``, ``lora_B [E, out, r]``, ``router
 
 While ``lb_enabled``, a training forward computes the module's load-balancing loss ``E · Σ_i f_i · P_i``
 (f_i: fraction of real tokens whose top-k includes i; P_i: mean router probability; ``routing.LoadBalancingLoss``)
-and hands it, with its routing, to the forward's collector (``routing.emit_route``): the model returns the
+over the tokens of ``token_mask`` and keeps it, with its routing (``routing.routing_modules``): the model returns the
 routes as ``out.adapter_router`` and the summed losses as ``out.adapter_aux_loss``. Hard counts and every
 other statistic are kept by ``stats.RoutingStats`` from those routes, not by the module.
 ``prune_experts(keep)`` slices A, B and the router rows physically, with their optimizer state;
@@ -25,11 +25,12 @@ from . import optim
 from .base import Adapter, AdapterError, on_meta
 from .lora import check_scaling, kaiming_rows, plain_linear
 from ..model.moe import Dispatch, _compute_dtype, grouped_linear
-from ..model.routing import LoadBalancingLoss, RouterOutput, current_token_mask, emit_route
+from ..model.routing import LoadBalancingLoss, RouterOutput
 
 
 class PrunableLoRAMoE(Adapter):
     kind = "lora_moe"
+    routes_tokens = True  # see routing.routing_modules
     base_type = nn.Linear
     saves_input = True
     required = ("expert_ids", "top_k", "rank", "alpha", "renormalize", "lb_enabled")
@@ -54,7 +55,11 @@ class PrunableLoRAMoE(Adapter):
         self.expert_ids = torch.arange(num_experts)
         self.lb_enabled = True
         self.implementation = "auto"
-        self.balancing: LoadBalancingLoss | None = None  # the load-balancing pool of the last training forward
+        # routing protocol (``routing.routing_modules``): the model sets token_mask before a forward and reads
+        # last_route (this forward's routing) and balancing (its load-balancing pool, training only) after it
+        self.token_mask: torch.Tensor | None = None
+        self.last_route: RouterOutput | None = None
+        self.balancing: LoadBalancingLoss | None = None
         if not on_meta(base.weight):
             self.reset_adapter_parameters(generator)
 
@@ -121,11 +126,10 @@ class PrunableLoRAMoE(Adapter):
         y = y + (self.scaling * delta).view(*x.shape[:-1], self.out_features).to(y.dtype)
         # computed in every training forward, also when activation checkpointing recomputes this one: the
         # recomputation must run the same operations as the forward it replays
-        self.balancing = None
+        self.last_route, self.balancing = route, None
         if self.lb_enabled and self.training:
-            self.balancing = LoadBalancingLoss(self.num_experts, self.top_k, current_token_mask())
+            self.balancing = LoadBalancingLoss(self.num_experts, self.top_k, self.token_mask)
             self.balancing.add_routing(route.probs, route.experts)
-        emit_route(self, route, self.balancing)
         return y
 
     @property

@@ -9,6 +9,7 @@ d head_dim, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,14 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .moe import IMPLEMENTATIONS, MLP, SparseMoeBlock, StackedLinear, TopKRouter
-from .routing import LoadBalancingLoss, RouterOutput, collecting_routes, routing_token_mask
-
-
-def _masked_layer(layer, token_mask, *args):
-    """A layer under the routing token mask: recomputation inside backward (activation checkpointing)
-    runs outside the model's ``with routing_token_mask``, so the checkpointed function sets it itself."""
-    with routing_token_mask(token_mask):
-        return layer(*args)
+from .routing import LoadBalancingLoss, RouterOutput, routing_modules
 
 
 class RMSNorm(nn.Module):
@@ -205,6 +199,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.compiled_layers: list[nn.Module] | None = None  # compiling.compile_layers: not submodules, not saved
         if config.tie_word_embeddings:
             self.tie_weights()
         if not self.lm_head.weight.is_meta:
@@ -293,18 +288,24 @@ class Transformer(nn.Module):
             lb = LoadBalancingLoss(self.config.num_experts, self.config.num_experts_per_tok, lb_mask)
         if token_mask is None and attention_mask is not None:
             token_mask = attention_mask[:, -T:]
-        with routing_token_mask(token_mask), collecting_routes() as collector:
-            for layer in self.layers:
-                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    x, route = checkpoint(_masked_layer, layer, token_mask, x, cos, sin, mask, kv_cache,
-                                          use_reentrant=False)
-                else:
-                    x, route = layer(x, cos, sin, mask, kv_cache)
-                if route is not None:
-                    if lb is not None:
-                        lb.add(route.logits)
-                    if output_router:
-                        routes.append(route)
+        routers = routing_modules(self)  # adapters that route tokens (LoRA-MoE): their mask in, routing out
+        flat_mask = None if token_mask is None else token_mask.reshape(-1)
+        for m in routers:
+            m.token_mask, m.last_route, m.balancing = flat_mask, None, None
+        # the compiled blocks (compiling.compile_layers) run training and scoring forwards; generation (a KV
+        # cache: new shapes at every token) runs the plain ones
+        blocks = self.compiled_layers if self.compiled_layers and kv_cache is None else self.layers
+        for i, layer in enumerate(blocks):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, route = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x, route = layer(x, cos, sin, mask, kv_cache)
+            if route is not None:
+                route.unit = i
+                if lb is not None:
+                    lb.add(route.logits)
+                if output_router:
+                    routes.append(route)
         if kv_cache is not None:
             kv_cache.length += T
 
@@ -316,10 +317,18 @@ class Transformer(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        pools = collector.balancing or None
+        pools = [m.balancing for m in routers if m.balancing is not None] or None
         adapter_aux = torch.stack([p.value() for p in pools]).sum() if pools else None
+        adapter_routes = None
+        if output_router:  # statistics come from training forwards only (not eval, not under no_grad)
+            adapter_routes = []
+            if routers and self.training and torch.is_grad_enabled():
+                names = {id(m): n for n, m in self.named_modules()}
+                adapter_routes = [dataclasses.replace(m.last_route, unit=names[id(m)]) for m in routers]
+        for m in routers:
+            m.last_route = None  # (its tensors are not kept alive until the next forward)
         return ModelOutput(logits, loss, lb.value() if lb is not None else None, routes if output_router else None,
-                           adapter_aux, collector.named_routes(self) if output_router else None, pools)
+                           adapter_aux, adapter_routes, pools)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """KV-cache generation; see ``minimoe.model.generate.generate`` for the arguments."""

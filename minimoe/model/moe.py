@@ -69,6 +69,47 @@ def use_grouped_mm(x: torch.Tensor, weight: torch.Tensor, implementation: str) -
     return implementation == "grouped_mm" or (implementation == "auto" and grouped_mm_supported(x, weight))
 
 
+# --- grouped_mm as an opaque op for torch.compile ---------------------------------------------------------
+# Traced by torch.compile, ``F.grouped_mm`` runs its meta function, which accepts bf16 only ("Expected inputs
+# of BF16 type") although the CPU kernel runs fp32. Under compile, other dtypes go through this custom op: its
+# fake function gives the output's shape, its backward is two more grouped matmuls (what autograd computes
+# for F.grouped_mm: bit-identical on CPU), and the kernel is the eager one. Eager code never uses it.
+@torch.library.custom_op("minimoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``a (R, in)`` rows sorted by group, ``b (G, in, out)`` → ``(R, out)``; or, the weight gradient,
+    ``a (in, R)``, ``b (R, out)`` grouped along R → ``(G, in, out)``. ``offs (G,)``: ends of the groups."""
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a, b, offs):
+    if b.dim() == 2:
+        return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    if b.dim() == 2:
+        raise RuntimeError("minimoe::grouped_mm: no double backward")
+    ga = _grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None  # (R, in)
+    gb = _grouped_mm_op(a.t(), grad, offs) if ctx.needs_input_grad[1] else None  # (G, in, out): aᵀ_g · grad_g
+    return ga, gb, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() and a.dtype != torch.bfloat16:
+        return _grouped_mm_op(a, b, offs)
+    return F.grouped_mm(a, b, offs=offs)
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
     """``y[rows of e] = x[rows of e] @ weight[e]ᵀ`` for every expert e.
 
@@ -81,7 +122,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> tor
     """
     dtype = _compute_dtype(x, weight)
     if use_grouped_mm(x, weight, groups.implementation):
-        return F.grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=groups.offsets)
+        return _grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), groups.offsets)
     # Reference path: one matmul per expert (host sync for the sizes).
     chunks = x.split(groups.sizes())
     return torch.cat([F.linear(xe.to(dtype), we.to(dtype)) for xe, we in zip(chunks, weight)], dim=0)
@@ -186,13 +227,15 @@ class TopKRouter(nn.Module):
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
-    def forward(self, x: torch.Tensor, layer: int = -1) -> RouterOutput:
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """The routing of ``x (N, H)``; its unit (the layer) is set by the model, outside the block, so that
+        identical blocks share one compiled graph (``torch.compile`` specialises on a module's ints)."""
         logits = F.linear(x, self.weight)  # (N, E)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, self.top_k, dim=-1)  # (N, K)
         if self.norm_topk_prob:
             w = w / w.sum(dim=-1, keepdim=True)
-        return RouterOutput(layer, logits, probs, idx, w.to(logits.dtype))
+        return RouterOutput(None, logits, probs, idx, w.to(logits.dtype))
 
 
 class MLP(nn.Module):
@@ -225,7 +268,7 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, H)
-        route = self.gate(x, self.layer)
+        route = self.gate(x)
         y = self.experts(x, route.experts, route.weights)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -3,11 +3,11 @@
 Two kinds of router produce a ``RouterOutput``:
 
 * the router of an MoE layer (``unit`` = the decoder-layer index), returned by the model as ``out.router``;
-* the router of an adapter that routes tokens itself (a LoRA-MoE, ``unit`` = its module path), handed to the
-  forward's ``RouteCollector`` and returned as ``out.adapter_router``.
+* the router of an adapter that routes tokens itself (a LoRA-MoE, ``unit`` = its module path), read by the
+  model after the forward (``routing_modules``) and returned as ``out.adapter_router``.
 
-Which tokens count (padding and, in training, prompt tokens masked) is the forward's *token mask*, set by
-the model for the duration of a forward (``routing_token_mask``). Accumulating over micro-batches and
+Which tokens count (padding and, in training, prompt tokens masked) is the forward's *token mask*, which
+the model hands to those adapters before the forward. Accumulating over micro-batches and
 steps, reducing across processes and deciding are not done here but in ``stats.RoutingStats``, which
 reads these records. The load-balancing losses are computed per forward, in the graph, by
 ``LoadBalancingLoss`` from the same quantities (``f_i``: share of tokens whose top-k holds i; ``P_i``: mean
@@ -18,9 +18,6 @@ Shape legend: N tokens of the forward (B·T flattened), E experts of the router,
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -52,76 +49,18 @@ class RouterOutput:
         return self.unit
 
 
-# --- the token mask of the current forward ----------------------------------------------------------
-# Which tokens count for routing statistics in the current forward (flattened (B·T,) 0/1 mask, or
-# None = all). Set by the model's forward; read by modules that compute a load-balancing loss.
-_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("minimoe_token_mask", default=None)
+# --- modules that route tokens themselves ---------------------------------------------------------------
+def routing_modules(module: nn.Module) -> list[nn.Module]:
+    """The modules inside ``module`` that route tokens themselves (``routes_tokens``: a LoRA-MoE).
 
-
-@contextlib.contextmanager
-def routing_token_mask(mask: torch.Tensor | None):
-    token = _TOKEN_MASK.set(None if mask is None else mask.reshape(-1))
-    try:
-        yield
-    finally:
-        _TOKEN_MASK.reset(token)
-
-
-def current_token_mask() -> torch.Tensor | None:
-    return _TOKEN_MASK.get()
-
-
-def collecting_statistics(module: nn.Module) -> bool:
-    """Statistics are taken from training forwards only: not in eval, not under no_grad, and not when
-    activation checkpointing recomputes a forward inside backward."""
-    if not (module.training and torch.is_grad_enabled()):
-        return False
-    return torch._C._current_graph_task_id() == -1
-
-
-# --- routes of adapters, collected per forward ---------------------------------------------------------
-@dataclass
-class RouteCollector:
-    """What the routing adapters of one forward handed in: their routes (training forwards only, see
-    ``collecting_statistics``) and their load-balancing pools (``LoadBalancingLoss``, in the graph)."""
-
-    routes: list[tuple[nn.Module, RouterOutput]] = dataclasses.field(default_factory=list)
-    balancing: list["LoadBalancingLoss"] = dataclasses.field(default_factory=list)
-
-    def named_routes(self, model: nn.Module) -> list[RouterOutput]:
-        """The routes with ``unit`` set to each module's path in ``model``."""
-        if not self.routes:
-            return []
-        names = {id(m): n for n, m in model.named_modules()}
-        return [dataclasses.replace(route, unit=names[id(m)]) for m, route in self.routes]
-
-
-_COLLECTOR: contextvars.ContextVar[RouteCollector | None] = contextvars.ContextVar("minimoe_routes", default=None)
-
-
-@contextlib.contextmanager
-def collecting_routes():
-    """``with collecting_routes() as collector:`` — routing adapters called inside hand their routing and
-    load-balancing loss to ``collector``. Recomputation under activation checkpointing runs inside backward,
-    outside this block, so it is never collected twice."""
-    collector = RouteCollector()
-    token = _COLLECTOR.set(collector)
-    try:
-        yield collector
-    finally:
-        _COLLECTOR.reset(token)
-
-
-def emit_route(module: nn.Module, route: RouterOutput, balancing: "LoadBalancingLoss | None" = None) -> None:
-    """Called by a routing adapter in its forward: hand ``route`` (if statistics are being taken) and its
-    load-balancing pool to the current forward's collector, if any."""
-    collector = _COLLECTOR.get()
-    if collector is None:
-        return
-    if balancing is not None:
-        collector.balancing.append(balancing)
-    if collecting_statistics(module):
-        collector.routes.append((module, route))
+    Their protocol, plain attributes rather than context variables so that ``torch.compile`` traces them
+    without a graph break: before each forward the model sets ``token_mask`` (flattened ``(N,)`` 0/1, which
+    tokens count for the load-balancing loss; None = all); the module's forward sets ``last_route`` (its
+    ``RouterOutput``) and ``balancing`` (its ``LoadBalancingLoss`` in training, else None); the model reads
+    both after the forward. Statistics are read by the model's own forward only, so the recomputation of a
+    forward inside backward (activation checkpointing) is never counted twice.
+    """
+    return [m for m in module.modules() if getattr(m, "routes_tokens", False)]
 
 
 # --- load balancing ---------------------------------------------------------------------------------

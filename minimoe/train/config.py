@@ -52,7 +52,27 @@ LEGACY_OPTIONS = {"dmep": {"lb_reduce": "sum"}, "epng": {"final_event": True}}
 # base, adapters, order). --out and --overwrite do not go with --resume.
 RESUME_MAY_CHANGE = ("steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size",
                      "grad_accum", "save_every", "stop_at", "log_every", "eval_limit", "divergence_factor",
-                     "divergence_patience", "gradient_checkpointing", "fsdp", "dist_timeout", "device", "dtype")
+                     "divergence_patience", "gradient_checkpointing", "compile", "fsdp", "dist_timeout", "device",
+                     "dtype")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (bad arguments, non-finite loss, existing run directory)."""
+
+
+def check_device(name: str) -> str:
+    """``name`` if this machine can train on it, else a TrainingError naming ``--device``."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"--device {name!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"--device {name}: minimoe trains on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainingError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return name
 
 
 @dataclass
@@ -108,6 +128,8 @@ class TrainConfig:
     log_every: int = option(0, "progress every N steps: the bar's refresh on a terminal, else a plain line (logs "
                                "and files get no bar frames); default: 1 on a terminal, 10 otherwise", low=0)
     gradient_checkpointing: bool = option(False, "activation checkpointing")
+    compile: bool = option(False, "torch.compile each decoder block (recompiled after a prune, grow or slice; the "
+                                  "count is logged); see docs/benchmarks.md for where it pays")
     fsdp: bool = option(False, "several processes: shard the base over them with FSDP2 (the adapters stay whole "
                                "on every process; full fine-tuning shards its trained weights and their state)")
     dist_timeout: float = option(DEFAULT_TIMEOUT_S, "several processes: seconds a process waits inside one "

@@ -26,6 +26,7 @@ from . import agreement, checkpoint as ckpt
 from ..parallel import strategy
 from ..adapters.adamw import AdamW
 from ..data.dataset import Dataset, answer_only, load_pairs
+from ..model.compiling import compile_layers, compile_line
 from ..model.hf import resolve
 from ..utils.options import check_choices, to_toml
 from ..policies import POLICIES, Context, Policy, make_policy
@@ -36,14 +37,10 @@ from .stopping import INTERRUPTED, PREEMPTED, DivergenceWatch, StopRequests
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
 from ..utils.memory import peak_memory_mb
-from .config import DTYPES, LEGACY_ARGS, TrainConfig, default_model, is_preset
+from .config import DTYPES, LEGACY_ARGS, TrainConfig, TrainingError, check_device, default_model, is_preset
 from ..parallel.distributed import World
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "lr_schedule", "load_model_and_tokenizer"]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (bad arguments, non-finite loss, existing run directory)."""
 
 
 def _finite(tensors: list[torch.Tensor]) -> bool:
@@ -51,21 +48,6 @@ def _finite(tensors: list[torch.Tensor]) -> bool:
     local = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]  # a shard: its part
     local = [t for t in local if t.numel()]
     return not local or bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(local)])).all())
-
-
-def check_device(name: str) -> str:
-    """``name`` if this machine can train on it, else a TrainingError naming ``--device``."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(f"--device {name!r}: not a device (cpu, cuda, cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise TrainingError(f"--device {name}: minimoe trains on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise TrainingError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return name
 
 
 class Trainer:
@@ -231,6 +213,7 @@ class Trainer:
             # setup drew initial adapters that the saved layout and weights replace: its draws do not count
             self.policy.generator.set_state(saved_draws)
         self.parallel = strategy.parallelize(self.model, self.world, c, self.device, self._base_fingerprint)
+        self.compiled = compile_layers(self.model) if c.compile else None  # after sharding, as torchtitan
         params = self.policy.trainable_parameters(self.model)
         if not params:
             raise TrainingError(f"policy {c.policy} left nothing to train")
@@ -288,6 +271,13 @@ class Trainer:
         line = self.policy.event_line(record)
         if line:
             self._say(line)
+
+    def _log_compiles(self) -> None:
+        """--compile: the graphs compiled since the last call (the first compile, recompiles after a resize)."""
+        compiled = self.compiled.update() if self.compiled else None
+        if compiled:
+            self.run.append(EVENTS, {"event": "compile", "step": self.step, **compiled})
+            self._say(compile_line(self.step, compiled, len(self.model.layers)))
 
     def _say(self, line: str) -> None:
         """A line for the user, above the progress bar (not through it); the writer's process only."""
@@ -393,6 +383,7 @@ class Trainer:
         events = list(self.policy.after_step(self.step, model, opt))
         for event in events:
             self._event(event)
+        self._log_compiles()
         if events or self._trainable is None:  # the count changes only with an event (prune, grow, slice)
             self._trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
@@ -477,6 +468,7 @@ class Trainer:
         if self.step >= c.steps:  # the end of training (not a --stop-at): e.g. EPnG's importance probe
             for event in self.policy.end_events(self.model, self.step):
                 self._event(event)
+            self._log_compiles()
         trained = self.parallel.replicated([p for g in self.optimizer.param_groups for p in g["params"]])
         if not self.world.replicas_agree(trained):
             raise TrainingError("the trained parameters differ between processes: the run is not data-parallel "
@@ -493,7 +485,8 @@ class Trainer:
                    "startup_s": self.startup_s, "train_s": elapsed,
                    "processes": self.world.size, "global_batch": self.global_batch, "replicas_agree": True,
                    "peak_memory_mb": self.world.gather(peak_memory_mb(self.device)),  # per process, rank order
-                   "events": self.run.count(EVENTS), "checkpoint": str(path)}
+                   "events": self.run.count(EVENTS), "checkpoint": str(path),
+                   **({"compile": self.compiled.total()} if self.compiled else {})}
         with self.stops.saving():  # the run is complete once these are written: a signal now waits for them
             summary["export"] = str(self.run.export(self.model, self.parallel.base_fingerprint))
             self.run.write_summary(summary)

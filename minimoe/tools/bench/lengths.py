@@ -2,7 +2,8 @@
 transformers + PEFT on padded batches, in one run.
 
 Every mode trains the same model (``--model``, default the shipped ``tiny-moe``) with LoRA r=8 on the experts'
-gate+up (minimoe's expert LoRA; PEFT's LoRA on the transformers side), AdamW, on every example of the file once,
+gate+up (minimoe's expert LoRA; PEFT's LoRA on the transformers side), AdamW, on every example of the file once
+(``--compile``: each mode also with its blocks compiled, an epoch to compile, then the timed one),
 ``--batch`` examples (rows, when packed) per step, ``--max-len`` tokens at most. What is timed: forward with loss,
 backward, optimizer step, over the epoch. What is counted: target tokens (the response tokens the loss is
 over), the same in every mode but for packing, whose last step wraps into the next epoch (its own count is
@@ -21,6 +22,7 @@ import torch
 
 from ...adapters.adamw import AdamW
 from ...data.dataset import Dataset, load_pairs
+from ...model.compiling import compile_layers
 
 WORDS = "the a of to and in is it for on with as by at from that this be are was".split()
 MODES = ("padded", "group-by-length", "packing")
@@ -72,15 +74,20 @@ def run(args) -> int:
     tok = load_tokenizer(directory)
     pairs = longtail(args.rows) if args.data == "longtail" else load_pairs(args.data)
     dtype, results = getattr(torch, args.dtype), []
-    for mode in MODES:
+    for mode, compiled in [(m, c) for m in MODES for c in ((False, True) if args.compile else (False,))]:
         data = Dataset.build(pairs, tok, args.max_len, packing=mode == "packing", seed=0,
                              group=args.batch if mode == "group-by-length" else 0)
         batches = _epoch(data, args.batch)
         torch.manual_seed(0)
         model = from_pretrained(directory, dtype=dtype, device=args.device)
         model.add_expert_lora(rank=8, alpha=16, generator=torch.Generator().manual_seed(0))
+        name = f"minimoe, {mode}"
+        if compiled:  # an epoch that compiles (every new length recompiles until lengths turn symbolic), then one timed
+            compile_layers(model)
+            first, _ = _train(model.train(), model.adapter_parameters(), batches, args.device, True)
+            name += f", torch.compile (2nd epoch; the 1st, compiling: {first:.1f} s)"
         seconds, targets = _train(model.train(), model.adapter_parameters(), batches, args.device, True)
-        results.append((f"minimoe, {mode}", len(batches), seconds, targets))
+        results.append((name, len(batches), seconds, targets))
     if not (why := reference.unavailable()):
         batches = _epoch(Dataset.build(pairs, tok, args.max_len, seed=0), args.batch)
         for impl in args.reference_experts:

@@ -40,6 +40,7 @@ from . import real as bench_real, reference
 from ...adapters.adamw import AdamW
 from ...utils.memory import peak_memory_mb
 from .real import EVENT_ROUTE, out_of_memory, run_worker, stage
+from ...model.compiling import compile_layers
 from ...model.reference import shipped_shapes
 from ...policies.dmep import lb_loss
 
@@ -122,6 +123,12 @@ ROUTES = {
     "minimoe LoRA-MoE E=8 top-2 r=8 (dense)": ("minimoe", "auto", "lora-moe", "dense"),
     "minimoe LoRA-MoE after pruning to E=4 (dense)": ("minimoe", "auto", "lora-moe-pruned", "dense"),
 }
+COMPILED = ", torch.compile"  # --compile: a minimoe route again, each block compiled (compiling.py)
+
+
+def _route(name: str) -> tuple:
+    """``ROUTES``' entry of a route, compiled (``--compile``) or not."""
+    return ROUTES[name.removesuffix(COMPILED)]
 
 
 def _save_checkpoint(shape: dict, directory: Path, seed: int) -> None:
@@ -141,7 +148,7 @@ def _save_checkpoint(shape: dict, directory: Path, seed: int) -> None:
 
 def _setup(route: str, directory: Path, device: str, dtype: torch.dtype):
     """Load the checkpoint for ``route`` and attach what it trains; returns (model, trainable params)."""
-    library, impl, setup, _ = ROUTES[route]
+    library, impl, setup, _ = _route(route)
     if library == "minimoe":
         from ...adapters.lm import from_pretrained
 
@@ -168,6 +175,8 @@ def _setup(route: str, directory: Path, device: str, dtype: torch.dtype):
             if setup == "lora-moe-pruned":
                 model.prune_lora_moe({name: [0, 2, 4, 6] for name in model.lora_moe_modules()})
         params = model.adapter_parameters() if setup != "full" else list(model.parameters())
+        if route.endswith(COMPILED):  # compiled in the first warm-up step
+            compile_layers(model)
         return model.train(), params
     return reference.load().setup(setup, impl, directory, device, dtype)
 
@@ -176,9 +185,9 @@ def _worker(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     stage("loading the checkpoint")
-    model, params = _setup(args.worker, Path(args.dir) / ROUTES[args.worker][3], device, dtype)
+    model, params = _setup(args.worker, Path(args.dir) / _route(args.worker)[3], device, dtype)
     # one multi-tensor AdamW for every route (minimoe's counts steps per expert-LoRA row: its grown rows train fresh)
-    opt = (AdamW if ROUTES[args.worker][0] == "minimoe" else torch.optim.AdamW)(params, lr=1e-5, foreach=True)
+    opt = (AdamW if _route(args.worker)[0] == "minimoe" else torch.optim.AdamW)(params, lr=1e-5, foreach=True)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
@@ -234,6 +243,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{list(ROUTES)}")
     p.add_argument("--event", action="store_true",
                    help="instead of the routes: time one EPnG prune/grow event against the steps between events")
+    p.add_argument("--compile", action="store_true",
+                   help="also run each minimoe route with torch.compile per decoder block (compiled in the warm-up "
+                        "steps); with --data: each mode compiled too")
     p.add_argument("--stream-checkpoint", action="store_true", default=None,
                    help="write the random checkpoint in --dtype, shard by shard and tensor by tensor "
                         "(always for olmoe-1b-7b)")
@@ -326,11 +338,13 @@ def main(argv=None) -> int:
     if not args.event and (why := reference.unavailable()):
         print(f"transformers routes skipped: {why}")
         routes = [r for r in routes if ROUTES[r][0] == "minimoe"]
+    if args.compile and not args.event:  # each minimoe route, then the same compiled
+        routes = [v for r in routes for v in ([r, r + COMPILED] if ROUTES[r][0] == "minimoe" else [r])]
 
     shapes = SHAPES[args.shape]
     results, failed, checkpoints = [], [], {}
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="minimoe-bench-") as tmp:
-        for kind in sorted({"moe" if r == EVENT_ROUTE else ROUTES[r][3] for r in routes}):
+        for kind in sorted({"moe" if r == EVENT_ROUTE else _route(r)[3] for r in routes}):
             checkpoints[kind] = _write_checkpoint(shapes[kind], Path(tmp) / kind, args)
         for route in routes:
             cmd = [sys.executable, "-m", "minimoe.tools.bench.run", "--worker", route, "--dir", tmp]
