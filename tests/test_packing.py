@@ -72,6 +72,39 @@ def test_a_packed_example_is_computed_as_if_alone(name):
     assert abs(packed.loss.item() - _row_loss(model, row)) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["tiny-olmoe", "tiny-qwen3"])  # (tiny-qwen3: grouped-query attention)
+def test_flex_attention_on_packed_rows_is_the_sdpa_block_mask(name):
+    """On a CUDA GPU packed rows go through FlexAttention (``use_flex``); its mask function must say what the SDPA
+    block mask says. Checked on the CPU, where FlexAttention runs its reference forward (no backward there):
+    logits and routing of two packed rows, one of them padded, equal, plain and with the blocks compiled."""
+    from minimoe.model.compiling import compile_layers
+    from minimoe.model.model import use_flex
+
+    model = _model(name).eval()
+    rows = pack(_examples(model.config.vocab_size, (7, 12, 5, 9, 3)), 20, seed=0)
+    width = max(len(r[0]) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (ids, _, _) in enumerate(rows):
+        input_ids[i, :len(ids)], mask[i, :len(ids)] = torch.tensor(ids), 1
+    assert not mask.all() and len(rows) == 2  # a padded row
+    assert not use_flex("auto", "cpu") and use_flex("flex", "cpu") and not use_flex("sdpa", "cpu")
+    outs = {}
+    for choice, compiled in (("sdpa", False), ("flex", False), ("flex", True)):
+        model.packed_attention = choice
+        if compiled:
+            compile_layers(model, backend="aot_eager")
+        with torch.no_grad():
+            outs[choice, compiled] = model(input_ids, attention_mask=mask, position_ids=position_ids(rows, width),
+                                           output_router=True)
+    reference = outs["sdpa", False]
+    for out in (outs["flex", False], outs["flex", True]):
+        real = mask.bool()
+        torch.testing.assert_close(out.logits[real], reference.logits[real], rtol=0, atol=1e-5)
+        for unit, probs in _routes(out).items():
+            torch.testing.assert_close(probs, _routes(reference)[unit], rtol=0, atol=1e-6)
+
+
 def _row_loss(model, row):
     """The per-target-token mean loss of the row's examples, computed one example at a time."""
     ids, labels, starts = row[0]

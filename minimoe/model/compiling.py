@@ -38,7 +38,8 @@ def compile_layers(model: nn.Module, backend: str | None = None, **options) -> "
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # (torch < 2.7)
     setattr(config, name, max(getattr(config, name), limit))
-    config.accumulated_recompile_limit = max(getattr(config, "accumulated_recompile_limit", 0), 4 * limit)
+    if hasattr(config, "accumulated_recompile_limit"):  # (torch >= 2.7) over every code object
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
     # a resize changes an adapter's parameter shapes: after the first such recompile they are traced with
     # symbolic sizes, so later events reuse the graph unless the layout's structure (padded rank, skipping) changes
     config.force_parameter_static_shapes = False

@@ -10,6 +10,7 @@ d head_dim, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,16 +55,56 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+PACKED_ATTENTION = ("auto", "sdpa", "flex")
+
+
+def use_flex(choice: str, device) -> bool:
+    """Whether packed rows are attended with FlexAttention: ``"flex"``, or ``"auto"`` on a CUDA GPU of compute
+    capability 8.0 or more (its Triton kernels skip the masked blocks; SDPA with a dense mask computes them)."""
+    if choice not in PACKED_ATTENTION:
+        raise ValueError(f"packed attention {choice!r} not in {PACKED_ATTENTION}")
+    device = torch.device(device)
+    return choice == "flex" or (choice == "auto" and device.type == "cuda" and _has_flex()
+                                and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention is fused only when compiled; outside a compiled block it is compiled on its own once."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex_attention(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tensor:
+    """``(B, nh, T, d)`` attention under a FlexAttention ``block_mask`` (packed rows): inside a compiled block the
+    plain function (the block's compile fuses it), on CUDA compiled, on CPU the reference (forward only)."""
+    from torch.nn.attention.flex_attention import flex_attention as plain
+
+    fn = plain if torch.compiler.is_compiling() or q.device.type != "cuda" else _compiled_flex_attention()
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
 @dataclass
 class AttentionMask:
-    """What SDPA gets: an explicit boolean ``mask (B, 1, T, S)`` or ``is_causal`` (or neither)."""
+    """What SDPA gets: an explicit boolean ``mask (B, 1, T, S)`` or ``is_causal`` (or neither); for packed rows on
+    FlexAttention instead, ``block_mask`` (``use_flex``)."""
 
     mask: torch.Tensor | None
     is_causal: bool
+    block_mask: object | None = None  # torch.nn.attention.flex_attention.BlockMask
 
     @classmethod
     def build(cls, attention_mask: torch.Tensor | None, T: int, past: int, device,
-              position_ids: torch.Tensor | None = None) -> "AttentionMask":
+              position_ids: torch.Tensor | None = None, flex: bool = False) -> "AttentionMask":
         """Causal attention over real tokens. ``attention_mask (B, past + T)``: 1 = real, 0 = padding.
 
         A padding query may attend to itself, so no row is fully masked (SDPA would return NaN there,
@@ -75,12 +116,19 @@ class AttentionMask:
         """
         if past == 0 and position_ids is not None and T > 1 and bool((position_ids[:, 1:] == 0).any()):
             doc = (position_ids == 0).long().cumsum(-1)  # (B, T): the example each token belongs to
+            real = (attention_mask.bool() if attention_mask is not None
+                    else torch.ones(doc.shape, dtype=torch.bool, device=device))  # (B, T)
+            if flex:  # the same rule as a mask function, evaluated per block: blocks nobody attends are skipped
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                def same_example(b, h, q, kv):
+                    return ((doc[b, q] == doc[b, kv]) & (q >= kv) & real[b, kv]) | (q == kv)
+
+                return cls(None, False, create_block_mask(same_example, doc.shape[0], None, T, T, device=device))
             same = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            real = (attention_mask.bool()[:, None, :] if attention_mask is not None
-                    else torch.ones(1, 1, T, dtype=torch.bool, device=device))
             eye = torch.eye(T, dtype=torch.bool, device=device)
-            return cls(((causal & same & real) | eye)[:, None], False)
+            return cls(((causal & same & real[:, None, :]) | eye)[:, None], False)
         if attention_mask is None or bool(attention_mask.all()):
             if past == 0:
                 return cls(None, T > 1)
@@ -131,8 +179,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nkv, S, d)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
-                                           scale=self.d**-0.5, enable_gqa=self.nh != self.nkv)
+        if mask.block_mask is not None:  # packed rows on FlexAttention
+            o = flex_attention(q, k, v, mask.block_mask, self.d**-0.5, self.nh != self.nkv)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
+                                               scale=self.d**-0.5, enable_gqa=self.nh != self.nkv)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.d))
 
 
@@ -200,6 +251,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.compiled_layers: list[nn.Module] | None = None  # compiling.compile_layers: not submodules, not saved
+        self.packed_attention = "auto"  # packed rows: FlexAttention on a recent CUDA GPU, else SDPA (use_flex)
         if config.tie_word_embeddings:
             self.tie_weights()
         if not self.lm_head.weight.is_meta:
@@ -278,7 +330,8 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = AttentionMask.build(attention_mask, T, past, input_ids.device, given)
+        mask = AttentionMask.build(attention_mask, T, past, input_ids.device, given,
+                                   use_flex(self.packed_attention, input_ids.device))
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
 
@@ -324,7 +377,8 @@ class Transformer(nn.Module):
             adapter_routes = []
             if routers and self.training and torch.is_grad_enabled():
                 names = {id(m): n for n, m in self.named_modules()}
-                adapter_routes = [dataclasses.replace(m.last_route, unit=names[id(m)]) for m in routers]
+                adapter_routes = [dataclasses.replace(m.last_route, unit=names[id(m)]) for m in routers
+                                  if m.last_route is not None]
         for m in routers:
             m.last_route = None  # (its tensors are not kept alive until the next forward)
         return ModelOutput(logits, loss, lb.value() if lb is not None else None, routes if output_router else None,
