@@ -106,6 +106,20 @@ def test_compiled_blocks_equal_eager_through_prune_grow_and_slice(kind):
         assert graphs[2]["graphs"] == graphs[3]["graphs"] == 0
 
 
+def test_compiled_blocks_equal_eager_with_a_bf16_base():
+    """A bf16 base (``--dtype bfloat16``; fp32 adapters): grouped_mm traced as itself (its meta function accepts
+    bf16), through a grow and a prune."""
+    model = _model("expert_lora").to(torch.bfloat16)
+    for p in model.adapter_parameters():
+        p.data = p.data.float()
+    log = compile_layers(model, backend="aot_eager")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
+    for event in range(2):
+        _assert_compiled_is_eager(model, model.compiled_layers, ids)
+        _resize(model, "expert_lora", event)
+    assert log.total()["eager_frames"] == 0
+
+
 def test_compiled_packed_rows_and_activation_checkpointing_equal_eager():
     model = _model("expert_lora")
     compile_layers(model, backend="aot_eager")

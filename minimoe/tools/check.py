@@ -12,10 +12,12 @@ Checks, in order (each prints PASS, FAIL or SKIP with what it measured and the t
    ``lora skip path``: ResizableLoRAExpert with more than half its experts pruned, skip path vs packed vs loop;
 3. ``adapter gradients``: LoRALinear, ResizableLoRAExpert and PrunableLoRAMoE gradients on the device vs
    CPU fp32; ``grow/shrink state``: grow then shrink keeps parameters and AdamW state bit for bit;
-4. ``epng resume``: a 6-step EPnG run on the shipped tiny model (events at steps 2 and 4) stopped at step
+4. ``compiled blocks``: ``--compile``'s blocks against the eager ones through a grow and a prune; ``packed
+   attention``: FlexAttention on packed rows against SDPA's block mask (``check_compile.py``);
+5. ``epng resume``: a 6-step EPnG run on the shipped tiny model (events at steps 2 and 4) stopped at step
    3 and resumed, against the uninterrupted run (bit-equal on the CPU; on CUDA, whose reductions vary run
    to run, losses and the LoRA B matrices within the tolerances below);
-5. ``benchmark``: ``minimoe bench`` (``olmoe-layer`` on CUDA, ``tiny`` on the CPU; a few small
+6. ``benchmark``: ``minimoe bench`` (``olmoe-layer`` on CUDA, ``tiny`` on the CPU; a few small
    steps with ``--quick``): tokens/s of minimoe's expert LoRA next to transformers+PEFT, and the ratios.
 
 The exit code is 1 if any check FAILs (an exception inside a check is a FAIL with its message).
@@ -39,7 +41,7 @@ import torch
 
 from ..model.shipped import shipped
 from ..train.run_dir import RunDir
-from . import check_numerics as num
+from . import check_compile, check_numerics as num
 from .check_numerics import Result
 
 FAMILIES = ("tiny-olmoe", "tiny-qwen2-moe", "tiny-qwen3", "tiny-qwen3-moe")
@@ -178,6 +180,8 @@ def checks() -> list[tuple[str, callable]]:
             ("lora skip path", num.lora_skip_path),
             ("adapter gradients", num.adapter_gradients),
             ("grow/shrink state", num.grow_shrink_state),
+            ("compiled blocks", check_compile.compiled_blocks),
+            ("packed attention", check_compile.packed_attention),
             ("epng resume", epng_resume),
             ("benchmark", benchmark)]
     return out
