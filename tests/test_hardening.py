@@ -131,6 +131,9 @@ def test_divergence_stops_the_run_and_nothing_non_finite_is_saved(tmp_path, caps
     step = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert step == 1 and losses[1] > 1.5 * losses[0]  # nothing was checkpointed once the loss rose
+    last = json.loads((run / "events.jsonl").read_text().splitlines()[-1])  # an event (trackers show it too)
+    assert last["event"] == "divergence" and last["step"] == len(losses) and last["loss"] == losses[-1]
+    assert last["median"] == losses[0] and last["streak"] == 10
     assert not (run / "summary.json").exists()
     for lr, extra, said in (("1e30", ["--max-grad-norm", "0"], "non-finite weights after the optimizer step 1"),
                             ("1e38", [], "non-finite optimizer step")):

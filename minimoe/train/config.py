@@ -28,6 +28,7 @@ from ..parallel.watchdog import DEFAULT_TIMEOUT_S
 from ..utils.options import add_arguments, checked, option
 from ..policies import POLICIES
 from .recipes import get_recipe, listing
+from .trackers import TRACKERS
 
 # With no --model, train fine-tunes a shipped tiny model (``minimoe/weights``: tiny-moe, or for DMEP, whose
 # paper adapts a dense Qwen3, tiny-dense) on tiny-arith with the papers' methods at a scale that finishes
@@ -52,8 +53,8 @@ LEGACY_OPTIONS = {"dmep": {"lb_reduce": "sum"}, "epng": {"final_event": True}}
 # base, adapters, order). --out and --overwrite do not go with --resume.
 RESUME_MAY_CHANGE = ("steps", "lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size",
                      "grad_accum", "save_every", "stop_at", "log_every", "eval_limit", "divergence_factor",
-                     "divergence_patience", "gradient_checkpointing", "compile", "fsdp", "dist_timeout", "device",
-                     "dtype")
+                     "divergence_patience", "gradient_checkpointing", "report_to", "compile", "fsdp", "dist_timeout",
+                     "device", "dtype")
 
 
 class TrainingError(RuntimeError):
@@ -128,6 +129,9 @@ class TrainConfig:
     log_every: int = option(0, "progress every N steps: the bar's refresh on a terminal, else a plain line (logs "
                                "and files get no bar frames); default: 1 on a terminal, 10 otherwise", low=0)
     gradient_checkpointing: bool = option(False, "activation checkpointing")
+    report_to: tuple = option((), "also send the metrics, events, configuration and summary to these experiment "
+                                  "trackers (optional extras; the first process only): tensorboard (RUN/tensorboard), "
+                                  "wandb (WANDB_MODE=offline honoured), trackio", choices=TRACKERS, metavar="TRACKER")
     compile: bool = option(False, "torch.compile each decoder block (recompiled after a prune, grow or slice; the "
                                   "count is logged); see docs/benchmarks.md for where it pays")
     fsdp: bool = option(False, "several processes: shard the base over them with FSDP2 (the adapters stay whole "

@@ -113,3 +113,16 @@ class DivergenceWatch:
         self.history.append(loss)
         del self.history[:-20]
         return None
+
+    def check(self, loss: float, step: int, checkpoint) -> tuple[dict, str] | None:
+        """Once the loss has diverged: its ``divergence`` event and the message the run stops with (the last
+        checkpoint, ``checkpoint``, is kept: it is from before the loss rose); else None."""
+        median = self.diverged(loss)
+        if median is None:
+            return None
+        kept = (f"the last checkpoint, from before the loss rose, is {checkpoint}" if checkpoint.exists()
+                else "no checkpoint was written")
+        event = {"event": "divergence", "step": step, "loss": loss, "median": median, "streak": self.streak}
+        return event, (f"the loss diverged: {loss:.4g} at step {step}, above {self.factor:g} x its running median "
+                       f"{median:.4g} for {self.streak} steps; stopping without saving ({kept}). Try a lower --lr "
+                       "or --max-grad-norm, or --divergence-factor 0 to train on.")

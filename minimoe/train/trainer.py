@@ -33,6 +33,7 @@ from ..policies import POLICIES, Context, Policy, make_policy
 from .base_model import load_model_and_tokenizer
 from .lock import RunLock, RunLockError
 from .schedule import lr_schedule, rebase
+from .trackers import TrackerError, Trackers, missing
 from .stopping import INTERRUPTED, PREEMPTED, DivergenceWatch, StopRequests
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
@@ -73,6 +74,7 @@ class Trainer:
         self.ready = False
         self._trainable: int | None = None  # trainable parameters, recounted after each event
         self._saved_step: int | None = None  # the step of the last checkpoint this session wrote
+        self.trackers = Trackers((), None, {})  # --report-to: started with the run (_start, resume)
         # Ctrl-C, SIGTERM, SIGUSR1 while train() runs: finish the step, checkpoint, stop (stopping.py)
         self.stops = StopRequests(lambda line: self.world.print(line, flush=True))
 
@@ -96,6 +98,7 @@ class Trainer:
 
     def release(self) -> None:
         """Give up the run directory's lock (the end of ``train()`` does)."""
+        self.trackers.finish()
         if getattr(self, "lock", None) is not None:
             self.lock.release()
 
@@ -113,7 +116,7 @@ class Trainer:
             check_choices(c)
         except ValueError as e:
             raise TrainingError(str(e)) from None
-        if problem := strategy.problem(c, POLICIES[c.policy], self.world, self.device):
+        if problem := strategy.problem(c, POLICIES[c.policy], self.world, self.device) or missing(c.report_to):
             raise TrainingError(problem)
         if c.dtype != "float32" and POLICIES[c.policy].trains_base_weights:
             # AdamW updates of bf16 weights round most small steps away; these policies train base weights
@@ -246,6 +249,7 @@ class Trainer:
                 self._say(note)
         except RunDirError as e:
             raise TrainingError(str(e)) from None
+        self._start_trackers()
         for event in events:  # logged after the logs are cut back to this step
             self._event(event)
 
@@ -262,12 +266,14 @@ class Trainer:
                                           "global_batch": self.global_batch})
         train = {k: v for k, v in config.items() if k not in ("policy_options", "resume", "overwrite")}
         self.run.write_text("config.toml", to_toml({"train": train, self.config.policy: options}))
+        self._start_trackers()
         for event in self.policy.start_events(self.model):
             self._event(event)
 
     # --- messages, events, checkpoints -------------------------------------------------------------
     def _event(self, record: dict) -> None:
         self.run.append(EVENTS, record)
+        self.trackers.event(record)
         line = self.policy.event_line(record)
         if line:
             self._say(line)
@@ -276,8 +282,16 @@ class Trainer:
         """--compile: the graphs compiled since the last call (the first compile, recompiles after a resize)."""
         compiled = self.compiled.update() if self.compiled else None
         if compiled:
-            self.run.append(EVENTS, {"event": "compile", "step": self.step, **compiled})
+            self._event({"event": "compile", "step": self.step, **compiled})
             self._say(compile_line(self.step, compiled, len(self.model.layers)))
+
+    def _start_trackers(self) -> None:
+        """--report-to: the first process's trackers (a resumed run continues its tracker runs)."""
+        config = {**dataclasses.asdict(self.config), "policy_options": dataclasses.asdict(self.policy.config)}
+        try:
+            self.trackers = Trackers(self.config.report_to if self.run.writer else (), self.run, config, self.step)
+        except TrackerError as e:
+            raise TrainingError(str(e)) from None
 
     def _say(self, line: str) -> None:
         """A line for the user, above the progress bar (not through it); the writer's process only."""
@@ -305,17 +319,9 @@ class Trainer:
     def _watch_divergence(self, loss: float) -> None:
         """Stop when the loss has diverged (``stopping.DivergenceWatch``): the weights are not saved, the last
         good checkpoint stays."""
-        c = self.config
-        median = self._divergence.diverged(loss)
-        if median is None:
-            return
-        last = self.run.checkpoint_dir
-        kept = (f"the last checkpoint, from before the loss rose, is {last}" if last.exists()
-                else "no checkpoint was written")
-        raise TrainingError(
-            f"the loss diverged: {loss:.4g} at step {self.step}, above {c.divergence_factor:g} x its running median "
-            f"{median:.4g} for {self._divergence.streak} steps; stopping without saving ({kept}). Try a lower --lr "
-            "or --max-grad-norm, or --divergence-factor 0 to train on.")
+        if diverged := self._divergence.check(loss, self.step, self.run.checkpoint_dir):
+            self._event(diverged[0])
+            raise TrainingError(diverged[1])
 
     def _stop_non_finite(self, what: str) -> None:
         """Stop before the optimizer steps on it: the weights, and the last checkpoint, stay good."""
@@ -441,6 +447,7 @@ class Trainer:
                 record["tokens_per_s"] = record["tokens"] / dt
                 record["elapsed_s"] = time.perf_counter() - t0
                 self.run.append(METRICS, record)
+                self.trackers.log(record)
                 self._watch_divergence(record["loss"])
                 bar.update(1)
                 if self.step % every == 0 or (lines and self.step == end):
@@ -490,4 +497,5 @@ class Trainer:
         with self.stops.saving():  # the run is complete once these are written: a signal now waits for them
             summary["export"] = str(self.run.export(self.model, self.parallel.base_fingerprint))
             self.run.write_summary(summary)
+        self.trackers.summary(summary)
         return summary

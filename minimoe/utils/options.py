@@ -59,7 +59,10 @@ def _add_field(group, name: str, dest: str, f: dataclasses.Field, hidden: bool =
     def text(shown) -> str:
         return help_text if hidden or said else f"{help_text} (default: {shown})"
 
-    if choices:
+    if choices and isinstance(default, tuple):  # several of the choices
+        group.add_argument(name, dest=dest, nargs="+", choices=choices, default=None, metavar=f.metadata.get("metavar"),
+                           help=text(" ".join(default) or "none"))
+    elif choices:
         group.add_argument(name, dest=dest, choices=choices, default=None, help=text(default))
     elif f.type in ("bool", bool):
         group.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text(default))
@@ -98,7 +101,7 @@ def checked(cls, values: dict, where: str) -> dict:
             ok = True
         if not ok:
             raise ValueError(f"{bad}: expected {_kind(default)}")
-        if meta.get("choices") and value not in meta["choices"]:
+        if meta.get("choices") and not _chosen(value, meta["choices"]):
             raise ValueError(f"{bad}: choose from {', '.join(map(str, meta['choices']))}")
         if meta.get("low") is not None and value < meta["low"] or meta.get("high") is not None and value > meta["high"]:
             low, high = meta.get("low"), meta.get("high")
@@ -138,5 +141,10 @@ def check_choices(obj, what: str = "") -> None:
     for f in dataclasses.fields(obj):
         choices = f.metadata.get("choices")
         value = getattr(obj, f.name)
-        if choices and value not in choices:
+        if choices and not _chosen(value, choices):
             raise ValueError(f"{what}{flag(f.name)} {value!r}: choose from {', '.join(map(str, choices))}")
+
+
+def _chosen(value, choices) -> bool:
+    """Whether ``value`` is one of ``choices`` (a tuple: each of its items is)."""
+    return all(v in choices for v in value) if isinstance(value, tuple) else value in choices
