@@ -6,6 +6,7 @@
     minimoe eval --model Qwen/Qwen1.5-MoE-A2.7B --task humaneval --data HumanEval.jsonl --n 10 \\
         --temperature 0.7 --k 1 10
     minimoe eval --task humaneval --data HumanEval.jsonl --completions other_tool_samples.jsonl   # no model
+    minimoe eval --harness --model minimoe --model_args adapter=runs/dmep/adapter --tasks arc_easy  # lm_eval's
 
 The tasks (listed below) are the objects of minimoe.eval.tasks' registry: this command asks the chosen one
 for its rows, prompts, grader, metric and way of scoring (generation, option log-likelihood, perplexity),
@@ -165,6 +166,10 @@ def run_recipe(name: str, argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--harness"]:  # lm-evaluation-harness's command line, the minimoe backend registered
+        from ..eval.harness import main as harness
+
+        return harness(argv[1:])
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe")
     known, rest = pre.parse_known_args(argv)
