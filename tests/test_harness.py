@@ -182,3 +182,35 @@ def test_two_processes_under_torchrun_score_what_one_does(task_dir, tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         tables.append(re.findall(r"\|(acc(?:_norm)?)\s*\|[^|]*\|\s*([0-9.]+)\|", out.stdout))
     assert tables[0] == tables[1] and len(tables[0]) == 2
+
+
+def test_epng_general_recipe_scores_the_base_and_its_fine_tunes_in_one_table(task_dir, tmp_path, capsys):
+    """EPnG Table 4's recipe with local stand-in tasks: a row for the base, one per adapter (unmerged) and one
+    per merged checkpoint, each the accuracy lm_eval gives that model alone."""
+    from minimoe.cli import eval as eval_cli
+    from minimoe.eval import general
+
+    model = minimoe.from_pretrained("tiny-moe")
+    g = torch.Generator().manual_seed(3)
+    model.add_expert_lora(rank=4, alpha=8, generator=g)
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.normal_(0, 0.2, generator=g)
+    minimoe.save_adapter(model, tmp_path / "epng" / "adapter")
+    minimoe.export_merged(model, tmp_path / "full" / "export")
+    out = tmp_path / "general"
+    rc = eval_cli.main(["--recipe", "epng-general", "--adapter", str(tmp_path / "epng" / "adapter"), "--merged",
+                        str(tmp_path / "full" / "export"), "--tasks", "tiny_mc", "--include-path", str(task_dir),
+                        "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    text = (out / "general.md").read_text()
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in text.splitlines()[2:] if line.strip()}
+    assert list(rows) == ["base", "epng", "full"]
+    alone = _evaluate("minimoe", f"adapter={tmp_path / 'epng' / 'adapter'}", TaskManager(include_path=str(task_dir)),
+                      ["tiny_mc"])
+    assert rows["epng"] == pytest.approx(100 * alone["results"]["tiny_mc"]["acc,none"], abs=0.005)
+    assert rows["epng"] == rows["full"]  # the adapter unmerged and its merged export score alike
+    saved = json.loads((out / "general.json").read_text())
+    assert set(saved) == {"base", "epng", "full"} and "adapter=" in saved["epng"]["model_args"]
+    assert general.table({"base": {t: 50.0 for t in general.TASKS}}, list(general.TASKS)).count("50.17") == 3
+    assert "epng-general" in capsys.readouterr().out

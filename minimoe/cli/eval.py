@@ -147,8 +147,13 @@ def run_recipe(name: str, argv: list[str]) -> int:
     from ..train.recipes import get_recipe, listing
 
     if name == "list":
-        print(listing())
+        print(listing() + "\nepng-general  EPnG Table 4: ARC-C, ARC-E, BoolQ after fine-tuning (lm_eval; "
+              "minimoe eval --recipe epng-general --help)")
         return 0
+    if name == "epng-general":  # through lm-evaluation-harness (eval/general.py)
+        from ..eval.general import main as general
+
+        return general(argv)
     try:
         recipe = get_recipe(name)
     except KeyError as e:
