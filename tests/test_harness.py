@@ -117,30 +117,69 @@ def test_an_epng_adapter_unmerged_equals_its_merged_export_under_the_hf_backend(
     assert max(abs(a[0] - b[0]) for a, b in zip(mine, _loglikelihoods(plain, "tiny_mc"))) > 1e-2  # it matters
 
 
-def test_a_lora_moe_adapter_is_scored_as_minimoe_computes_it(tasks, tmp_path):
-    """DMEP's LoRA-MoE has no merged form: the backend's log-likelihoods are the model's own forward's."""
-    model = minimoe.from_pretrained("tiny-dense")
+def _adapter(kind, directory):
+    """An adapter directory of each kind: DMEP's LoRA-MoE (no merged form), dense LoRA, ESFT (a short run)."""
+    if kind == "esft":
+        from minimoe.cli import train
+
+        assert train.main(["--policy", "esft", "--steps", "2", "--eval-limit", "0", "--batch-size", "4",
+                           "--out", str(directory.parent / "run")]) == 0
+        return directory.parent / "run" / "adapter", "tiny-moe"
+    base = "tiny-dense" if kind == "lora_moe" else "tiny-moe"
+    model = minimoe.from_pretrained(base)
     g = torch.Generator().manual_seed(2)
-    model.add_lora_moe(num_experts=4, top_k=2, rank=4, targets=("q_proj", "up_proj"), generator=g)
+    if kind == "lora_moe":
+        model.add_lora_moe(num_experts=4, top_k=2, rank=4, targets=("q_proj", "up_proj"), generator=g)
+    else:
+        model.add_lora(rank=4, targets=("q_proj", "v_proj"), generator=g)
     with torch.no_grad():
         for p in model.adapter_parameters():
             p.normal_(0, 0.05, generator=g)
-    minimoe.save_adapter(model, tmp_path / "adapter")
-    lm = harness.MinimoeLM(adapter=str(tmp_path / "adapter"), batch_size="3")
-    tok = minimoe.load_tokenizer(shipped("tiny-dense"))
+    minimoe.save_adapter(model, directory)
+    return directory, base
+
+
+@pytest.mark.parametrize("kind", ["lora_moe", "lora", "esft"])
+def test_every_adapter_kind_is_scored_as_minimoe_computes_it(kind, tmp_path):
+    """Loaded through ``adapter=`` unmerged (DMEP's LoRA-MoE has no merged form): the backend's log-likelihoods
+    and greedy flags are those of minimoe's own forward of the base with the adapter loaded."""
+    directory, base = _adapter(kind, tmp_path / "adapter")
+    lm = harness.MinimoeLM(adapter=str(directory), batch_size="3")
+    model = minimoe.from_pretrained(base)
+    model.load_adapter(directory)
+    model.eval()
+    tok = minimoe.load_tokenizer(shipped(base))
     pairs = [("Question: What is 2 plus 3?\nAnswer:", " 5"), ("Question: What is 2 plus 3?\nAnswer:", " 23"),
              ("The sky is", " blue today")]
     got = lm.loglikelihood([type("Request", (), {"args": p})() for p in pairs])
-    model.eval()
     for (context, continuation), (logprob, greedy) in zip(pairs, got):
         whole, ctx = tok.encode(context + continuation), tok.encode(context)
-        ids = torch.tensor([whole])
         with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids).logits.float(), -1)[0]
+            logprobs = torch.log_softmax(model(torch.tensor([whole])).logits.float(), -1)[0]
         expected = sum(float(logprobs[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
         assert logprob == pytest.approx(expected, abs=1e-4)
         assert greedy == all(int(logprobs[t - 1].argmax()) == whole[t] for t in range(len(ctx), len(whole)))
     assert math.isfinite(sum(s for s, _ in got))
+
+
+def test_generate_until_stops_and_samples(tmp_path):
+    """Stop strings cut the text, max_gen_toks bounds it, sampling follows its seed (torch's global RNG, as
+    the HF backend's)."""
+    lm = harness.MinimoeLM(pretrained="tiny-moe", batch_size="2")
+
+    def run(kwargs):
+        return lm.generate_until([type("Request", (), {"args": (c, dict(kwargs))})()
+                                  for c in ("Question: What is 7 plus 5?\nAnswer:", "Once upon a time")])
+
+    long = run({"until": [], "max_gen_toks": 12, "do_sample": False})
+    cut = run({"until": [long[0][3:6]], "max_gen_toks": 12, "do_sample": False})
+    assert cut[0] == long[0][:long[0].index(long[0][3:6])] and cut[1] == long[1].split(long[0][3:6])[0]
+    assert all(len(lm.tok_encode(t)) <= 13 for t in long)
+    sampled = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        sampled.append(run({"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 1.5}))
+    assert sampled[0] == sampled[1] and sampled[0] != long
 
 
 def test_lm_eval_command_line_runs_the_minimoe_backend(task_dir, tmp_path):
