@@ -61,7 +61,7 @@ class MinimoeLM(TemplateLM):
     Args (``--model_args key=value,...``):
         pretrained: Hub id, directory or shipped model (default: the base the adapter records, else tiny-moe).
         adapter: a minimoe adapter directory, loaded onto ``pretrained`` without merging.
-        dtype: ``float32`` (default) or ``bfloat16``: the weights' dtype.
+        dtype: ``float32`` (default), ``bfloat16`` or ``auto`` (the checkpoint's): the weights' dtype.
         device: ``cpu``, ``cuda``, ``cuda:N`` (default: the process's GPU if any).
         batch_size: requests per forward (default 8; ``auto`` means the default).
         max_length: tokens a request may hold (default: the model's ``max_position_embeddings``, else 2048).
@@ -86,9 +86,9 @@ class MinimoeLM(TemplateLM):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         pretrained = pretrained or (adapter_base_model(adapter) if adapter else "tiny-moe")
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"minimoe: dtype {dtype!r}: float32 or bfloat16")
-        self.model = minimoe.from_pretrained(pretrained, device=str(self._device), dtype=getattr(torch, dtype))
+        if dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"--model_args dtype={dtype}: float32, bfloat16 or auto (the checkpoint's)")
+        self.model = minimoe.from_pretrained(pretrained, device=str(self._device), dtype=dtype)
         if adapter:
             self.model.load_adapter(adapter, check_base=str(check_base).lower() not in ("false", "0", "no"))
         self.model.eval()
