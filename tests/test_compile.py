@@ -85,7 +85,8 @@ def _resize(model, kind: str, event: int) -> None:
     model.prune_expert_lora({layer: [(event + 1) % 8, (event + 5) % 8] for layer in layers})
 
 
-@pytest.mark.parametrize("kind", ["expert_lora", "lora", "lora_moe"])
+@pytest.mark.parametrize("kind", ["expert_lora", pytest.param("lora", marks=pytest.mark.slow),
+                                  pytest.param("lora_moe", marks=pytest.mark.slow)])  # (~12 s each)
 def test_compiled_blocks_equal_eager_through_prune_grow_and_slice(kind):
     model = _model(kind)
     log = compile_layers(model, backend="aot_eager")

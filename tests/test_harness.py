@@ -182,6 +182,7 @@ def test_generate_until_stops_and_samples(tmp_path):
     assert sampled[0] == sampled[1] and sampled[0] != long
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_runs_the_minimoe_backend(task_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "minimoe.eval.harness", "--model", "minimoe", "--model_args",
                           f"pretrained={shipped('tiny-moe')}", "--tasks", "tiny_mc", "--include_path", str(task_dir),
@@ -198,6 +199,7 @@ def test_without_lm_eval_the_module_says_how_to_install_it():
     assert out.returncode == 2 and "pip install 'minimoe[harness]'" in out.stderr
 
 
+@pytest.mark.slow
 def test_minimoe_eval_harness_is_lm_evals_command_line(task_dir, tmp_path, capsys):
     from minimoe.cli import eval as eval_cli
 
@@ -223,6 +225,7 @@ def test_two_processes_under_torchrun_score_what_one_does(task_dir, tmp_path):
     assert tables[0] == tables[1] and len(tables[0]) == 2
 
 
+@pytest.mark.slow
 def test_epng_general_recipe_scores_the_base_and_its_fine_tunes_in_one_table(task_dir, tmp_path, capsys):
     """EPnG Table 4's recipe with local stand-in tasks: a row for the base, one per adapter (unmerged) and one
     per merged checkpoint, each the accuracy lm_eval gives that model alone."""
