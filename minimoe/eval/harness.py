@@ -124,9 +124,11 @@ class MinimoeLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
         """As the HF backend: the tokenizer's own special tokens unless told (``add_bos_token``, or off for a
         string that already starts with the prefix token)."""
-        special = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        special = add_special_tokens
         if special is None:
-            special = not string.startswith(self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False))
+            special = self.add_bos_token is not False  # (None: the tokenizer's own, which encode's True gives)
+            if string.startswith(self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)):
+                special = False  # the string carries its own BOS
         ids = self.tokenizer.encode(string, add_special_tokens=special)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
