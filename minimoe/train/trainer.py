@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from .base_model import load_model_and_tokenizer
 from .lock import RunLock, RunLockError
 from .schedule import lr_schedule, rebase
 from .trackers import TrackerError, Trackers, missing
+from .display import StepDisplay
 from .stopping import INTERRUPTED, PREEMPTED, DivergenceWatch, StopRequests
 from .run_dir import EVENTS, METRICS, RunDir, RunDirError
 from ..policies.stats import RoutingStats
@@ -416,16 +416,9 @@ class Trainer:
         return {"interrupted": True, "step": self.step, "exit_code": code}
 
     def _train(self) -> dict:
-        from tqdm.auto import tqdm
-
         c = self.config
         start, t0, tokens = self.step, time.perf_counter(), 0
-        # a bar on a terminal; into a log file (a cluster's, a pipe) a plain line every log_every steps instead
-        terminal = sys.stderr.isatty()
-        every = c.log_every or (1 if terminal else 10)
-        lines = self.show_progress and self.run.writer and not terminal
-        bar = tqdm(total=c.steps, initial=self.step, dynamic_ncols=True, desc=f"{c.policy}",
-                   disable=not (self.show_progress and self.run.writer and terminal))
+        bar = StepDisplay(c.policy, self.step, c.steps, c.log_every, self.show_progress and self.run.writer)
         record = {}
         self._divergence = DivergenceWatch(c.divergence_factor, c.divergence_patience)
         self._in_step = False
@@ -449,13 +442,7 @@ class Trainer:
                 self.run.append(METRICS, record)
                 self.trackers.log(record)
                 self._watch_divergence(record["loss"])
-                bar.update(1)
-                if self.step % every == 0 or (lines and self.step == end):
-                    if lines:
-                        print(f"step {self.step}/{c.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                              f"{record['tokens_per_s']:,.0f} tokens/s  trainable {record['trainable']:,}", flush=True)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}", trainable=f"{record['trainable']:,}")
+                bar.step(record, last=self.step == end)
                 if c.save_every and self.step % c.save_every == 0 and self.step < end:
                     if self._divergence.streak:  # the loss is above its running median: keep the last checkpoint
                         self._say(f"step {self.step}: not checkpointed while the loss is {record['loss']:.4g}, "
