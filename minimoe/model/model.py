@@ -64,16 +64,8 @@ def use_flex(choice: str, device) -> bool:
     if choice not in PACKED_ATTENTION:
         raise ValueError(f"packed attention {choice!r} not in {PACKED_ATTENTION}")
     device = torch.device(device)
-    return choice == "flex" or (choice == "auto" and device.type == "cuda" and _has_flex()
+    return choice == "flex" or (choice == "auto" and device.type == "cuda"
                                 and torch.cuda.get_device_capability(device) >= (8, 0))
-
-
-def _has_flex() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @functools.cache
@@ -104,7 +96,7 @@ class AttentionMask:
 
     @classmethod
     def build(cls, attention_mask: torch.Tensor | None, T: int, past: int, device,
-              position_ids: torch.Tensor | None = None, flex: bool = False) -> "AttentionMask":
+              position_ids: torch.Tensor | None = None, packed_attention: str = "sdpa") -> "AttentionMask":
         """Causal attention over real tokens. ``attention_mask (B, past + T)``: 1 = real, 0 = padding.
 
         A padding query may attend to itself, so no row is fully masked (SDPA would return NaN there,
@@ -118,7 +110,8 @@ class AttentionMask:
             doc = (position_ids == 0).long().cumsum(-1)  # (B, T): the example each token belongs to
             real = (attention_mask.bool() if attention_mask is not None
                     else torch.ones(doc.shape, dtype=torch.bool, device=device))  # (B, T)
-            if flex:  # the same rule as a mask function, evaluated per block: blocks nobody attends are skipped
+            if use_flex(packed_attention, device):  # the same rule as a mask function, evaluated per block:
+                # blocks nobody attends are skipped
                 from torch.nn.attention.flex_attention import create_block_mask
 
                 def same_example(b, h, q, kv):
@@ -330,8 +323,7 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = AttentionMask.build(attention_mask, T, past, input_ids.device, given,
-                                   use_flex(self.packed_attention, input_ids.device))
+        mask = AttentionMask.build(attention_mask, T, past, input_ids.device, given, self.packed_attention)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
 
@@ -341,7 +333,9 @@ class Transformer(nn.Module):
             lb = LoadBalancingLoss(self.config.num_experts, self.config.num_experts_per_tok, lb_mask)
         if token_mask is None and attention_mask is not None:
             token_mask = attention_mask[:, -T:]
-        routers = routing_modules(self)  # adapters that route tokens (LoRA-MoE): their mask in, routing out
+        # adapters that route tokens (LoRA-MoE): their mask in, routing out; generation (a KV cache) reads neither,
+        # and is spared the walk over the modules at every token
+        routers = routing_modules(self) if kv_cache is None else []
         flat_mask = None if token_mask is None else token_mask.reshape(-1)
         for m in routers:
             m.token_mask, m.last_route, m.balancing = flat_mask, None, None
