@@ -97,14 +97,20 @@ class _Packing:
 
     key: tuple
     experts: list[int]
-    groups: int
     slots: torch.Tensor
-    r_pad: int
     adapted: torch.Tensor | None
     pruned: torch.Tensor | None
     dense: bool  # every packed expert has rank r_pad: the flat rows are the padded buffer
-    grid: torch.Tensor  # empty [groups, r_pad, 0]: the two sizes as a shape, which torch.compile traces as
+    grid: torch.Tensor  # empty [groups, r_pad, 0]: the two sizes kept as a shape, which torch.compile traces as
     # symbolic sizes after they change once (as Python ints, every new padded rank would be a new graph)
+
+    @property
+    def groups(self) -> int:
+        return self.grid.shape[0]
+
+    @property
+    def r_pad(self) -> int:
+        return self.grid.shape[1]
 
     @property
     def skip(self) -> bool:
@@ -293,14 +299,13 @@ class ResizableLoRAExpert(Adapter):
             pruned_key = torch.tensor([r == 0 for r in ranks], dtype=torch.uint8, device=device) if skip else None
             dense = all(ranks[e] == r_pad for e in packed)  # the rows are the padded buffer already
             grid = torch.empty(len(packed), r_pad, 0, device=device)
-            self._packing = _Packing(key, experts, len(packed), slots.to(device), r_pad, adapted, pruned_key, dense,
-                                     grid)
+            self._packing = _Packing(key, experts, slots.to(device), adapted, pruned_key, dense, grid)
         return self._packing
 
     def _packed(self, plan: _Packing, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``A_pad [G, r_pad, in]`` and ``Bᵀ_pad [G, r_pad, out]`` from ``lora_A`` / ``lora_B`` (differentiable),
         G = ``plan.groups`` (all E experts, or only the adapted ones on the skip path)."""
-        G, r_pad = plan.grid.shape[0], plan.grid.shape[1]
+        G, r_pad = plan.groups, plan.r_pad
         a, bt = self.lora_A, self.lora_B.t()  # (Σr, in), (Σr, out)
         if plan.dense:  # every packed expert at rank r_pad: no copy for A (Bᵀ: one small transpose copy)
             a_pad, bt_pad = a, bt.contiguous()

@@ -38,10 +38,8 @@ def compile_layers(model: nn.Module, backend: str | None = None, **options) -> "
     check that a model compiles). Returns a ``CompileLog`` started now."""
     limit = max(RECOMPILE_LIMIT, GRAPHS_PER_BLOCK * len(model.layers))
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # (torch < 2.7)
-    setattr(config, name, max(getattr(config, name), limit))
-    if hasattr(config, "accumulated_recompile_limit"):  # (torch >= 2.7) over every code object
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)  # every code object
     # a resize changes an adapter's parameter shapes: after the first such recompile they are traced with
     # symbolic sizes, so later events reuse the graph unless the layout's structure (padded rank, skipping) changes
     config.force_parameter_static_shapes = False
