@@ -145,7 +145,13 @@ def test_a_tracker_not_installed_or_failing_stops_the_run_before_anything_is_wri
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_report_to_flag_takes_several_and_refuses_unknown(tmp_path, capsys):
+def test_report_to_flag_takes_several_and_refuses_unknown(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandB())
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: object())
+    out = tmp_path / "two"
+    assert train.main(["--out", str(out), *ARGS, "--steps", "1", "--report-to", "tensorboard", "wandb", "none"]) == 0
+    assert (out / "tensorboard").is_dir() and set(json.loads((out / "trackers.json").read_text())) == {"wandb"}
+    assert json.loads((out / "args.json").read_text())["report_to"] == ["tensorboard", "wandb", "none"]
     with pytest.raises(SystemExit):
         train.main(["--out", str(tmp_path / "r"), *ARGS, "--report-to", "mlflow"])
     assert "invalid choice: 'mlflow'" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
@@ -70,8 +71,6 @@ class _TensorBoard:
 
 class _WandB:
     def __init__(self, run_dir: Path, config: dict, step: int, ids: dict):
-        import os
-
         import wandb
 
         self.wandb = wandb
@@ -94,8 +93,6 @@ class _WandB:
 
 class _Trackio:
     def __init__(self, run_dir: Path, config: dict, step: int, ids: dict):
-        import os
-
         import trackio
 
         self.trackio = trackio

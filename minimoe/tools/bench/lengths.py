@@ -65,12 +65,12 @@ def _train(model, params, batches, device: str, minimoe: bool) -> tuple[float, i
 def run(args) -> int:
     """The table of ``minimoe bench --data``: one epoch per mode, then transformers + PEFT (padded)."""
     from ...adapters.lm import from_pretrained
-    from ...model.shipped import shipped
+    from ...model.shipped import SHIPPED, shipped
     from ...model.tokenizer import load_tokenizer
     from . import reference
 
     torch.set_num_threads(args.threads)
-    directory = shipped(args.model) if args.model in ("tiny-moe", "tiny-dense") else args.model
+    directory = shipped(args.model) if args.model in SHIPPED else args.model
     tok = load_tokenizer(directory)
     pairs = longtail(args.rows) if args.data == "longtail" else load_pairs(args.data)
     dtype, results = getattr(torch, args.dtype), []
