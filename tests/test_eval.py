@@ -12,7 +12,7 @@ import torch
 
 import minimoe
 
-from minimoe.data.dataset import tiny_arith_split
+from minimoe.data.builtin import tiny_arith_split
 
 from minimoe.cli import eval as evaluate  # noqa: E402
 from minimoe.cli import train as train  # noqa: E402
@@ -228,7 +228,7 @@ def test_the_registry_holds_the_builtin_tasks_in_order():
     from minimoe.eval import runners as evaluation
     from minimoe.eval import tasks
 
-    names = ("gsm8k", "math", "mc", "humaneval", "mbpp", "perplexity", "tiny-arith", "prefeval")
+    names = ("gsm8k", "math", "mc", "humaneval", "mbpp", "perplexity", "tiny-arith", "tiny-mix", "prefeval")
     assert evaluation.TASKS == names and tuple(tasks.TASKS) == names
     assert all(tasks.TASKS[n].name == n and tasks.TASKS[n].description for n in names)
     scoring = {n: t.scoring for n, t in tasks.TASKS.items()}

@@ -80,29 +80,38 @@ def _run(path, args, summary=None, metrics=()):
 
 
 def test_reproduce_reuses_only_matching_finished_runs(tmp_path):
-    from minimoe.tools.reproduce import finished
+    from minimoe.tools.reproduce import ROWS
+    from minimoe.tools.runs import finished
 
-    epng = {"policy": "epng", "seed": 1, "steps": 300, "model": "/x/weights/tiny-moe",
+    def done(run, row, seed, steps, limit=100):
+        return finished(tmp_path / run, ROWS[row], seed, steps, limit)
+
+    same = {"data": "tiny-arith", "eval_limit": 100}
+    epng = {"policy": "epng", "seed": 1, "steps": 300, "model": "/x/weights/tiny-moe", **same,
             "policy_options": {"final_event": False}}
     _run(tmp_path / "a", epng)
-    assert finished(tmp_path / "a", "epng", 1, 300) is None  # no summary: the run did not finish
+    assert done("a", "epng", 1, 300) is None  # no summary: the run did not finish
     (tmp_path / "a" / "summary.json").write_text(json.dumps({"task_score_after": 0.4}))
-    assert finished(tmp_path / "a", "epng", 1, 300) == {"task_score_after": 0.4}
-    assert finished(tmp_path / "a", "epng", 1, 200) is None and finished(tmp_path / "a", "epng", 2, 300) is None
-    assert finished(tmp_path / "a", "lora", 1, 300) is None and finished(tmp_path / "a", "epng-final", 1, 300) is None
+    assert done("a", "epng", 1, 300) == {"task_score_after": 0.4}
+    assert done("a", "epng", 1, 200) is None and done("a", "epng", 2, 300) is None
+    assert done("a", "lora", 1, 300) is None and done("a", "epng-final", 1, 300) is None
+    assert done("a", "epng", 1, 300, limit=200) is None  # scored on another number of test problems
+    _run(tmp_path / "x", {**epng, "data": "tiny-mix"}, {"task_score_after": 0.4})
+    assert done("x", "epng", 1, 300) is None  # trained on another task
     # DMEP's rows differ by model and options: a symmetric LoRA-MoE run is not a DMEP run, nor dense LoRA plain LoRA
-    moe = {"policy": "dmep", "seed": 0, "steps": 300, "model": "weights/tiny-dense", "policy_options": {"prune_step": -1}}
+    moe = {"policy": "dmep", "seed": 0, "steps": 300, "model": "weights/tiny-dense", **same,
+           "policy_options": {"prune_step": -1}}
     _run(tmp_path / "m", moe, {"task_score_after": 0.9})
-    assert finished(tmp_path / "m", "lora-moe", 0, 300) and finished(tmp_path / "m", "dmep", 0, 300) is None
-    dense = {"policy": "lora", "seed": 0, "steps": 300, "model": "weights/tiny-dense",
+    assert done("m", "lora-moe", 0, 300) and done("m", "dmep", 0, 300) is None
+    dense = {"policy": "lora", "seed": 0, "steps": 300, "model": "weights/tiny-dense", **same,
              "policy_options": {"dense_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"]}}
     _run(tmp_path / "d", dense, {"task_score_after": 0.8})
-    assert finished(tmp_path / "d", "dense-lora", 0, 300) and finished(tmp_path / "d", "lora", 0, 300) is None
+    assert done("d", "dense-lora", 0, 300) and done("d", "lora", 0, 300) is None
 
 
 def test_second_half_throughput_from_metrics(tmp_path):
-    from minimoe.tools.reproduce import late_throughput
+    from minimoe.tools.runs import late_throughput
 
     metrics = [{"step": s, "tokens": 100 * s, "elapsed_s": float(s * s)} for s in range(1, 7)]
     _run(tmp_path / "r", {}, metrics=metrics)

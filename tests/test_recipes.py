@@ -13,6 +13,7 @@ from test_sources import CODE_ALPACA, GSM8K, METAMATHQA, _jsonl, hub  # noqa: F4
 from minimoe.data.mc_rows import mc_prompt, mc_row
 from minimoe.train.config import resolve
 from minimoe.data.dataset import DataError, answer_only, read_pairs
+from minimoe.train.sweeps import SWEEPS
 from minimoe.train.recipes import RECIPES, SEVEN
 
 from minimoe.cli import eval as eval_py  # noqa: E402
@@ -38,8 +39,9 @@ def test_the_list_names_every_recipe_with_its_paper_and_row(capsys):
     with pytest.raises(SystemExit) as done:
         train.main(["--recipe", "list"])
     assert done.value.code == 0
-    text = capsys.readouterr().out
+    text, sweeps = capsys.readouterr().out.split("\n\nsweeps (one run per point")
     assert len(text.splitlines()) == len(RECIPES) == 14 + 18  # EPnG Tables 1-2 (FFT on OLMoE only), DMEP Table I
+    assert [line.split()[0] for line in sweeps.splitlines()[1:]] == list(SWEEPS)
     assert "epng-olmoe-math" in text and "EPnG Table 1 (OLMoE), row EPnG (ours): GSM8K 66.26, MATH 21.40" in text
     assert "dmep-qwen3-8b-openbookqa" in text and "107.9M trainable, 216 tok/s, accuracy 95.00%" in text
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from minimoe.tools import reproduce
+from minimoe.tools import reproduce, runs
 
 
 def _summary(policy, seed):
@@ -19,7 +19,7 @@ def _finished_run(out, policy, seed, steps):
     model = "weights/tiny-dense" if policy == "dmep" else "weights/tiny-moe"
     options = {"dense_targets": []} if policy == "lora" else {"prune_step": 0} if policy == "dmep" else {}
     (out / "args.json").write_text(json.dumps({"policy": policy, "seed": seed, "steps": steps, "model": model,
-                                               "policy_options": options}))
+                                               "data": "tiny-arith", "eval_limit": 100, "policy_options": options}))
     (out / "summary.json").write_text(json.dumps(_summary(policy, seed)))
 
 
@@ -42,7 +42,7 @@ def calls(monkeypatch):
         (out / "summary.json").write_text(json.dumps(_summary(arg["--policy"], int(arg["--seed"]))))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    monkeypatch.setattr(runs.subprocess, "run", fake_run)
     return made
 
 
@@ -93,5 +93,6 @@ def test_dmep_rows_run_the_papers_three_methods_on_the_dense_model(tmp_path, cal
     assert all(a["--model"] == "tiny-dense" for a in (dense, moe, dmep))
     targets = calls[0][calls[0].index("--lora-dense-targets") + 1:][:7]
     assert targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert moe["--dmep-prune-step"] == "-1" and "--dmep-prune-step" not in dmep  # symmetric: never pruned
+    assert moe["--dmep-prune-step"] == "-1" and dmep["--dmep-prune-step"] == "0"  # symmetric: never pruned
+    assert all(a["--data"] == "tiny-arith" and a["--eval-limit"] == "100" for a in (dense, moe, dmep))
     assert "**DMEP" in (root / "table.md").read_text() and "**EPnG" not in (root / "table.md").read_text()

@@ -19,7 +19,7 @@ COMMANDS = {
     "bench": ("minimoe.tools.bench.run", "training-step throughput and memory next to transformers + PEFT"),
     "check": ("minimoe.tools.check", "the self-check of a device: parity, bf16, the expert paths, resume"),
     "plots": ("minimoe.tools.plots", "the figures of a run directory (loss, events, the papers' figures)"),
-    "reproduce": ("minimoe.tools.reproduce", "the papers' tables in miniature, over seeds"),
+    "reproduce": ("minimoe.tools.reproduce", "the papers' tables and analyses (--suite) in miniature, over seeds"),
     "scaling": ("minimoe.tools.scaling", "throughput of one run over 1, 2, ... processes (torchrun)"),
     "tiny": ("minimoe.tools.tiny", "pretrain the shipped tiny models (tiny-moe, tiny-dense)"),
 }

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 
+from ..data.builtin import BUILTIN
 from ..parallel.distributed import exit_with_error, lost_peer
 from ..parallel.watchdog import lost_peers_message
 from ..train.config import TrainConfig, build_parser, resolve as resolve_config
@@ -31,19 +33,35 @@ def resolve(argv=None) -> TrainConfig:
 
 
 def task_score(trainer: Trainer, limit: int) -> float:
-    """Greedy exact match on the first ``limit`` problems of the tiny-arith test split."""
-    from ..data.dataset import tiny_arith_split
+    """Greedy exact match on the first ``limit`` problems of the test split of the built-in task trained on."""
+    from ..data.builtin import ANSWER_TOKENS, builtin_split
     from ..eval.runners import Decoding, generate_all, grade, task_prompt
 
-    rows = [{"question": q, "answer": a} for q, a in tiny_arith_split("test", 0)[:limit]]
-    prompts = [task_prompt("tiny-arith", r, trainer.tok) for r in rows]
-    completions = generate_all(trainer.model.eval(), trainer.tok, prompts, Decoding(max_new_tokens=40, batch_size=50),
+    task = trainer.config.data
+    rows = [{"question": q, "answer": a} for q, a in builtin_split(task, "test")[:limit]]
+    prompts = [task_prompt(task, r, trainer.tok) for r in rows]
+    completions = generate_all(trainer.model.eval(), trainer.tok, prompts, Decoding(max_new_tokens=ANSWER_TOKENS[task], batch_size=50),
                                progress=False)
-    return grade("tiny-arith", rows, completions)[0]["exact_match"]
+    return grade(task, rows, completions)[0]["exact_match"]
+
+
+def _recipe(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--recipe" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--recipe="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from ..train.sweeps import SWEEPS
+
+    if _recipe(argv) in SWEEPS:  # an analysis: one run per point (minimoe/cli/sweep.py)
+        from .sweep import main as sweep
+
+        return sweep(argv)
     flags = build_parser(__doc__).parse_args(argv)
     if flags.plan:  # the run's memory plan instead of the run (see minimoe plan)
         from ..tools.plan import plan_for
@@ -78,10 +96,10 @@ def main(argv=None) -> int:
     else:
         say(f"trainable: {trainer.model.num_parameters(trainable_only=True):,} parameters ({c.policy})")
     # scored by the first process only; with --fsdp by all (each forward gathers the base from all of them)
-    score = c.data == "tiny-arith" and c.eval_limit > 0 and (world.main or c.fsdp)
+    score = c.data in BUILTIN and not Path(c.data).exists() and c.eval_limit > 0 and (world.main or c.fsdp)
     before = task_score(trainer, c.eval_limit) if score and not c.resume else None
     if before is not None:
-        say(f"tiny-arith test exact match before fine-tuning: {before:.3f} ({c.eval_limit} problems, greedy)")
+        say(f"{c.data} test exact match before fine-tuning: {before:.3f} ({c.eval_limit} problems, greedy)")
     try:
         summary = trainer.train()
     except (TrainingError, RunDirError) as e:
@@ -97,7 +115,7 @@ def main(argv=None) -> int:
         after = task_score(trainer, c.eval_limit)
         if world.main:
             summary = trainer.run.update_summary(task_score_before=before, task_score_after=after)
-        say(f"tiny-arith test exact match: {'' if before is None else f'{before:.3f} -> '}{after:.3f}")
+        say(f"{c.data} test exact match: {'' if before is None else f'{before:.3f} -> '}{after:.3f}")
     if summary.get("events") and trainer.model.num_adapter_parameters():
         say("after training:\n" + trainer.model.adapter_summary())
     if summary.get("interrupted"):  # checkpointed on request: 75 preempted (resume it), 130 Ctrl-C (stopping.py)

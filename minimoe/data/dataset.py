@@ -18,13 +18,13 @@ from the loss (label -100); the response is followed by the eos token.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..model.tokenizer import Tokenizer
+from .builtin import BUILTIN, builtin_split
 from .mc_rows import LETTERS, RowError, is_mc, mc_prompt, mc_row
 from .packing import length_grouped, pack, position_ids
 from .sources import DataError, read_records
@@ -104,42 +104,13 @@ def read_pairs(spec: str, filters=()) -> list[tuple[str, str]]:
     return [pair for pair in pairs if pair is not None]  # (a ScienceQA row with an image is left out)
 
 
-def synthetic_arith(n: int, seed: int) -> list[tuple[str, str]]:
-    """Two-step arithmetic word problems in GSM8K's ``#### answer`` format (a built-in offline set):
-    ``a + b - c`` with a + b <= 20 and 0 <= result (both steps are facts the tiny model learned), in a
-    two-step phrasing it never saw."""
-    rng = random.Random(seed)
-    names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay"]
-    pairs = []
-    for _ in range(n):
-        who, a = rng.choice(names), rng.randint(1, 19)
-        b = rng.randint(1, 20 - a)
-        c = rng.randint(1, a + b)
-        total = a + b - c
-        pairs.append((f"{who} has {a} apples, buys {b} more and gives away {c}. How many apples now?",
-                      f"{a} + {b} = {a + b}. {a + b} - {c} = {total}.\n#### {total}"))
-    return pairs
-
-
-def tiny_arith_split(split: str, seed: int = 0) -> list[tuple[str, str]]:
-    """The built-in task: 512 training problems and 200 test problems, disjoint by question text."""
-    train = synthetic_arith(512, seed)
-    if split == "train":
-        return train
-    seen = {q for q, _ in train}
-    test = [pair for pair in synthetic_arith(2000, seed + 7919) if pair[0] not in seen]
-    return test[:200]
-
-
-BUILTIN = {"tiny-arith": lambda seed: tiny_arith_split("train", seed)}
-
-
 def load_pairs(data: str, seed: int = 0, filters=()) -> list[tuple[str, str]]:
-    """A data spec (:func:`read_pairs`), or the name of a built-in set (``tiny-arith``)."""
+    """A data spec (:func:`read_pairs`), or the name of a built-in task (``tiny-arith``, ``tiny-mix``:
+    :mod:`minimoe.data.builtin`), whose training split follows ``seed`` where the task says so."""
     if data in BUILTIN and not Path(data).exists():
         if filters:
             raise DataError(f"--data-filter applies to a data file; the built-in {data} has no fields to filter")
-        return BUILTIN[data](seed)
+        return builtin_split(data, "train", seed)
     return read_pairs(data, filters)
 
 

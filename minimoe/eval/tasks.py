@@ -12,6 +12,7 @@ Tasks and metrics (the papers'):
     mbpp        pass@k (``task_id``, ``text``, ``test_list``[, ``test_setup_code``])
     perplexity  exp(mean token NLL) over a JSONL (``text`` or prompt/response) or plain-text file
     tiny-arith  GSM8K exact match on the built-in test split
+    tiny-mix    the same on the built-in tiny-mix (four skills, harder for the dense tiny model)
 
 Everything that differs between benchmarks (where the rows come from, the prompt, the grader, the
 summary metric, and whether the model generates, scores options or is measured by perplexity) is a
@@ -41,7 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..data.sources import holds_records, read_records
-from ..data.dataset import prompt_text, tiny_arith_split
+from ..data.builtin import builtin_split
+from ..data.dataset import prompt_text
 from .sandbox import humaneval_program, mbpp_program, run_program, sandbox_info
 from ..data.mc_rows import LETTERS, mc_prompt, mc_row, mc_rows
 from .scoring import extract_choice, gsm8k_correct, math_correct, math_grader, pass_at_k
@@ -206,11 +208,12 @@ class GSM8K(Task):
         return gsm8k_correct(completion, str(row["answer"]))
 
 
-class TinyArith(GSM8K):
-    """GSM8K-style grading on the built-in test split (``--data`` is not needed, and not read)."""
+class Builtin(GSM8K):
+    """GSM8K-style grading on the test split of the built-in task of the same name
+    (:mod:`minimoe.data.builtin`; ``--data`` is not needed, and not read)."""
 
     def rows(self, data):
-        return [{"question": q, "answer": a} for q, a in tiny_arith_split("test")]
+        return [{"question": q, "answer": a} for q, a in builtin_split(self.name, "test")]
 
 
 @dataclass(frozen=True)
@@ -436,4 +439,5 @@ register(HumanEval("humaneval", "pass@k (task_id, prompt, test, entry_point), pr
                    stops=CODE_STOPS))
 register(MBPP("mbpp", "pass@k (task_id, text, test_list[, test_setup_code]), programs run in a sandbox"))
 register(Perplexity("perplexity", "exp(mean token NLL) over a JSONL (text or prompt/response) or text file"))
-register(TinyArith("tiny-arith", "GSM8K exact match on the built-in test split (no --data)"))
+register(Builtin("tiny-arith", "GSM8K exact match on the built-in test split (no --data)"))
+register(Builtin("tiny-mix", "GSM8K exact match on the built-in tiny-mix test split (no --data)"))

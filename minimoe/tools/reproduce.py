@@ -26,84 +26,30 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 
 from ..train.run_dir import RunDir
 from ..utils.files import write_text_atomic
+from .runs import Row, check_plan, run_plan
 
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class Row:
-    """One row of a table: a policy on a shipped model, with the flags that make it that paper's method."""
-
-    policy: str
-    model: str  # a shipped model (minimoe.model.shipped): tiny-moe or tiny-dense
-    flags: tuple[str, ...] = ()
-    options: dict = field(default_factory=dict)  # policy_options a finished run of this row has in args.json
-
-    def argv(self) -> list[str]:
-        return ["--policy", self.policy, "--model", self.model, *self.flags]
-
-
 ROWS = {
-    "lora": Row("lora", "tiny-moe", options={"dense_targets": []}),
-    "epng": Row("epng", "tiny-moe", options={"final_event": False}),
-    "epng-final": Row("epng", "tiny-moe", ("--epng-final-event",), {"final_event": True}),  # Alg. 1 literally
+    "lora": Row("lora", "tiny-moe", {"dense_targets": []}),
+    "epng": Row("epng", "tiny-moe", {"final_event": False}),
+    "epng-final": Row("epng", "tiny-moe", {"final_event": True}),  # Alg. 1 literally
     "esft": Row("esft", "tiny-moe"),
     "full": Row("full", "tiny-moe"),
-    "dense-lora": Row("lora", "tiny-dense", ("--lora-dense-targets", *SEVEN), {"dense_targets": list(SEVEN)}),
-    "lora-moe": Row("dmep", "tiny-dense", ("--dmep-prune-step", "-1"), {"prune_step": -1}),  # never pruned
-    "dmep": Row("dmep", "tiny-dense", options={"prune_step": 0}),
+    "dense-lora": Row("lora", "tiny-dense", {"dense_targets": list(SEVEN)}),
+    "lora-moe": Row("dmep", "tiny-dense", {"prune_step": -1}),  # never pruned
+    "dmep": Row("dmep", "tiny-dense", {"prune_step": 0}),
 }
 TABLES = {"EPnG: expert LoRA on the tiny MoE (tiny-moe)": ("lora", "epng", "epng-final", "esft", "full"),
           "DMEP: all seven linears of the dense tiny model (tiny-dense)": ("dense-lora", "lora-moe", "dmep")}
 POLICIES = tuple(ROWS)  # (the name --policies kept from when every row was a policy)
-
-
-def finished(out: Path, row: str, seed: int, steps: int) -> dict | None:
-    """The summary of a completed earlier run of the same row (policy, model, options), seed and steps, else None."""
-    run = RunDir(out, writer=False)
-    try:
-        args, summary = run.args(), run.summary()
-    except (OSError, ValueError):
-        return None
-    if not summary:
-        return None
-    spec = ROWS[row]
-    options = args.get("policy_options", {})
-    same = (args.get("policy") == spec.policy and args.get("seed") == seed and args.get("steps") == steps
-            and Path(args.get("model", "")).name == spec.model
-            and all(options.get(k) == v for k, v in spec.options.items()))
-    return summary if same else None
-
-
-def late_throughput(out: Path, steps: int) -> float | None:
-    """Training tokens/s over the second half of a run (``metrics.jsonl``: per-step tokens, cumulative time)."""
-    try:
-        metrics = RunDir(out, writer=False).metrics()
-    except (OSError, ValueError):
-        return None
-    half = [m for m in metrics if m["step"] > steps // 2]
-    start = [m["elapsed_s"] for m in metrics if m["step"] == steps // 2]
-    if not half or not start or half[-1]["elapsed_s"] <= start[0]:
-        return None
-    return sum(m["tokens"] for m in half) / (half[-1]["elapsed_s"] - start[0])
-
-
-def run_one(row: str, seed: int, out: Path, steps: int, overwrite: bool = False) -> dict:
-    """``minimoe train`` in a subprocess (this interpreter's minimoe); ``--overwrite`` reaches it only when the
-    user passed it here."""
-    cmd = [sys.executable, "-m", "minimoe", "train", *ROWS[row].argv(), "--steps", str(steps), "--seed", str(seed),
-           "--out", str(out), *(["--overwrite"] if overwrite else [])]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    return RunDir(out, writer=False).summary()
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -160,13 +106,63 @@ def figures(root: Path, runs: list[Path]) -> str:
     return "\n\nFigures (seed 0):\n\n" + "\n".join(lines) if lines else ""
 
 
+def _plan(rows: dict[str, Row], seeds: int, out: Path):
+    return [(key, row, seed, out / f"{key}-seed{seed}") for key, row in rows.items() for seed in range(seeds)]
+
+
+def run_suite(name: str, out: Path, seeds: int, steps: int, reuse: bool, overwrite: bool) -> int:
+    """Run (or reuse) every point of an analysis (:mod:`minimoe.tools.suites`), then write ``OUT/table.md``
+    and its figures."""
+    from . import suites
+    from .suite_figures import draw
+
+    start = time.monotonic()
+    plan = _plan(suites.suite_rows(name), seeds, out)
+    limit = suites.EVAL_LIMIT
+    reused, refusal = check_plan(plan, steps, reuse, overwrite, out, limit)
+    matched = name == "dmep-table2"  # its constrained symmetric baseline: k is known after DMEP's runs
+    held = [str(p) for p in sorted(out.glob("symmetric-k*-seed*")) if RunDir(p, writer=False).occupied()]
+    if matched and not refusal and held and not (reuse or overwrite):
+        refusal = (f"error: run directories under --out {out} already hold files: {', '.join(held)}; pass --reuse "
+                   "to keep finished runs or --overwrite to replace them (nothing was run)")
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    results = run_plan(plan, reused, steps, overwrite, limit)
+    k = None
+    if matched:
+        k = max(2, round(suites.mean_survivors(results, suites.tau_key(suites.DEFAULT_TAU))))
+        second = _plan({f"symmetric-k{k}": suites.symmetric(k)}, seeds, out)
+        reused2, refusal = check_plan(second, steps, reuse, overwrite, out, limit)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return 2
+        results |= run_plan(second, reused2, steps, overwrite, limit)
+        plan, reused = plan + second, reused | reused2
+    text = suites.dmep_table2_table(results, k) if matched else suites.TABLES[name](results)
+    figures = draw(name, results, out, k)
+    minutes = (time.monotonic() - start) / 60
+    text = (f"# {suites.TITLES[name]}\n\n{text}\n\n{figures}\n\n{len(plan)} runs ({len(reused)} reused), {steps} steps "
+            f"each, {seeds} seed{'s' if seeds > 1 else ''}: {minutes:.1f} minutes\n")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "table.md", text)
+    print(text)
+    return 0
+
+
+SUITES = ("tables", "epng-fig3", "epng-fig5", "dmep-table2")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="minimoe reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="tables", choices=SUITES,
+                   help="tables: each paper's main table (default); epng-fig3, epng-fig5, dmep-table2: the papers' "
+                        "analyses (minimoe/tools/suites.py)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
-    p.add_argument("--policies", "--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW",
-                   help="rows to run (default all: " + ", ".join(ROWS) + ")")
-    p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
+    p.add_argument("--policies", "--rows", nargs="+", choices=ROWS, metavar="ROW",
+                   help="rows of the tables to run (default all: " + ", ".join(ROWS) + ")")
+    p.add_argument("--out", type=Path, help="default runs/reproduce (a suite: runs/reproduce/SUITE)")
     p.add_argument("--steps", type=int, default=300, help="steps per run (default 300, the embedded default's)")
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs already under --out (same row, seed and steps); run the rest")
@@ -175,31 +171,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1:
         p.error(f"--seeds and --steps must be at least 1, got {args.seeds} and {args.steps}")
-    plan = [(row, seed, args.out / f"{row}-seed{seed}") for row in args.policies for seed in range(args.seeds)]
-    # decided before anything runs, so a refusal comes now rather than after minutes of training
-    reused = {}
-    for row, seed, out in plan:
-        summary = finished(out, row, seed, args.steps) if args.reuse else None
-        if summary is not None:
-            reused[out] = summary
-    blocked = [str(out) for _, _, out in plan if out not in reused and RunDir(out, writer=False).occupied()]
-    if blocked and not args.overwrite:
-        why = (" that --reuse cannot keep (not a finished run of the same row, seed and steps)" if args.reuse
-               else "")
-        hint = "pass --overwrite to replace them" + ("" if args.reuse else ", or --reuse to keep finished runs")
-        print(f"error: run directories under --out {args.out} already hold files{why}: {', '.join(blocked)}; "
-              f"{hint} (nothing was run)", file=sys.stderr)
+    if args.suite != "tables":
+        if args.policies:
+            p.error(f"--policies chooses rows of the tables; --suite {args.suite} runs all of its points")
+        out = args.out or Path("runs/reproduce") / args.suite
+        return run_suite(args.suite, out, args.seeds, args.steps, args.reuse, args.overwrite)
+    out = args.out or Path("runs/reproduce")
+    rows = args.policies or list(ROWS)
+    plan = [(row, ROWS[row], seed, out / f"{row}-seed{seed}") for row in rows for seed in range(args.seeds)]
+    reused, refusal = check_plan(plan, args.steps, args.reuse, args.overwrite, out)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
-    results: dict[str, list[dict]] = {}
-    for row, seed, out in plan:
-        summary = reused[out] if out in reused else run_one(row, seed, out, args.steps, overwrite=args.overwrite)
-        summary = {**summary, "tokens_per_s_late": late_throughput(out, args.steps)}
-        results.setdefault(row, []).append(summary)
-        print(f"{row} seed {seed}: {summary['task_score_before']:.3f} -> {summary['task_score_after']:.3f} "
-              f"({summary['trainable_parameters']:,} trainable, {summary['tokens_per_s']:,.0f} tok/s)", flush=True)
-    text = table(results) + figures(args.out, [out for row, seed, out in plan if seed == 0 and row in FIGURES])
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "table.md", text + "\n")
+    results = run_plan(plan, reused, args.steps, args.overwrite)
+    text = table(results) + figures(out, [run for row, _, seed, run in plan if seed == 0 and row in FIGURES])
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "table.md", text + "\n")
     print(text)
     return 0
 

@@ -28,6 +28,7 @@ from ..parallel.watchdog import DEFAULT_TIMEOUT_S
 from ..utils.options import add_arguments, checked, option
 from ..policies import POLICIES
 from .recipes import get_recipe, listing
+from .sweeps import listing as sweep_listing
 from .trackers import TRACKERS
 
 # With no --model, train fine-tunes a shipped tiny model (``minimoe/weights``: tiny-moe, or for DMEP, whose
@@ -88,14 +89,15 @@ class TrainConfig:
                             "--lr 3e-3 --warmup-ratio 0.05)")
     data: str = option("tiny-arith", "data file (JSON, JSONL, .gz, Parquet) or Hub dataset (hf://datasets/OWNER/NAME/"
                                      "FILE, OWNER/NAME:FILE, OWNER/NAME[:DIR]@SPLIT) of MetaMathQA, GSM8K, Code Alpaca, "
-                                     "MATH, prompt/response or chat-messages records; or built-in tiny-arith")
+                                     "MATH, prompt/response or chat-messages records; or a built-in task: tiny-arith, tiny-mix")
     data_filter: tuple = option((), "keep only the records whose field KEY equals VALUE (every key must match; a "
                                     "key given twice: either value); e.g. type=Algebra for MATH's algebra subset",
                                 metavar="KEY=VALUE")
     answer_only: bool = option(False, "train on the final answer only: a response becomes '#### ANSWER' from the text "
                                       "after its last '####' (DMEP's GSM8K: direct answer, no chain of thought)")
     recipe: str = option("", "a paper's setting by name (model, data, schedule, batch, options: the bottom layer, "
-                             "flags and TOML still win); 'list' prints them all")
+                             "flags and TOML still win), or a sweep (a paper's analysis, one run per point: "
+                             "minimoe train --recipe SWEEP --plan); 'list' prints them all")
     out: str = option("", "run directory (default runs/<policy>)")
     steps: int = option(500, "optimizer steps (EPnG App. A.3: 500; without --model: 300)", low=1)
     batch_size: int = option(8, "sequences per micro-batch (without --model: 16)", low=1)
@@ -143,7 +145,7 @@ class TrainConfig:
     dtype: str = option("float32", "dtype of the frozen base weights: bfloat16 halves their memory (lora, epng, dmep "
                                    "only; adapters and their optimizer state stay fp32)", choices=tuple(DTYPES))
     overwrite: bool = option(False, "replace an existing run directory")
-    eval_limit: int = option(100, "tiny-arith test problems scored before and after training (0: off)", low=0)
+    eval_limit: int = option(100, "test problems of the built-in task (tiny-arith, tiny-mix) scored before and after training (0: off)", low=0)
     resume: str = option("", "continue the run in this directory (layout, weights, optimizer, data position, RNG); "
                              "its saved arguments apply unless given again")
     policy_options: dict = option({}, "options of the chosen policy (--<policy>-<option>)", cli=False)
@@ -278,7 +280,7 @@ def resolve(argv=None, description: str | None = None, embedded: bool = True) ->
                    **{k: v for k, v in options.items() if k != saved["policy"]}}
     recipe = args.get("recipe") or train.get("recipe")
     if recipe == "list":
-        print(listing())
+        print(f"{listing()}\n\nsweeps (one run per point: minimoe train --recipe SWEEP --plan):\n{sweep_listing()}")
         raise SystemExit(0)
     if recipe and not resume:  # the bottom layer: the TOML file and the flags still win
         try:
