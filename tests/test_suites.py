@@ -2,7 +2,6 @@
 the full-scale sweeps of ``minimoe train --recipe SWEEP``."""
 
 import dataclasses
-import json
 import re
 import statistics
 import subprocess
@@ -64,6 +63,7 @@ def test_every_point_of_a_suite_is_the_run_it_names(name):
     rows = suites.suite_rows(name)
     for key, row in rows.items():
         c = resolve([*row.argv(), "--steps", "300"])
+        assert c.divergence_factor == 0, key  # a point's run trains on to its end whatever its loss does
         assert (c.policy, Path(c.model).name, c.data) == (row.policy, row.model, row.data), key
         resolved = dataclasses.asdict(POLICIES[c.policy].Config(**c.policy_options))  # as args.json saves them
         for option, value in row.options.items():
@@ -80,8 +80,8 @@ def test_every_point_of_a_suite_is_the_run_it_names(name):
 def _shorten_epng(monkeypatch):
     """EPnG's events within a few steps (the suites' points keep their own options)."""
     full = suites.epng
-    monkeypatch.setattr(suites, "epng", lambda *a, **k: suites.Row(
-        "epng", "tiny-moe", {**full(*a, **k).options, "warmup": 4, "interval": 4, "probe_batches": 1}))
+    monkeypatch.setattr(suites, "epng", lambda *a, **k: dataclasses.replace(
+        full(*a, **k), options={**full(*a, **k).options, "warmup": 4, "interval": 4, "probe_batches": 1}))
     monkeypatch.setattr(suites, "EVAL_LIMIT", 8)
 
 
@@ -106,6 +106,9 @@ def test_epng_fig3_runs_its_three_panels_and_reuses_its_runs(tmp_path, monkeypat
         score = summary[key]["task_score_after"]
         assert f"| {name} | {params[key]:,} | {score:.3f} ± 0.000 | {suites.EPNG_FIG3A[name]:.2f} |" in table
     assert "| 2 |" in table and "| 0.5 |" in table and "7 runs (0 reused), 10 steps each, 1 seed" in table
+    spent = sum((p / "summary.json").stat().st_mtime - (p / "args.json").stat().st_mtime for p in out.iterdir()
+                if p.is_dir()) / 60
+    assert f"the runs took {spent:.1f} minutes in all" in table
     assert all((out / f).read_bytes().startswith(PNG) for f in ("fig3a_ablation.png", "fig3b_rank.png",
                                                                "fig3c_fraction.png"))
     assert reproduce.main(argv) == 2  # the runs exist: refused, not replaced
@@ -200,7 +203,7 @@ def tiny_sweep(monkeypatch):
     started = []
 
     def run_here(cmd, **kwargs):
-        started.append(cmd[cmd.index("--out") + 1])
+        started.append(cmd[cmd.index("--out" if "--out" in cmd else "--resume") + 1])
         return subprocess.CompletedProcess(cmd, train.main(cmd[cmd.index("train") + 1:]))
 
     from minimoe.cli import sweep as cli_sweep
@@ -217,11 +220,26 @@ def test_a_sweep_runs_its_points_in_turn_and_keeps_finished_ones(tmp_path, tiny_
     assert RunDir(out / "tau0.1", writer=False).args()["lr"] == 1e-3  # other flags reach every point
     assert train.main(["--recipe", "tiny-sweep", "--out", str(out)]) == 0
     assert len(tiny_sweep) == 2 and capsys.readouterr().out.count("kept") == 2  # finished: nothing reruns
-    (out / "e4" / "summary.json").unlink()  # an unfinished run: refused before anything starts
+    (out / "e4" / "summary.json").unlink()  # killed after its last checkpoint: it resumes, nothing else reruns
+    assert train.main(["--recipe", "tiny-sweep", "--out", str(out)]) == 0
+    assert tiny_sweep[2:] == [str(out / "e4")] and "--resume" in capsys.readouterr().out
+    assert RunDir(out / "e4", writer=False).summary()["steps"] == 3
+    (out / "late").mkdir()
+    (out / "late" / "notes.txt").write_text("mine")  # neither a run nor a checkpoint: refused before anything
+    late = Sweep("tiny-sweep", "test", "-", {**SWEEPS["tiny-sweep"].points, "late": ("tiny-dmep", ())})
+    SWEEPS["tiny-sweep"] = late
     assert train.main(["--recipe", "tiny-sweep", "--out", str(out)]) == 2
-    assert f"{out / 'e4'} already hold files" in capsys.readouterr().err and len(tiny_sweep) == 2
-    assert train.main(["--recipe", "tiny-sweep", "--out", str(out), "--point", "e4", "--overwrite"]) == 0
-    assert tiny_sweep[2:] == [str(out / "e4")] and json.loads((out / "e4" / "summary.json").read_text())
+    assert f"{out / 'late'} already hold files" in capsys.readouterr().err and len(tiny_sweep) == 3
+    assert train.main(["--recipe", "tiny-sweep", "--out", str(out), "--point", "late", "--overwrite"]) == 0
+    assert tiny_sweep[3:] == [str(out / "late")] and not (out / "late" / "notes.txt").exists()
     with pytest.raises(SystemExit):
         train.main(["--recipe", "tiny-sweep", "--point", "nope"])
-    assert "not a point of tiny-sweep (its points: tau0.1, e4)" in capsys.readouterr().err
+    assert "not a point of tiny-sweep (its points: tau0.1, e4, late)" in capsys.readouterr().err
+
+
+def test_a_sweep_named_in_a_toml_file_says_how_to_run_it(tmp_path, capsys):
+    (tmp_path / "run.toml").write_text('[train]\nrecipe = "epng-fig5"\n')
+    with pytest.raises(SystemExit):
+        resolve(["--config", str(tmp_path / "run.toml")])
+    assert "'epng-fig5' is a sweep, one run per point: run it as minimoe train --recipe epng-fig5" in \
+        capsys.readouterr().err

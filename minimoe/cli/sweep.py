@@ -9,7 +9,8 @@ Every point is a run of its own (``OUT/POINT``, default ``OUT`` runs/SWEEP), sta
 --recipe BASE FLAGS``: ``--plan`` prints those commands, with the evaluation after each, one line per point for
 a scheduler. Flags other than ``--point``, ``--out``, ``--plan``, ``--gpu-memory`` and ``--overwrite`` go to
 every point (e.g. a smaller batch with more accumulation). Running, a point whose directory holds a finished
-run is kept; any other directory that already holds files is refused before anything starts, unless
+run is kept, one that holds a checkpoint without a summary (preempted, killed) is resumed from it
+(``--resume``); any other directory that already holds files is refused before anything starts, unless
 ``--overwrite``.
 """
 
@@ -21,15 +22,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..train.checkpoint import read_info
 from ..train.run_dir import RunDir
 from ..train.sweeps import SWEEPS, Sweep
 
 
-def _finished(run: Path) -> bool:
+def _state(run: Path) -> str:
+    """``finished`` (a summary), ``interrupted`` (a checkpoint, no summary: it resumes), ``held`` (other files) or
+    ``new``."""
+    d = RunDir(run, writer=False)
     try:
-        return bool(RunDir(run, writer=False).summary())
-    except (OSError, ValueError):
-        return False
+        if d.summary():
+            return "finished"
+        read_info(d.locate_checkpoint())
+        return "interrupted"
+    except (OSError, KeyError, ValueError):
+        return "held" if d.occupied() else "new"
 
 
 def _memory(sweep: Sweep, point: str, extra: list[str], gpu_memory: str | None) -> str:
@@ -74,18 +82,21 @@ def main(argv: list[str]) -> int:
         return 0
     if args.gpu_memory:
         p.error("--gpu-memory goes with --plan")
-    done = [x for x in points if _finished(runs[x])]
-    held = [str(runs[x]) for x in points if x not in done and RunDir(runs[x], writer=False).occupied()]
+    state = {x: _state(runs[x]) for x in points}
+    held = [str(runs[x]) for x in points if state[x] == "held"]
     if held and not args.overwrite:
-        print(f"error: {', '.join(held)} already hold files that are not a finished run; pass --overwrite to replace "
-              "them (nothing was run)", file=sys.stderr)
+        print(f"error: {', '.join(held)} already hold files that are neither a finished run nor a checkpoint to "
+              "resume; pass --overwrite to replace them (nothing was run)", file=sys.stderr)
         return 2
     for x in points:
-        if x in done:
+        if state[x] == "finished":
             print(f"{sweep.name} / {x}: finished run in {runs[x]}, kept", flush=True)
             continue
-        cmd = [sys.executable, "-m", "minimoe", "train", *sweep.command(x, str(runs[x]), tuple(extra)),
-               *(["--overwrite"] if args.overwrite else [])]
+        if state[x] == "interrupted":  # preempted or killed: it continues from its checkpoint, bit for bit
+            cmd = [sys.executable, "-m", "minimoe", "train", "--resume", str(runs[x])]
+        else:
+            cmd = [sys.executable, "-m", "minimoe", "train", *sweep.command(x, str(runs[x]), tuple(extra)),
+                   *(["--overwrite"] if args.overwrite else [])]
         print(f"{sweep.name} / {x}: {shlex.join(cmd[2:])}", flush=True)
         if code := subprocess.run(cmd).returncode:
             print(f"error: point {x} failed (exit {code}); the finished points are kept, rerun to continue",

@@ -40,8 +40,8 @@ def task_score(trainer: Trainer, limit: int) -> float:
     task = trainer.config.data
     rows = [{"question": q, "answer": a} for q, a in builtin_split(task, "test")[:limit]]
     prompts = [task_prompt(task, r, trainer.tok) for r in rows]
-    completions = generate_all(trainer.model.eval(), trainer.tok, prompts, Decoding(max_new_tokens=ANSWER_TOKENS[task], batch_size=50),
-                               progress=False)
+    decoding = Decoding(max_new_tokens=ANSWER_TOKENS[task], batch_size=50)
+    completions = generate_all(trainer.model.eval(), trainer.tok, prompts, decoding, progress=False)
     return grade(task, rows, completions)[0]["exact_match"]
 
 

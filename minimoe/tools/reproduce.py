@@ -17,9 +17,15 @@ on the test split):
 Runs go to ``runs/reproduce/<row>-seed<S>``, the tables to ``runs/reproduce/table.md``, which links the
 figures of the first seed's epng and dmep runs (drawn into each run's ``plots/``; needs the ``plot`` extra).
 
+The papers' analyses (EPnG Fig. 3 and 5, DMEP Table II) are suites of their own, each in its own output
+directory (:mod:`minimoe.tools.suites`)::
+
+    minimoe reproduce --suite epng-fig3 --seeds 3     # runs/reproduce/epng-fig3/table.md and figures
+    minimoe reproduce --suite dmep-table2 --seeds 3
+
 Earlier runs are never replaced silently: before anything starts, every run directory that already
-holds files is either reused (``--reuse``, when it is a finished run of the same row, seed and steps)
-or replaced (``--overwrite``); otherwise the command stops and names them.
+holds files is either reused (``--reuse``, when it is a finished run of the same row, seed, steps, task
+and number of test problems) or replaced (``--overwrite``); otherwise the command stops and names them.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from pathlib import Path
 
 from ..train.run_dir import RunDir
 from ..utils.files import write_text_atomic
-from .runs import Row, check_plan, run_plan
+from .runs import Row, check_plan, run_minutes, run_plan
 
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -142,8 +148,10 @@ def run_suite(name: str, out: Path, seeds: int, steps: int, reuse: bool, overwri
     text = suites.dmep_table2_table(results, k) if matched else suites.TABLES[name](results)
     figures = draw(name, results, out, k)
     minutes = (time.monotonic() - start) / 60
+    spent = sum(run_minutes(run) for *_, run in plan)
     text = (f"# {suites.TITLES[name]}\n\n{text}\n\n{figures}\n\n{len(plan)} runs ({len(reused)} reused), {steps} steps "
-            f"each, {seeds} seed{'s' if seeds > 1 else ''}: {minutes:.1f} minutes\n")
+            f"each, {seeds} seed{'s' if seeds > 1 else ''}: {minutes:.1f} minutes; the runs took {spent:.1f} minutes "
+            "in all, each from its start to its score\n")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "table.md", text)
     print(text)

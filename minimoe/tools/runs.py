@@ -22,9 +22,10 @@ class Row:
     model: str  # a shipped model (minimoe.model.shipped): tiny-moe or tiny-dense
     options: dict = field(default_factory=dict)
     data: str = "tiny-arith"  # a built-in task (minimoe.data.builtin)
+    train: tuple[str, ...] = ()  # other minimoe train flags, which do not change a run that finishes
 
     def argv(self) -> list[str]:
-        flags = ["--policy", self.policy, "--model", self.model, "--data", self.data]
+        flags = ["--policy", self.policy, "--model", self.model, "--data", self.data, *self.train]
         for key, value in self.options.items():
             flag = f"--{self.policy}-{key.replace('_', '-')}"
             if value is True:
@@ -114,3 +115,9 @@ def run_plan(plan: Plan, reused: dict[Path, dict], steps: int, overwrite: bool,
               f"({summary['trainable_parameters']:,} trainable, {summary['tokens_per_s']:,.0f} tok/s"
               f"{', reused' if run in reused else ''})", flush=True)
     return results
+
+
+def run_minutes(run: Path) -> float:
+    """How long a finished run took, from its arguments written at the start to its summary written at the end
+    (its score included): what a reused run cost when it ran."""
+    return ((run / "summary.json").stat().st_mtime - (run / "args.json").stat().st_mtime) / 60

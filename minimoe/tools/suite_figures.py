@@ -17,25 +17,24 @@ from ..train.run_dir import RunDir
 from . import suites as S
 
 
-def _ms(results, key):
-    return S._ms(S._scores(results, key))
+def _mean_std(results, key):
+    return S.mean_std(S.scores(results, key))
 
 
 def _fig3(plt, results, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     names = list(S.ABLATION)
-    stats = [_ms(results, S.ABLATION[n]) for n in names]
+    stats = [_mean_std(results, S.ABLATION[n]) for n in names]
     ax.bar(names, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4,
            color=["tab:gray", "tab:green", "tab:blue", "tab:orange"])
-    low = min(m - s for m, s in stats)
-    ax.set_ylim(max(0.0, low - 0.1), min(1.0, max(m + s for m, s in stats) + 0.05))
+    ax.set_ylim(0.0, min(1.0, max(m + s for m, s in stats) + 0.1))  # bars from zero: their lengths compare
     ax.set_ylabel("tiny-arith exact match")
     ax.set_title("(a) ablation (rank 8)")
     paths = [_save(plt, fig, out / "fig3a_ablation.png")]
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for method, label, color in (("lora", "LoRA", "tab:gray"), ("epng", "EPnG", "tab:orange")):
-        stats = [_ms(results, f"{method}-r{r}") for r in S.RANKS]
+        stats = [_mean_std(results, f"{method}-r{r}") for r in S.RANKS]
         ax.errorbar(S.RANKS, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                     label=label, color=color)
     ax.set_xscale("log", base=2)
@@ -47,10 +46,10 @@ def _fig3(plt, results, out: Path) -> list[Path]:
     paths.append(_save(plt, fig, out / "fig3b_rank.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    stats = [_ms(results, S.fraction_key(f)) for f in S.FRACTIONS]
+    stats = [_mean_std(results, S.fraction_key(f)) for f in S.FRACTIONS]
     ax.errorbar(S.FRACTIONS, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                 color="tab:orange", label="EPnG")
-    m, s = _ms(results, "lora-r8")
+    m, s = _mean_std(results, "lora-r8")
     ax.axhline(m, color="tab:gray", ls="--", label="LoRA (rank 8)")
     ax.axhspan(m - s, m + s, color="tab:gray", alpha=0.15)
     ax.set_xlabel("prune-and-grow fraction (alpha = beta)")
@@ -81,7 +80,7 @@ def _fig5(plt, results, out: Path) -> list[Path]:
 def _table2(plt, results, out: Path, k: int) -> list[Path]:
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / len(S.TAUS)
     for i, tau in enumerate(S.TAUS):
         per_type = {t: [] for t in S.SEVEN}
@@ -94,7 +93,7 @@ def _table2(plt, results, out: Path, k: int) -> list[Path]:
     ax.set_xticks(range(len(S.SEVEN)), S.SEVEN)
     ax.set_ylabel("surviving experts (of 8)")
     ax.set_title("DMEP: experts per module type after the prune (mean over layers and seeds)")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     paths = [_save(plt, fig, out / "table2_survivors.png")]
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -103,7 +102,7 @@ def _table2(plt, results, out: Path, k: int) -> list[Path]:
     points += [(f"DMEP τ={t:g}", S.tau_key(t), c) for t, c in zip(S.TAUS, ("#fdae61", "#f46d43", "#d73027", "#a50026"))]
     for label, key, color in points:
         params = statistics.mean(r["trainable_parameters"] for r in results[key])
-        m, s = _ms(results, key)
+        m, s = _mean_std(results, key)
         ax.errorbar([params], [m], yerr=[s], marker="o", capsize=3, color=color, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (after the prune)")

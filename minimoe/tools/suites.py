@@ -35,19 +35,21 @@ RANKS = (2, 4, 8, 16, 32)
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 TAUS = (0.05, 0.1, 0.15, 0.2)
 DEFAULT_TAU = 0.1
+# a sweep records what a point does: one whose loss jumps (EPnG at large fractions) trains on to its end
+TRAIN_ON = ("--divergence-factor", "0")
 
 
 def lora(rank: int = 8) -> Row:
-    return Row("lora", "tiny-moe", {"rank": rank, "dense_targets": []})
+    return Row("lora", "tiny-moe", {"rank": rank, "dense_targets": []}, train=TRAIN_ON)
 
 
 def epng(rank: int = 8, fraction: float = 0.2, mode: str = "prune-grow") -> Row:
     return Row("epng", "tiny-moe", {"rank": rank, "alpha": fraction, "beta": fraction, "mode": mode,
-                                    "final_event": False})
+                                    "final_event": False}, train=TRAIN_ON)
 
 
 def dmep(**options) -> Row:
-    return Row("dmep", "tiny-dense", options, data="tiny-mix")
+    return Row("dmep", "tiny-dense", options, data="tiny-mix", train=TRAIN_ON)
 
 
 ABLATION = {"static LoRA": "lora-r8", "grow-only": "epng-grow-only", "prune-only": "epng-prune-only",
@@ -72,7 +74,7 @@ def tau_key(tau: float) -> str:
 
 
 def dmep_table2_rows() -> dict[str, Row]:
-    rows = {"dense-lora": Row("lora", "tiny-dense", {"dense_targets": list(SEVEN)}, data="tiny-mix"),
+    rows = {"dense-lora": Row("lora", "tiny-dense", {"dense_targets": list(SEVEN)}, data="tiny-mix", train=TRAIN_ON),
             "lora-moe": dmep(prune_step=-1)}
     return rows | {tau_key(t): dmep(tau=t, prune_step=0) for t in TAUS}
 
@@ -90,16 +92,16 @@ DMEP_TABLE2 = {"lora-moe": (42.7, 1368, 91.32), "symmetric": (21.3, 1439, 90.29)
 Results = dict[str, list[dict]]  # point -> the summaries of its seeds (reproduce.run_plan)
 
 
-def _scores(results: Results, key: str) -> list[float]:
+def scores(results: Results, key: str) -> list[float]:
     return [r["task_score_after"] for r in results[key]]
 
 
-def _ms(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def _cell(xs: list[float]) -> str:
-    m, s = _ms(xs)
+    m, s = mean_std(xs)
     return f"{m:.3f} ± {s:.3f}"
 
 
@@ -113,19 +115,20 @@ def epng_fig3_table(results: Results) -> str:
     lines = [f"**(a) Ablation** (tiny-moe, tiny-arith, rank 8, {n} seeds; the paper: OLMoE, GSM8K)", "",
              "| method | trainable params (end) | exact match (mean ± std) | the paper (GSM8K %) |",
              "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {_params(results, key)} | {_cell(_scores(results, key))} | {EPNG_FIG3A[name]:.2f} |"
+    lines += [f"| {name} | {_params(results, key)} | {_cell(scores(results, key))} | {EPNG_FIG3A[name]:.2f} |"
               for name, key in ABLATION.items()]
     lines += ["", "**(b) Rank sensitivity** (EPnG at the budget of the LoRA of the same rank)", "",
-              "| rank | LoRA | EPnG | trainable params |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r} | {_cell(_scores(results, f'lora-r{r}'))} | {_cell(_scores(results, f'epng-r{r}'))} | "
-              f"{_params(results, f'lora-r{r}')} |" for r in RANKS]
+              "| rank | LoRA | EPnG | LoRA params | EPnG params (end) |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r} | {_cell(scores(results, f'lora-r{r}'))} | {_cell(scores(results, f'epng-r{r}'))} | "
+              f"{_params(results, f'lora-r{r}')} | {_params(results, f'epng-r{r}')} |" for r in RANKS]
     for method in ("lora", "epng"):
-        means = [statistics.mean(_scores(results, f"{method}-r{r}")) for r in RANKS]
+        means = [statistics.mean(scores(results, f"{method}-r{r}")) for r in RANKS]
         lines.append(f"\n{'LoRA' if method == 'lora' else 'EPnG'}: mean over ranks {statistics.mean(means):.3f}, "
-                     f"range of the means {max(means) - min(means):.3f}, std of the means {statistics.stdev(means):.3f}")
+                     f"range of the means {max(means) - min(means):.3f}, "
+                     f"std of the means {statistics.stdev(means):.3f}")
     lines += ["", "**(c) Prune-and-grow fraction** (alpha = beta, rank 8)", "",
               "| fraction | EPnG | LoRA (rank 8) |", "|---:|---:|---:|"]
-    lines += [f"| {f:g} | {_cell(_scores(results, fraction_key(f)))} | {_cell(_scores(results, 'lora-r8'))} |"
+    lines += [f"| {f:g} | {_cell(scores(results, fraction_key(f)))} | {_cell(scores(results, 'lora-r8'))} |"
               for f in FRACTIONS]
     return "\n".join(lines)
 
@@ -147,7 +150,7 @@ def epng_fig5_table(results: Results) -> str:
     for name, key in (("static LoRA", "lora-r8"), ("EPnG", "epng-r8")):
         losses = [final_loss(r["run"]) for r in results[key]]
         events = [len(prune_grow_steps(r["run"])) for r in results[key]]
-        lines.append(f"| {name} | {_cell(losses)} | {_cell(_scores(results, key))} | {statistics.mean(events):g} |")
+        lines.append(f"| {name} | {_cell(losses)} | {_cell(scores(results, key))} | {statistics.mean(events):g} |")
     return "\n".join(lines)
 
 
@@ -176,7 +179,7 @@ def dmep_table2_table(results: Results, k: int) -> str:
         speeds = [r["tokens_per_s_late"] for r in results[key] if r.get("tokens_per_s_late")]
         ref = DMEP_TABLE2.get(paper) if paper else None
         lines.append(f"| {name} | {tau} | {experts} | {_params(results, key)} | "
-                     f"{statistics.mean(speeds):,.0f} | {_cell(_scores(results, key))} | "
+                     f"{statistics.mean(speeds):,.0f} | {_cell(scores(results, key))} | "
                      + (f"{'E=4: ' if paper == 'symmetric' else ''}{ref[0]}M, {ref[1]:,}, {ref[2]:.2f}% |"
                         if ref else "– |"))
     return "\n".join(lines)

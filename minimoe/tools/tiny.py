@@ -17,7 +17,8 @@
    see the same corpus and get the same tokenizer.
 
 The fine-tuning task ``tiny-arith`` (``data.tiny_arith_split``) is *two-step* problems in another
-phrasing: the base model has seen the numbers and one-step sums, not this format.
+phrasing: the base model has seen the numbers and one-step sums, not this format. ``tiny-mix``
+(``data.builtin``) chains the domains' skills in new surface forms: harder, for the dense model's analyses.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from ..parallel.watchdog import DEFAULT_TIMEOUT_S
 from ..utils.options import add_arguments, checked, option
 from ..policies import POLICIES
 from .recipes import get_recipe, listing
-from .sweeps import listing as sweep_listing
+from .sweeps import SWEEPS, listing as sweep_listing
 from .trackers import TRACKERS
 
 # With no --model, train fine-tunes a shipped tiny model (``minimoe/weights``: tiny-moe, or for DMEP, whose
@@ -89,7 +89,8 @@ class TrainConfig:
                             "--lr 3e-3 --warmup-ratio 0.05)")
     data: str = option("tiny-arith", "data file (JSON, JSONL, .gz, Parquet) or Hub dataset (hf://datasets/OWNER/NAME/"
                                      "FILE, OWNER/NAME:FILE, OWNER/NAME[:DIR]@SPLIT) of MetaMathQA, GSM8K, Code Alpaca, "
-                                     "MATH, prompt/response or chat-messages records; or a built-in task: tiny-arith, tiny-mix")
+                                     "MATH, prompt/response or chat-messages records; or a built-in task: "
+                                     "tiny-arith, tiny-mix")
     data_filter: tuple = option((), "keep only the records whose field KEY equals VALUE (every key must match; a "
                                     "key given twice: either value); e.g. type=Algebra for MATH's algebra subset",
                                 metavar="KEY=VALUE")
@@ -145,7 +146,8 @@ class TrainConfig:
     dtype: str = option("float32", "dtype of the frozen base weights: bfloat16 halves their memory (lora, epng, dmep "
                                    "only; adapters and their optimizer state stay fp32)", choices=tuple(DTYPES))
     overwrite: bool = option(False, "replace an existing run directory")
-    eval_limit: int = option(100, "test problems of the built-in task (tiny-arith, tiny-mix) scored before and after training (0: off)", low=0)
+    eval_limit: int = option(100, "test problems of the built-in task (tiny-arith, tiny-mix) scored before and "
+                                  "after training (0: off)", low=0)
     resume: str = option("", "continue the run in this directory (layout, weights, optimizer, data position, RNG); "
                              "its saved arguments apply unless given again")
     policy_options: dict = option({}, "options of the chosen policy (--<policy>-<option>)", cli=False)
@@ -286,7 +288,8 @@ def resolve(argv=None, description: str | None = None, embedded: bool = True) ->
         try:
             r = get_recipe(recipe)
         except KeyError as e:
-            p.error(e.args[0])
+            p.error(f"recipe {recipe!r} is a sweep, one run per point: run it as minimoe train --recipe {recipe} "
+                    "(not from a TOML file or with --resume)" if recipe in SWEEPS else e.args[0])
         given = set(train) | {k for k, v in args.items() if v is not None}
         train = {**r.train, **train, "recipe": recipe}
         if "steps" in given and "epochs" not in given:
