@@ -243,3 +243,17 @@ def test_a_sweep_named_in_a_toml_file_says_how_to_run_it(tmp_path, capsys):
         resolve(["--config", str(tmp_path / "run.toml")])
     assert "'epng-fig5' is a sweep, one run per point: run it as minimoe train --recipe epng-fig5" in \
         capsys.readouterr().err
+
+
+def test_a_closed_output_pipe_stops_the_command_without_a_traceback():
+    """``minimoe train --recipe SWEEP --plan | head -1``: the reader leaves before the command is done."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "minimoe", "train", "--recipe",
+                             "dmep-table2-qwen3-0.6b-scienceqa", "--plan"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("dmep-table2-qwen3-0.6b-scienceqa: DMEP Table II")
+    proc.stdout.close()  # the memory of each point is computed after the first line: the next print hits a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and "Traceback" not in err
+    assert err.strip() == "minimoe train: stopped, its output pipe was closed (Broken pipe)"

@@ -6,6 +6,7 @@ A subcommand's module is imported only when it runs, so ``minimoe train`` never 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module, what it does); the modules' own docstrings say more (their --help)
@@ -47,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minimoe: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    try:
+        return module.main(rest)
+    except BrokenPipeError as e:  # the reader of the output went away (minimoe ... | head): one line, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so the exit's flush is silent too)
+        print(f"minimoe {name}: stopped, its output pipe was closed ({e.strerror})", file=sys.stderr)
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 if __name__ == "__main__":
