@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import sys
 import traceback
-from pathlib import Path
 
-from ..data.builtin import BUILTIN
+from ..data.builtin import is_builtin
 from ..parallel.distributed import exit_with_error, lost_peer
 from ..parallel.watchdog import lost_peers_message
 from ..train.config import TrainConfig, build_parser, resolve as resolve_config
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
     else:
         say(f"trainable: {trainer.model.num_parameters(trainable_only=True):,} parameters ({c.policy})")
     # scored by the first process only; with --fsdp by all (each forward gathers the base from all of them)
-    score = c.data in BUILTIN and not Path(c.data).exists() and c.eval_limit > 0 and (world.main or c.fsdp)
+    score = is_builtin(c.data) and c.eval_limit > 0 and (world.main or c.fsdp)
     before = task_score(trainer, c.eval_limit) if score and not c.resume else None
     if before is not None:
         say(f"{c.data} test exact match before fine-tuning: {before:.3f} ({c.eval_limit} problems, greedy)")

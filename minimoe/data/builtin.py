@@ -14,6 +14,7 @@ training split and a disjoint test split (``--data NAME``, ``minimoe eval --task
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Callable
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
@@ -118,6 +119,11 @@ def tiny_mix_split(split: str, seed: int = 0) -> list[Pair]:
 ANSWER_TOKENS = {"tiny-arith": 40, "tiny-mix": 64}
 # name -> split(split, seed); the training split a run reads is split("train", run seed)
 BUILTIN: dict[str, Callable[[str, int], list[Pair]]] = {"tiny-arith": tiny_arith_split, "tiny-mix": tiny_mix_split}
+
+
+def is_builtin(data: str) -> bool:
+    """Whether ``--data`` names a built-in task (a file of that name, if there is one, wins)."""
+    return data in BUILTIN and not Path(data).exists()
 
 
 def builtin_split(name: str, split: str, seed: int = 0) -> list[Pair]:

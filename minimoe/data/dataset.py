@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..model.tokenizer import Tokenizer
-from .builtin import BUILTIN, builtin_split
+from .builtin import builtin_split, is_builtin
 from .mc_rows import LETTERS, RowError, is_mc, mc_prompt, mc_row
 from .packing import length_grouped, pack, position_ids
 from .sources import DataError, read_records
@@ -107,7 +106,7 @@ def read_pairs(spec: str, filters=()) -> list[tuple[str, str]]:
 def load_pairs(data: str, seed: int = 0, filters=()) -> list[tuple[str, str]]:
     """A data spec (:func:`read_pairs`), or the name of a built-in task (``tiny-arith``, ``tiny-mix``:
     :mod:`minimoe.data.builtin`), whose training split follows ``seed`` where the task says so."""
-    if data in BUILTIN and not Path(data).exists():
+    if is_builtin(data):
         if filters:
             raise DataError(f"--data-filter applies to a data file; the built-in {data} has no fields to filter")
         return builtin_split(data, "train", seed)

@@ -36,11 +36,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..train.recipes import SEVEN
 from ..train.run_dir import RunDir
 from ..utils.files import write_text_atomic
 from .runs import Row, check_plan, run_minutes, run_plan
 
-SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 ROWS = {
