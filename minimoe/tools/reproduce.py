@@ -39,7 +39,9 @@ from pathlib import Path
 from ..train.recipes import SEVEN
 from ..train.run_dir import RunDir
 from ..utils.files import write_text_atomic
+from . import suites
 from .runs import Row, check_plan, run_minutes, run_plan
+from .suite_figures import draw
 
 
 
@@ -119,16 +121,14 @@ def _plan(rows: dict[str, Row], seeds: int, out: Path):
 def run_suite(name: str, out: Path, seeds: int, steps: int, reuse: bool, overwrite: bool) -> int:
     """Run (or reuse) every point of an analysis (:mod:`minimoe.tools.suites`), then write ``OUT/table.md``
     and its figures."""
-    from . import suites
-    from .suite_figures import draw
-
     start = time.monotonic()
     plan = _plan(suites.suite_rows(name), seeds, out)
     limit = suites.EVAL_LIMIT
     reused, refusal = check_plan(plan, steps, reuse, overwrite, out, limit)
     matched = name == "dmep-table2"  # its constrained symmetric baseline: k is known after DMEP's runs
-    held = [str(p) for p in sorted(out.glob("symmetric-k*-seed*")) if RunDir(p, writer=False).occupied()]
-    if matched and not refusal and held and not (reuse or overwrite):
+    held = [str(p) for p in sorted(out.glob("symmetric-k*-seed*")) if RunDir(p, writer=False).occupied()] \
+        if matched and not (reuse or overwrite) else []
+    if held and not refusal:
         refusal = (f"error: run directories under --out {out} already hold files: {', '.join(held)}; pass --reuse "
                    "to keep finished runs or --overwrite to replace them (nothing was run)")
     if refusal:
@@ -158,7 +158,7 @@ def run_suite(name: str, out: Path, seeds: int, steps: int, reuse: bool, overwri
     return 0
 
 
-SUITES = ("tables", "epng-fig3", "epng-fig5", "dmep-table2")
+SUITES = ("tables", *suites.TITLES)
 
 
 def main(argv=None) -> int:
